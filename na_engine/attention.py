@@ -1,0 +1,264 @@
+"""The nested attention operation for one cross-attention layer.
+
+Shapes: B batch rows, N image queries, T context tokens, H heads of width d,
+M nested tokens of one subject.  Inputs arrive with heads merged, (B, L, H*d),
+as ComfyUI's attn2 replace and diffusers' processors both see them.
+
+For a subject bound to the trigger positions J of a row, the value of each
+j in J becomes the query-dependent u(q) = softmax(q K~^T / sqrt(d)) V~, with
+strength lam and an optional per-query mask m(q):
+
+    v_j(q) = v_j + lam * m(q) * (u(q) - v_j)
+
+Two exact evaluations, neither materialising a per-query value tensor:
+
+* fused (0 <= lam*m <= 1): drop the trigger positions from the outer softmax
+  (or keep them with bias log(1 - lam*m)) and append the M nested keys/values
+  as extra entries with the per-query bias
+      log(lam*m) + logsumexp_{j in J} l_j(q) - logsumexp_m (q . K~_m / sqrt(d)),
+  where l_j is the outer logit of j.  The softmax normaliser is unchanged, so
+  one scaled_dot_product_attention call with an additive mask is the answer.
+* closed form (any lam): attn(q, K, V) + lam*m * sum_j p_j(q) (u(q) - v_j),
+  with p the outer attention probability.  Used for lam > 1 and when the
+  base attention is someone else's (stacked patches).
+
+Memory is O(B*H*N*(T+M)) in both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor, int], Tensor]
+
+
+@dataclass
+class NestedBinding:
+    """One subject in one cross-attention layer."""
+
+    keys: Tensor  # (M, H*d) nested keys K~
+    values: Tensor  # (M, H*d) nested values V~
+    where: Tensor  # (B, T) bool: the trigger positions of each row
+    strength: float = 1.0
+    query_mask: Optional[Tensor] = None  # (B or 1, N) in [0, 1]
+
+
+@dataclass
+class SubjectMaps:
+    """What a visualisation needs, averaged over heads; rows without the trigger are zero."""
+
+    outer: Tensor  # (B, N) total outer probability of the trigger positions
+    token: Tensor  # (B, N) long, argmax of the nested softmax over the M tokens
+    entropy: Tensor  # (B, N) entropy of the nested softmax, in nats
+    weights: Tensor  # (B, N, M) nested softmax
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """Plain attention on merged heads: (B, N, H*d), (B, T, H*d) -> (B, N, H*d)."""
+    out = F.scaled_dot_product_attention(_split(q, heads), _split(k, heads), _split(v, heads))
+    return _merge(out)
+
+
+def nested_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: int,
+    bindings: Sequence[NestedBinding],
+    base_attention: AttentionFn = sdpa_attention,
+    closed_form: bool = False,
+) -> Tensor:
+    """Cross-attention with each binding's trigger values replaced by nested attention.
+
+    Rows that no binding touches are computed by ``base_attention`` alone, so they
+    come out bit-identical to it.  ``closed_form`` forces the base-plus-correction
+    evaluation (it is chosen anyway when a strength exceeds 1).
+    """
+    _check_shapes(q, k, v, heads, bindings)
+    active = [b for b in bindings if b.strength != 0]
+    rows = _bound_rows(active, q.shape[0])
+    if not bool(rows.any()):
+        return base_attention(q, k, v, heads)
+    if closed_form or any(b.strength > 1 or b.strength < 0 for b in active):
+        out = base_attention(q, k, v, heads)
+        delta = nested_correction(q[rows], k[rows], v[rows], heads, [_rows_of(b, rows) for b in active])
+        out = out.clone()
+        out[rows] = out[rows] + delta.to(out.dtype)
+        return out
+    if bool(rows.all()):
+        return _fused(q, k, v, heads, active)
+    out = torch.empty_like(q)
+    out[~rows] = base_attention(q[~rows], k[~rows], v[~rows], heads).to(q.dtype)
+    out[rows] = _fused(q[rows], k[rows], v[rows], heads, [_rows_of(b, rows) for b in active])
+    return out
+
+
+def nested_correction(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding]) -> Tensor:
+    """sum over bindings of lam*m(q) * sum_j p_j(q) (u(q) - v_j), shape (B, N, H*d).
+
+    Added to plain attention it gives nested attention for any strength.
+    """
+    qh, kh, vh = _split(q, heads), _split(k, heads), _split(v, heads)
+    scale, acc = qh.shape[-1] ** -0.5, _acc_dtype(q)
+    p = torch.softmax((qh @ kh.transpose(-1, -2)).to(acc) * scale, dim=-1)  # (B, H, N, T)
+    delta = torch.zeros(qh.shape, dtype=acc, device=q.device)
+    for b in bindings:
+        pj = p * b.where[:, None, None, :]  # (B, H, N, T), zero off the trigger
+        u = _nested_values(qh, b, heads).to(acc)  # (B, H, N, d)
+        change = pj.sum(-1, keepdim=True) * u - pj @ vh.to(acc)
+        delta += _gate(b, qh) * change
+    return _merge(delta).to(q.dtype)
+
+
+def subject_maps(q: Tensor, k: Tensor, heads: int, binding: NestedBinding) -> SubjectMaps:
+    """The outer trigger probability and nested token choice per query, for previews."""
+    qh, kh = _split(q, heads), _split(k, heads)
+    scale, acc = qh.shape[-1] ** -0.5, _acc_dtype(q)
+    p = torch.softmax((qh @ kh.transpose(-1, -2)).to(acc) * scale, dim=-1)
+    outer = (p * binding.where[:, None, None, :]).sum(-1).mean(1)  # (B, N)
+    nk = _split(binding.keys[None], heads)  # (1, H, M, d)
+    w = torch.softmax((qh @ nk.transpose(-1, -2)).to(acc) * scale, dim=-1).mean(1)  # (B, N, M)
+    entropy = -(w * w.clamp_min(1e-12).log()).sum(-1)
+    has = binding.where.any(-1)[:, None]
+    return SubjectMaps(outer=outer, token=w.argmax(-1), entropy=entropy * has, weights=w * has[..., None])
+
+
+# -- internals ---------------------------------------------------------------------------
+
+
+def _fused(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding]) -> Tensor:
+    """One SDPA over [text entries, nested entries of every subject], biases carried in extra dims.
+
+    Each subject adds two coordinates to the head dimension.  A query carries there
+    its nested bias log(lam*m) + lse_J(l) - lse_m(n) and its trigger bias log(1 - lam*m);
+    a nested key carries (1, 0), a trigger key (0, 1), any other key (0, 0).  Every
+    logit q'.k' is then the logit plus its bias, with no (B, H, N, T+M) mask to build.
+    """
+    qh, kh, vh = _split(q, heads), _split(k, heads), _split(v, heads)
+    b, h, n, d = qh.shape
+    t, m_total = kh.shape[2], sum(bind.keys.shape[0] for bind in bindings)
+    width = _padded_width(d + 2 * len(bindings), q.device)
+    # Laid out (B, N, H, width) like q itself, so that SDPA's output needs no transpose copy.
+    qa = qh.new_empty((b, n, h, width)).transpose(1, 2)
+    qa[..., d + 2 * len(bindings) :].zero_()
+    torch.mul(qh, d**-0.5, out=qa[..., :d])
+    ka = kh.new_zeros((b, h, t + m_total, width))
+    va = vh.new_zeros((b, h, t + m_total, width))
+    ka[:, :, :t, :d] = kh
+    va[:, :, :t, :d] = vh
+    start = t
+    for i, bind in enumerate(bindings):
+        nk, nv = _split(bind.keys[None], heads), _split(bind.values[None], heads)  # (1, H, M, d)
+        stop = start + nk.shape[2]
+        gate = _gate(bind, qh)  # float or (B|1, 1, N, 1)
+        nested_lse, trigger_lse = _logsumexps(q, nk, kh, bind.where)  # (B, H, N, 1) each
+        qa[..., d + 2 * i] = _finite(trigger_lse - nested_lse + _log(gate))[..., 0]
+        qa[..., d + 2 * i + 1] = _finite(_log1m(gate) + torch.zeros_like(nested_lse))[..., 0]
+        ka[:, :, start:stop, :d] = nk
+        ka[:, :, start:stop, d + 2 * i] = 1
+        ka[..., :t, d + 2 * i + 1] = bind.where[:, None, :].to(ka.dtype)
+        va[:, :, start:stop, :d] = nv
+        start = stop
+    out = F.scaled_dot_product_attention(qa, ka, va, scale=1.0)
+    return _merge(out[..., :d])
+
+
+def _logsumexps(q: Tensor, nk: Tensor, kh: Tensor, where: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per query: logsumexp of the scaled nested logits and of the trigger logits, (B, H, N, 1) each.
+
+    One matmul against [K~ ; k_J] gives both; J is padded to the row with most trigger
+    positions, and a row without any gets -inf.  q is (B, N, H*d), read in place.
+    """
+    b, h, _, d = kh.shape
+    m = nk.shape[2]
+    count = where.sum(-1)  # (B,)
+    j = max(int(count.max()), 1)
+    order = torch.argsort(where.to(torch.int8), dim=-1, descending=True, stable=True)[:, :j]  # (B, J)
+    kj = kh.gather(2, order[:, None, :, None].expand(-1, h, -1, d))  # (B, H, J, d)
+    keys = torch.cat([nk.expand(b, -1, -1, -1), kj], 2)  # (B, H, M+J, d)
+    logits = torch.einsum("bnhd,bhmd->bhnm", q.view(b, -1, h, d), keys).to(_acc_dtype(kh)) * d**-0.5
+    valid = torch.arange(j, device=where.device)[None] < count[:, None]  # (B, J)
+    trigger = logits[..., m:].masked_fill(~valid[:, None, None, :], float("-inf"))
+    return torch.logsumexp(logits[..., :m], -1, keepdim=True), torch.logsumexp(trigger, -1, keepdim=True)
+
+
+def _padded_width(width: int, device: torch.device) -> int:
+    """CUDA kernels want the head width in multiples of 8; zero columns change nothing."""
+    return -(-width // 8) * 8 if device.type == "cuda" else width
+
+
+def _finite(x: Tensor) -> Tensor:
+    """-inf biases become -1e4: exp underflows to exactly 0, and 0 * -1e4 stays 0 in q'.k'."""
+    return x.clamp_min(-1e4)
+
+
+def _nested_values(qh: Tensor, bind: NestedBinding, heads: int) -> Tensor:
+    nk, nv = _split(bind.keys[None], heads), _split(bind.values[None], heads)
+    return F.scaled_dot_product_attention(qh, nk.expand(qh.shape[0], -1, -1, -1), nv.expand(qh.shape[0], -1, -1, -1))
+
+
+def _gate(bind: NestedBinding, qh: Tensor):
+    """lam * m(q), as a float or a (B|1, 1, N, 1) tensor."""
+    if bind.query_mask is None:
+        return float(bind.strength)
+    return bind.strength * bind.query_mask.to(device=qh.device, dtype=_acc_dtype(qh))[:, None, :, None]
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    """Softmax statistics are kept in fp32 (fp64 for fp64 inputs)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _log(x):
+    return torch.log(x) if torch.is_tensor(x) else torch.log(torch.tensor(float(x)))
+
+
+def _log1m(x):
+    return torch.log1p(-x) if torch.is_tensor(x) else torch.log1p(torch.tensor(-float(x)))
+
+
+def _bound_rows(bindings: Sequence[NestedBinding], batch: int) -> Tensor:
+    rows = torch.zeros(batch, dtype=torch.bool)
+    for b in bindings:
+        rows |= b.where.any(-1).cpu()
+    return rows
+
+
+def _rows_of(bind: NestedBinding, rows: Tensor) -> NestedBinding:
+    rows = rows.to(bind.where.device)
+    mask = bind.query_mask
+    if mask is not None and mask.shape[0] > 1:
+        mask = mask[rows.to(mask.device)]
+    return NestedBinding(bind.keys, bind.values, bind.where[rows], bind.strength, mask)
+
+
+def _split(x: Tensor, heads: int) -> Tensor:
+    """(B, L, H*d) -> (B, H, L, d)."""
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def _merge(x: Tensor) -> Tensor:
+    """(B, H, L, d) -> (B, L, H*d)."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding]) -> None:
+    b, n, c = q.shape
+    if c % heads or k.shape[0] != b or v.shape[:2] != k.shape[:2] or k.shape[2] != c:
+        raise ValueError(f"nested attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} and {heads} heads do not fit together")
+    for bind in bindings:
+        if bind.keys.shape[-1] != c or bind.values.shape != bind.keys.shape:
+            raise ValueError(
+                f"nested attention: nested keys {tuple(bind.keys.shape)} / values {tuple(bind.values.shape)} "
+                f"must both be (M, {c}) to match this layer's width {c}"
+            )
+        if tuple(bind.where.shape) != (b, k.shape[1]):
+            raise ValueError(f"nested attention: trigger mask {tuple(bind.where.shape)} must be (batch, tokens) = {(b, k.shape[1])}")
+        if bind.query_mask is not None and (bind.query_mask.shape[-1] != n or bind.query_mask.shape[0] not in (1, b)):
+            raise ValueError(f"nested attention: query mask {tuple(bind.query_mask.shape)} must be (1 or {b}, {n})")

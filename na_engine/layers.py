@@ -1,0 +1,114 @@
+"""The canonical table of cross-attention layers.
+
+A layer has one index shared by every format: its position in diffusers'
+``unet.attn_processors`` order among the attn2 layers (down blocks, then up
+blocks, then the mid block), which is also IP-Adapter's numbering
+(``ip_adapter.{2*index+1}.to_k_ip``).  The same layer in ComfyUI is the attn2
+replace key ``(block, block_id, block_index)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from .errors import NestedAttentionError
+
+ComfyKey = Tuple[str, int, int]
+
+
+@dataclass(frozen=True)
+class Layer:
+    index: int
+    diffusers: str  # e.g. "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    comfy: ComfyKey  # e.g. ("input", 4, 0)
+    width: int  # the layer's query/key/value width, heads * head_dim
+
+    def to_json(self) -> list:
+        return [self.diffusers, list(self.comfy), self.width]
+
+    @staticmethod
+    def from_json(index: int, item: Sequence) -> "Layer":
+        name, key, width = item
+        return Layer(index, str(name), (str(key[0]), int(key[1]), int(key[2])), int(width))
+
+
+def unet_layers(base_width: int, levels: Sequence[Tuple[int, int]], n_levels: int, mid_depth: int) -> List[Layer]:
+    """Layers of a diffusers-style UNet: 2 attentions per down level, 3 per up level.
+
+    ``levels`` lists (level, transformer depth) for each level that has attention;
+    its width is base_width * 2**level capped at 4x, as in SD1.5 and SDXL.
+    """
+    width = {lvl: base_width * min(2**lvl, 4) for lvl, _ in levels}
+    down, up = [], []
+    for lvl, depth in levels:
+        for a in range(2):
+            for t in range(depth):
+                down.append((f"down_blocks.{lvl}.attentions.{a}.transformer_blocks.{t}.attn2", ("input", 1 + 3 * lvl + a, t), width[lvl]))
+        u = n_levels - 1 - lvl
+        for a in range(3):
+            for t in range(depth):
+                up.append((u, f"up_blocks.{u}.attentions.{a}.transformer_blocks.{t}.attn2", ("output", 3 * u + a, t), width[lvl]))
+    up = [item[1:] for item in sorted(up, key=lambda item: item[0])]
+    top = max(lvl for lvl, _ in levels)
+    mid = [(f"mid_block.attentions.0.transformer_blocks.{t}.attn2", ("middle", 0, t), width[top]) for t in range(mid_depth)]
+    return [Layer(i, name, key, w) for i, (name, key, w) in enumerate(down + up + mid)]
+
+
+TABLES: Dict[str, List[Layer]] = {
+    "sd15": unet_layers(320, [(0, 1), (1, 1), (2, 1)], n_levels=4, mid_depth=1),
+    "sdxl": unet_layers(320, [(1, 2), (2, 10)], n_levels=3, mid_depth=10),
+}
+
+BASE_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+
+
+def base_for_layer_count(count: int) -> str:
+    for base, table in TABLES.items():
+        if len(table) == count:
+            return base
+    raise NestedAttentionError(
+        f"{count} cross-attention layers match no known base model "
+        f"({', '.join(f'{BASE_NAMES[b]}: {len(t)}' for b, t in TABLES.items())})."
+    )
+
+
+def describe(layers: Sequence[Layer]) -> str:
+    """'SD1.5 (16 layers, widths 320/640/1280)' or '12 layers, widths 32/64' for anything else."""
+    widths = "/".join(str(w) for w in sorted({layer.width for layer in layers}))
+    for base, table in TABLES.items():
+        if [(layer.comfy, layer.width) for layer in layers] == [(t.comfy, t.width) for t in table]:
+            return f"{BASE_NAMES[base]} ({len(layers)} layers, widths {widths})"
+    return f"{len(layers)} cross-attention layers, widths {widths}"
+
+
+def comfy_unet_layers(diffusion_model: torch.nn.Module) -> List[Tuple[ComfyKey, int]]:
+    """(attn2 replace key, width) for every cross-attention layer of a ComfyUI UNetModel.
+
+    Walks input_blocks, middle_block and output_blocks the way ComfyUI names them
+    when it looks up attn2 replaces; the middle block's key is ("middle", 0, i).
+    """
+    found = []
+    groups = [("input", getattr(diffusion_model, "input_blocks", [])), ("middle", [getattr(diffusion_model, "middle_block", [])]), ("output", getattr(diffusion_model, "output_blocks", []))]
+    for block, modules in groups:
+        for block_id, module in enumerate(modules):
+            for sub in module.modules():
+                for t, tb in enumerate(getattr(sub, "transformer_blocks", [])):
+                    attn2 = getattr(tb, "attn2", None)
+                    if attn2 is not None:
+                        found.append(((block, block_id, t), attn2.to_q.weight.shape[0]))
+    return found
+
+
+def match_layers(adapter_layers: Sequence[Layer], model_layers: Sequence[Tuple[ComfyKey, int]], adapter_name: str = "the adapter") -> None:
+    """Raise, naming both sides, unless every model layer has an adapter layer of its width."""
+    have = {key: width for key, width in model_layers}
+    want = {layer.comfy: layer.width for layer in adapter_layers}
+    if have == want:
+        return
+    model_desc = describe([Layer(i, "", key, w) for i, (key, w) in enumerate(model_layers)])
+    raise NestedAttentionError(
+        f"{adapter_name} is made for {describe(adapter_layers)}, but this model has {model_desc}. "
+        "Load an adapter made for this base model (SD1.5 adapters with SD1.5 checkpoints, SDXL with SDXL)."
+    )
