@@ -214,11 +214,11 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 
 def _log(x):
-    return torch.log(x) if torch.is_tensor(x) else torch.log(torch.tensor(float(x)))
+    return torch.log(x) if torch.is_tensor(x) else torch.log(torch.tensor(float(x), dtype=torch.float64))
 
 
 def _log1m(x):
-    return torch.log1p(-x) if torch.is_tensor(x) else torch.log1p(torch.tensor(-float(x)))
+    return torch.log1p(-x) if torch.is_tensor(x) else torch.log1p(torch.tensor(-float(x), dtype=torch.float64))
 
 
 def _bound_rows(bindings: Sequence[NestedBinding], batch: int) -> Tensor:

@@ -26,10 +26,19 @@ class AttentionCapture:
         self.outer: Dict[int, Tensor] = {}  # subject -> (B, 1, h, w) summed p(q)
         self.tokens: Dict[int, Tensor] = {}  # subject -> (B, M, h, w) summed p(q) * nested softmax
         self.calls = 0
+        self._last_sigma = None
+
+    def step(self, sigma: float) -> None:
+        """Called once per model call; a sigma above the last one means a new sampling run."""
+        if self._last_sigma is not None and sigma > self._last_sigma:
+            self.outer.clear()
+            self.tokens.clear()
+            self.calls = 0
+        self._last_sigma = sigma
 
     def add(self, subject: int, maps: SubjectMaps, latent_hw: Tuple[int, int]) -> None:
-        outer = upsample(maps.outer, latent_hw)  # (B, 1, h, w)
-        tokens = upsample(maps.weights * maps.outer[..., None], latent_hw)  # (B, M, h, w)
+        outer = upsample(maps.outer.detach(), latent_hw)  # (B, 1, h, w)
+        tokens = upsample((maps.weights * maps.outer[..., None]).detach(), latent_hw)  # (B, M, h, w)
         self.outer[subject] = _accumulate(self.outer.get(subject), outer.cpu())
         self.tokens[subject] = _accumulate(self.tokens.get(subject), tokens.cpu())
         self.calls += 1

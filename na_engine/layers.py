@@ -9,7 +9,7 @@ replace key ``(block, block_id, block_index)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
@@ -54,6 +54,45 @@ def unet_layers(base_width: int, levels: Sequence[Tuple[int, int]], n_levels: in
     top = max(lvl for lvl, _ in levels)
     mid = [(f"mid_block.attentions.0.transformer_blocks.{t}.attn2", ("middle", 0, t), width[top]) for t in range(mid_depth)]
     return [Layer(i, name, key, w) for i, (name, key, w) in enumerate(down + up + mid)]
+
+
+def diffusers_layers(config: Mapping) -> List[Layer]:
+    """The layer table of any diffusers UNet2DConditionModel, from its config.
+
+    Order is ``unet.attn_processors``' (down, up, mid).  ComfyUI numbers input blocks
+    conv_in = 0, then one id per res(+attention) block and per downsampler; output
+    blocks get layers_per_block + 1 ids per level, the upsampler folded in.
+    """
+    downs, ups = list(config["down_block_types"]), list(config["up_block_types"])
+    n, widths = len(downs), list(config["block_out_channels"])
+    per_block = _per_level(config["layers_per_block"], n)
+    depth = _per_level(config.get("transformer_layers_per_block", 1), n)
+    up_depth = _per_level(config.get("reverse_transformer_layers_per_block") or depth[::-1], n)
+    down, up = [], []
+    for lvl, kind in enumerate(downs):
+        first = 1 + sum(p + 1 for p in per_block[:lvl])
+        if "CrossAttn" in kind:
+            down += [(f"down_blocks.{lvl}.attentions.{a}.transformer_blocks.{t}.attn2", ("input", first + a, t), widths[lvl]) for a in range(per_block[lvl]) for t in range(depth[lvl])]
+    for u, kind in enumerate(ups):
+        first, lvl = sum(p + 1 for p in per_block[::-1][:u]), n - 1 - u
+        if "CrossAttn" in kind:
+            up += [(f"up_blocks.{u}.attentions.{a}.transformer_blocks.{t}.attn2", ("output", first + a, t), widths[lvl]) for a in range(per_block[lvl] + 1) for t in range(up_depth[u])]
+    mid = []
+    if "CrossAttn" in (config.get("mid_block_type", "UNetMidBlock2DCrossAttn") or ""):
+        mid = [(f"mid_block.attentions.0.transformer_blocks.{t}.attn2", ("middle", 0, t), widths[-1]) for t in range(depth[-1])]
+    return [Layer(i, name, key, w) for i, (name, key, w) in enumerate(down + up + mid)]
+
+
+def base_name(layers: Sequence[Layer]) -> str:
+    """'sd15' or 'sdxl' when the table is theirs, else 'custom'."""
+    for base, table in TABLES.items():
+        if list(layers) == table:
+            return base
+    return "custom"
+
+
+def _per_level(value, n: int) -> List[int]:
+    return [int(value)] * n if isinstance(value, int) else [int(v) for v in value]
 
 
 TABLES: Dict[str, List[Layer]] = {

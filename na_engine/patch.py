@@ -96,6 +96,8 @@ class NestedRun:
             c = dict(args["c"])
             options = dict(c.get("transformer_options", {}))
             bound = self.bind_rows(c.get("c_crossattn"), args["timestep"], tuple(args["input"].shape[-2:]))
+            if self.capture is not None:
+                self.capture.step(float(args["timestep"].max()))
             self._warn_if_unmatched(bound, args.get("cond_or_uncond", []))
             options[ROWS_KEY] = {**options.get(ROWS_KEY, {}), self.uid: bound}
             c["transformer_options"] = options

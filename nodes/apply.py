@@ -1,0 +1,74 @@
+import comfy.ldm.modules.attention as comfy_attention
+
+from ..na_engine import AttentionCapture, NestedAttentionError, NestedAttentionPatch, NestedRun, comfy_unet_layers, find_trigger, match_layers, plan_registration, token_legend, word_ids
+
+
+class NestedAttentionApply:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The base model (SD1.5 or SDXL family, LoRAs welcome)."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder of the same checkpoint; the prompt is encoded here."}),
+                "subjects": ("NESTED_SUBJECTS", {"tooltip": "From Nested Subject Encoder, Multi-Subject Combine or Load Nested Subject."}),
+                "text": ("STRING", {"multiline": True, "default": "a photo of a person", "tooltip": "The positive prompt. It must contain each subject's trigger word where that subject should appear."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip": "1.0 is the paper's formula; lower keeps more of the plain word, above 1 exaggerates the subject."}),
+                "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of sampling after which the subject is applied."}),
+                "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of sampling after which the subject is no longer applied."}),
+            },
+            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "NESTED_CAPTURE")
+    RETURN_NAMES = ("model", "positive", "capture")
+    OUTPUT_TOOLTIPS = (
+        "The model with nested attention on every cross-attention layer.",
+        "The encoded prompt: use it as the sampler's positive input (ControlNet and Combine may follow).",
+        "Attention maps for Attention Map Preview; recorded only when a preview is connected.",
+    )
+    FUNCTION = "apply"
+    CATEGORY = "nested_attention"
+    DESCRIPTION = "Binds subjects to their trigger words in the prompt and patches the model with Nested Attention."
+
+    def apply(self, model, clip, subjects, text, strength=1.0, start_at=0.0, end_at=1.0, prompt=None, unique_id=None):
+        if not subjects:
+            raise NestedAttentionError("No subjects given; connect a Nested Subject Encoder.")
+        if start_at > end_at:
+            raise NestedAttentionError(f"start_at ({start_at}) is after end_at ({end_at}); the subject would never be applied.")
+        tokens = clip.tokenize(text)
+        chunks = next(iter(tokens.values()))  # SD1: "l"; SDXL: "g" and "l" share positions
+        positions = [find_trigger(chunks, word_ids(next(iter(clip.tokenize(s.trigger).values()))[0]), s.trigger, text) for s in subjects]
+        cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+
+        model_layers = comfy_unet_layers(model.model.diffusion_model)
+        for s in subjects:
+            match_layers(s.adapter.layers, model_layers, repr(getattr(s.adapter, "name", "The adapter")))
+        sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") else model.model.model_sampling
+        sigmas = (float(sampling.percent_to_sigma(start_at)), float(sampling.percent_to_sigma(end_at)))
+        capture = AttentionCapture([_legend(s) for s in subjects]) if _consumed(prompt, unique_id, 2) else None
+        run = NestedRun(subjects, positions, cond.cpu(), strength, sigmas, comfy_attention.optimized_attention, capture)
+
+        patched = model.clone()
+        existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+        for layer, key, previous in plan_registration(existing, [k for k, _ in model_layers]):
+            patched.set_model_attn2_replace(NestedAttentionPatch(run, layer, previous), *key)
+        patched.set_model_unet_function_wrapper(run.wrapper(patched.model_options.get("model_function_wrapper")))
+        return (patched, [[cond, {"pooled_output": pooled}]], capture)
+
+
+def _legend(subject):
+    if subject.token_attention is None or subject.reference is None:
+        return None
+    return token_legend(subject.token_attention, subject.reference)
+
+
+def _consumed(prompt, unique_id, output: int) -> bool:
+    """Whether any node of the queued graph takes this node's output ``output``."""
+    if not prompt or unique_id is None:
+        return False
+    link = [str(unique_id), output]
+    return any(
+        isinstance(value, list) and len(value) == 2 and [str(value[0]), value[1]] == link
+        for node in prompt.values()
+        for value in node.get("inputs", {}).values()
+    )
