@@ -1,0 +1,357 @@
+"""The nodes inside a real ComfyUI (COMFYUI_PATH or the 2024 copy), on tiny random-weight models."""
+import logging
+
+import pytest
+import torch
+
+from pack_loader import load_pack
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    return load_pack()
+
+
+@pytest.fixture(scope="module")
+def engine(pack):
+    import nested_attention_pack.na_engine as engine
+
+    return engine
+
+
+def adapter_for(engine, model, clip_width=64, token_dim=64, queries=4, seed=0):
+    layers = [engine.Layer(i, f"layer{i}", key, w) for i, (key, w) in enumerate(engine.comfy_unet_layers(model.model.diffusion_model))]
+    config = engine.ResamplerConfig(dim=64, depth=1, dim_head=32, heads=2, num_queries=queries, embedding_dim=clip_width, output_dim=token_dim)
+    adapter = engine.random_adapter(config, layers, seed=seed)
+    adapter.name = "tiny_adapter.safetensors"
+    return adapter
+
+
+def node(pack, name):
+    return pack.NODE_CLASS_MAPPINGS[name]()
+
+
+def encode(pack, adapter, clip_vision, trigger, images=None, **kw):
+    images = torch.rand(2, 48, 40, 3) if images is None else images
+    return node(pack, "NestedSubjectEncoder").encode(adapter, clip_vision, images, trigger, **kw)[0]
+
+
+def apply(pack, model, clip, subjects, text, capture=False, **kw):
+    prompt = {"9": {"inputs": {"capture": ["1", 2]}}} if capture else {}
+    return node(pack, "NestedAttentionApply").apply(model, clip, subjects, text, prompt=prompt, unique_id="1", **kw)
+
+
+def sample(model, pos, neg, steps=2, cfg=5.0, batch=1, seed=0):
+    import nodes
+
+    latent = nodes.EmptyLatentImage().generate(64, 64, batch)[0]
+    with torch.inference_mode():
+        return nodes.KSampler().sample(model, seed, steps, cfg, "euler", "normal", pos, neg, latent)[0]["samples"]
+
+
+def patches(model):
+    return model.model_options["transformer_options"]["patches_replace"]["attn2"]
+
+
+def run_of(model):
+    return next(iter(patches(model).values())).run
+
+
+def encode_text(clip, text):
+    import nodes
+
+    return nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def spy(model, key):
+    """Record (q, k, v, extra_options, out) of the patch registered under ``key``."""
+    calls = []
+    inner = patches(model)[key]
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def __call__(self, q, k, v, extra_options):
+            out = inner(q, k, v, extra_options)
+            calls.append((q, k, v, dict(extra_options), out))
+            return out
+
+    patches(model)[key] = Spy()
+    return calls
+
+
+def test_every_sd15_like_layer_fires(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision):
+    subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
+    model, pos, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
+    sample(model, pos, encode_text(tiny_clip, ""), steps=2)
+    keys = {key for key, _ in engine.comfy_unet_layers(tiny_sd15.model.diffusion_model)}
+    assert set(run_of(model).fired) == keys
+    assert all(count == 2 for count in run_of(model).fired.values())
+
+
+def test_all_70_sdxl_layers_fire(pack, engine, tiny_sdxl, tiny_sdxl_clip, tiny_clip_vision):
+    adapter = adapter_for(engine, tiny_sdxl, token_dim=128)
+    layers = engine.comfy_unet_layers(tiny_sdxl.model.diffusion_model)
+    assert [k for k, _ in layers] == [layer.comfy for layer in engine.TABLES["sdxl"]] or len(layers) == 70
+    assert {k for k, _ in layers} == {layer.comfy for layer in engine.TABLES["sdxl"]}
+    subjects = encode(pack, adapter, tiny_clip_vision, "person")
+    model, pos, _ = apply(pack, tiny_sdxl, tiny_sdxl_clip, subjects, "a person at a desk")
+    sample(model, pos, encode_text(tiny_sdxl_clip, "blurry"), steps=1)
+    assert len(run_of(model).fired) == 70
+
+
+def test_exact_formula_on_prompt_rows_only(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision):
+    import comfy.ldm.modules.attention as attention
+
+    subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
+    model, pos, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a (dog:1.2) and another dog")
+    key = next(iter(patches(model)))
+    calls = spy(model, key)
+    sample(model, pos, encode_text(tiny_clip, "ugly"), steps=1, batch=2)
+    q, k, v, xo, out = calls[0]
+    heads = xo["n_heads"]
+    ours = [i for i, c in enumerate(xo["cond_or_uncond"]) if c == 0]
+    rows = torch.zeros(q.shape[0], dtype=torch.bool)
+    per = q.shape[0] // len(xo["cond_or_uncond"])
+    for i in ours:
+        rows[i * per : (i + 1) * per] = True
+    assert torch.equal(out[~rows], attention.optimized_attention(q[~rows], k[~rows], v[~rows], heads))
+    tokens = tiny_clip.tokenize("a (dog:1.2) and another dog")["l"][0]
+    dog = [i for i, t in enumerate(tokens) if t[0] == tiny_clip.tokenize("dog")["l"][0][1][0]]
+    where = torch.zeros(int(rows.sum()), k.shape[1], dtype=torch.bool)
+    where[:, dog] = True
+    layer = subjects[0].adapter.layer_index(key + (0,) if len(key) == 2 else key)
+    nk, nv = subjects[0].adapter.nested_kv(layer, subjects[0].tokens)
+    binding = engine.NestedBinding(nk.double(), nv.double(), where)
+    want = engine.nested_attention(q[rows].double(), k[rows].double(), v[rows].double(), heads, [binding], closed_form=True)
+    assert len(dog) == 2
+    torch.testing.assert_close(out[rows].double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_base_model_and_negative_unchanged(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision):
+    neg = encode_text(tiny_clip, "")
+    pos_plain = encode_text(tiny_clip, "a photo of a dog")
+    before = sample(tiny_sd15, pos_plain, neg)
+    subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
+    model, pos, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
+    patched = sample(model, pos, neg)
+    assert torch.equal(sample(tiny_sd15, pos_plain, neg), before)
+    assert not torch.equal(patched, before)
+    # the same patched model with a prompt of its own is untouched: its rows are not ours
+    assert torch.equal(sample(model, encode_text(tiny_clip, "a photo of a cat"), neg), sample(tiny_sd15, encode_text(tiny_clip, "a photo of a cat"), neg))
+    # strength 0 is the plain model
+    zero, pos0, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog", strength=0.0)
+    torch.testing.assert_close(sample(zero, pos0, neg), before)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_cfg_and_batch(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision, cfg):
+    subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
+    model, pos, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
+    out = sample(model, pos, encode_text(tiny_clip, ""), cfg=cfg, batch=3)
+    assert out.shape[0] == 3 and torch.isfinite(out).all()
+    assert run_of(model).fired
+
+
+def test_conditioning_combine_after(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision):
+    import nodes
+
+    subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
+    model, pos, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
+    key = next(iter(patches(model)))
+    calls = spy(model, key)
+    other = encode_text(tiny_clip, "a sunny beach with palm trees and a long long pier into the sea")
+    combined = nodes.ConditioningCombine().combine(pos, other)[0]
+    sample(model, combined, encode_text(tiny_clip, ""), steps=1)
+    q, k, v, xo, out = calls[0]
+    bound = xo["nested_attention_rows"][run_of(model).uid]
+    rows = bound.where[0].any(-1)
+    assert 0 < int(rows.sum()) < q.shape[0]  # our chunk only, not the other prompt's
+    import comfy.ldm.modules.attention as attention
+
+    assert torch.equal(out[~rows], attention.optimized_attention(q[~rows], k[~rows], v[~rows], xo["n_heads"]))
+
+
+def test_conditioning_that_changes_the_prompt_warns(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision, caplog):
+    import nodes
+
+    subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
+    model, pos, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
+    averaged = nodes.ConditioningAverage().addWeighted(pos, encode_text(tiny_clip, "a cat"), 0.5)[0]
+    with caplog.at_level(logging.WARNING, logger="nested_attention"):
+        sample(model, averaged, encode_text(tiny_clip, ""), steps=1)
+    assert "no positive batch row carries the prompt" in caplog.text
+    assert not run_of(model).fired
+
+
+def test_lora_patched_model(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision):
+    lora = tiny_sd15.clone()
+    key = next(k for k in lora.model_state_dict() if k.endswith("attn2.to_k.weight"))
+    weight = lora.model_state_dict()[key]
+    lora.add_patches({key: (torch.randn_like(weight) * 0.1,)}, 1.0)
+    subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
+    model, pos, _ = apply(pack, lora, tiny_clip, subjects, "a photo of a dog")
+    neg = encode_text(tiny_clip, "")
+    with_lora = sample(model, pos, neg)
+    plain, pos2, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
+    assert not torch.equal(with_lora, sample(plain, pos2, neg))
+    assert len(run_of(model).fired) == len(engine.comfy_unet_layers(tiny_sd15.model.diffusion_model))
+
+
+class IPAdapterLikeReplace:
+    """The Attn2Replace protocol IPAdapter_plus, InstantID and PuLID share: base attention,
+    then each callback's term added while sigma is in its range."""
+
+    def __init__(self, callback, **kwargs):
+        self.callback, self.kwargs = [callback], [kwargs]
+
+    def add(self, callback, **kwargs):
+        self.callback.append(callback)
+        self.kwargs.append(kwargs)
+
+    def __call__(self, q, k, v, extra_options):
+        import comfy.ldm.modules.attention as attention
+
+        out = attention.optimized_attention(q, k, v, extra_options["n_heads"])
+        sigma = float(extra_options["sigmas"][0])
+        for cb, kw in zip(self.callback, self.kwargs):
+            if kw["sigma_end"] <= sigma <= kw["sigma_start"]:
+                out = out + cb(out, q, k, v, extra_options, **kw)
+        return out
+
+
+IP_CALLS = {}  # by tag; ComfyUI deep-copies model options, so a list in kwargs would be copied too
+
+
+def ip_term(out, q, k, v, extra_options, **kw):
+    IP_CALLS[kw["tag"]] = IP_CALLS.get(kw["tag"], 0) + 1
+    return 0.05 * q
+
+
+def test_stacks_with_ipadapter_style_replace_in_both_orders(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision):
+    subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
+    neg = encode_text(tiny_clip, "")
+    keys = [k for k, _ in engine.comfy_unet_layers(tiny_sd15.model.diffusion_model)]
+
+    first = tiny_sd15.clone()
+    for block, number, index in keys:  # registered the way IPAdapter_plus does for SD1.5: 2-tuple keys
+        first.set_model_attn2_replace(IPAdapterLikeReplace(ip_term, sigma_start=1e9, sigma_end=0.0, tag="before"), block, number)
+    model_a, pos_a, _ = apply(pack, first, tiny_clip, subjects, "a photo of a dog")
+    out_a = sample(model_a, pos_a, neg)
+
+    model_b, pos_b, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
+    for key, replace in list(patches(model_b).items()):  # what IPAdapter_plus does when the key exists
+        replace.add(ip_term, sigma_start=1e9, sigma_end=0.0, tag="after")
+    out_b = sample(model_b, pos_b, neg)
+
+    assert IP_CALLS["before"] == IP_CALLS["after"] > 0 and len(run_of(model_a).fired) == len(keys) == len(run_of(model_b).fired)
+    torch.testing.assert_close(out_a, out_b, atol=1e-3, rtol=1e-3)  # fused vs closed form, through 2 steps
+    nested_only, pos_c, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
+    assert not torch.allclose(out_a, sample(nested_only, pos_c, neg))
+
+
+def test_add_on_a_clone_does_not_leak(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision):
+    subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
+    model, _, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
+    clone = model.clone()
+    for replace in patches(clone).values():
+        replace.add(ip_term, sigma_start=1e9, sigma_end=0.0, tag="clone")
+    assert all(not r.callback for r in patches(model).values())
+    assert all(r.run is run_of(model) for r in patches(clone).values())
+
+
+def test_capture_and_preview(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision, tiny_vae):
+    import nodes
+
+    subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
+    idle, _, no_capture = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
+    assert no_capture is None
+    model, pos, capture = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog", capture=True)
+    latent = sample(model, pos, encode_text(tiny_clip, ""), batch=2)
+    with torch.inference_mode():
+        image = nodes.VAEDecode().decode(tiny_vae, {"samples": latent})[0]
+    result = node(pack, "NestedAttentionMapPreview").preview(capture, image)
+    maps = result["result"][0]
+    assert maps.shape == (2, image.shape[1], 3 * image.shape[2], 3)
+    assert 0 <= float(maps.min()) and float(maps.max()) <= 1
+    assert len(result["ui"]["images"]) == 2
+    first = capture.outer[0].clone()
+    sample(model, pos, encode_text(tiny_clip, ""), batch=2, seed=1)  # a new run starts afresh
+    assert capture.outer[0].shape == first.shape and not torch.equal(capture.outer[0], 2 * first)
+
+
+def test_multi_subject_from_two_adapters_with_masks(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision):
+    face = encode(pack, adapter_for(engine, tiny_sd15, seed=1), tiny_clip_vision, "man")
+    pet = encode(pack, adapter_for(engine, tiny_sd15, queries=6, seed=2), tiny_clip_vision, "dog")
+    left, right = torch.zeros(1, 30, 50), torch.zeros(1, 30, 50)
+    left[..., :25], right[..., 25:] = 1, 1
+    both = node(pack, "NestedMultiSubjectCombine").combine(subjects_1=face, subjects_2=pet, mask_1=left, mask_2=right)[0]
+    assert [s.trigger for s in both] == ["man", "dog"] and both[1].mask is not None
+    model, pos, _ = apply(pack, tiny_sd15, tiny_clip, both, "a man walking his dog")
+    out = sample(model, pos, encode_text(tiny_clip, ""))
+    assert torch.isfinite(out).all() and run_of(model).fired
+    with pytest.raises(engine.NestedAttentionError, match="Two subjects use the trigger word 'dog'"):
+        node(pack, "NestedMultiSubjectCombine").combine(subjects_1=pet, subjects_2=pet)
+
+
+def test_bad_inputs_get_clear_errors(pack, engine, tiny_sd15, tiny_sdxl, tiny_clip, tiny_clip_vision):
+    err = engine.NestedAttentionError
+    adapter = adapter_for(engine, tiny_sd15)
+    subjects = encode(pack, adapter, tiny_clip_vision, "dog")
+    with pytest.raises(err, match=r"trigger word 'dog' is not in the prompt.*a photo of a cat"):
+        apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a cat")
+    with pytest.raises(err, match=r"made for .*but this model has"):
+        apply(pack, tiny_sdxl, tiny_clip, subjects, "a photo of a dog")
+    sd15_adapter = engine.random_adapter(engine.ResamplerConfig(num_queries=4, depth=1), engine.TABLES["sd15"])
+    with pytest.raises(err, match=r"SD1.5 \(16 layers.*this model has"):
+        apply(pack, tiny_sdxl, tiny_clip, engine.SubjectSet([subjects[0].with_(adapter=sd15_adapter)]), "a dog")
+    vit_h = engine.random_adapter(engine.ResamplerConfig(dim=64, depth=1, dim_head=32, heads=2, num_queries=4, embedding_dim=1280, output_dim=64), adapter.layers)
+    with pytest.raises(err, match=r"CLIP ViT-H/14 features \(width 1280\).*width 64"):
+        encode(pack, vit_h, tiny_clip_vision, "dog")
+    with pytest.raises(err, match="empty"):
+        encode(pack, adapter, tiny_clip_vision, "dog", images=torch.zeros(0, 32, 32, 3))
+    # convertible inputs are converted, not refused
+    assert encode(pack, adapter, tiny_clip_vision, "dog", images=torch.rand(1, 40, 40, 1))[0].tokens.shape[0] == 4
+    assert encode(pack, adapter, tiny_clip_vision, "dog", images=torch.rand(2, 40, 40, 4), combine="average")[0].tokens.shape[0] == 4
+    assert encode(pack, adapter, tiny_clip_vision, "dog", mask=torch.ones(1, 13, 7), crop="pad")[0].tokens.shape[0] == 8
+    with pytest.raises(err, match="start_at"):
+        apply(pack, tiny_sd15, tiny_clip, subjects, "a dog", start_at=0.8, end_at=0.2)
+
+
+@pytest.fixture
+def model_dirs(pack, tmp_path):
+    """Put temp folders first in the pack's model folders, as extra_model_paths.yaml would."""
+    import folder_paths
+
+    saved = {}
+    for name in ("nested_attention", "nested_subjects"):
+        dirs, exts = folder_paths.folder_names_and_paths[name]
+        saved[name] = (list(dirs), exts)
+        (tmp_path / name).mkdir()
+        folder_paths.folder_names_and_paths[name] = ([str(tmp_path / name)] + list(dirs), exts)
+    yield tmp_path
+    folder_paths.folder_names_and_paths.update(saved)
+
+
+def test_loader_and_subject_files(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision, model_dirs):
+    tmp_path = model_dirs
+    adapter = adapter_for(engine, tiny_sd15)
+    engine.save_adapter(adapter, str(tmp_path / "nested_attention" / "tiny_adapter.safetensors"))
+    (tmp_path / "nested_attention" / "broken.safetensors").write_bytes(b"not a safetensors file")
+    names = pack.NODE_CLASS_MAPPINGS["NestedAttentionLoader"].INPUT_TYPES()["required"]["adapter_name"][0]
+    assert "tiny_adapter.safetensors" in names
+    loaded = node(pack, "NestedAttentionLoader").load("tiny_adapter.safetensors")[0]
+    with pytest.raises(engine.NestedAttentionError, match="broken.safetensors"):
+        node(pack, "NestedAttentionLoader").load("broken.safetensors")
+    subjects = encode(pack, loaded, tiny_clip_vision, "dog")
+    node(pack, "NestedSubjectSave").save(subjects, "rex")
+    node(pack, "NestedSubjectSave").save(subjects, "rex")  # never overwrites
+    files = sorted(p.name for p in (tmp_path / "nested_subjects").iterdir())
+    assert files == ["rex.safetensors", "rex_1.safetensors"]
+    back = node(pack, "NestedSubjectLoad").load("rex.safetensors")[0]
+    assert torch.equal(back[0].tokens, subjects[0].tokens) and back[0].trigger == "dog"
+    model_a, pos_a, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a dog")
+    model_b, pos_b, _ = apply(pack, tiny_sd15, tiny_clip, back, "a dog")
+    neg = encode_text(tiny_clip, "")
+    assert torch.equal(sample(model_a, pos_a, neg), sample(model_b, pos_b, neg))
