@@ -4,19 +4,16 @@ import logging
 import pytest
 import torch
 
-from pack_loader import load_pack
 
 
 @pytest.fixture(scope="module")
 def pack(comfy):
-    return load_pack()
+    return comfy.import_pack()
 
 
 @pytest.fixture(scope="module")
 def engine(pack):
-    import nested_attention_pack.na_engine as engine
-
-    return engine
+    return pack.na_engine
 
 
 def adapter_for(engine, model, clip_width=64, token_dim=64, queries=4, seed=0):
