@@ -1,0 +1,239 @@
+"""python -m na_engine.generate: standalone Nested Attention inference with diffusers pipelines.
+
+One run:   --prompt "a photo of a bottle on a desk" --subject ref1.jpg --trigger bottle --seed 1 2
+Catalogue: --batch jobs.csv (columns prompt, subject, trigger, seed; subject = image or folder of images)
+           --batch jobs.json ({"prompts": [...], "subjects": [{"name", "images", "trigger"}], "seeds": [...]}: every combination)
+Each image is written to --out with, unless --no-maps, its attention-map panel:
+[where the trigger attends | which subject token each pixel draws from | the reference coloured by token].
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .capture import AttentionCapture, token_legend
+from .diffusers_processor import BoundSubject, NestedState, install
+from .errors import NestedAttentionError
+from .pipeline import Base, Vision, image_features, trigger_where
+from .prepare import IMAGE_EXTS, has_word
+
+
+@dataclass
+class Job:
+    prompt: str
+    images: List[str]  # reference photo paths of one subject
+    trigger: str
+    seed: int
+    name: str = "subject"
+    negative: str = ""
+
+
+@dataclass
+class EncodedSubject:
+    tokens: Tensor  # (n*M, D)
+    legend: Optional[Tensor]  # (H, W, 3) first reference coloured by token, for the maps panel
+
+
+class NestedGenerator:
+    """A diffusers pipeline whose UNet runs the engine's nested attention; ``state`` may be shared with a trainer."""
+
+    def __init__(self, base: Base, vision: Vision, state: NestedState, device):
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        self.base, self.vision, self.state, self.device = base, vision, state, device
+        if not any(getattr(p, "state", None) is state for p in base.unet.attn_processors.values()):
+            install(base.unet, state, state.adapter.layers)
+        scheduler = DDIMScheduler.from_config(base.scheduler.config)
+        te, tok = base.text_encoders, base.tokenizers
+        if base.is_xl:
+            self.pipe = StableDiffusionXLPipeline(base.vae, te[0], te[1], tok[0], tok[1], base.unet, scheduler)
+        else:
+            self.pipe = StableDiffusionPipeline(base.vae, te[0], tok[0], base.unet, scheduler, None, None, requires_safety_checker=False)
+        self.pipe.to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @torch.no_grad()
+    def encode(self, images: Sequence, combine: str = "concat") -> EncodedSubject:
+        """PIL photos of one subject -> its tokens, as the ComfyUI encode node makes them."""
+        tokens, weights = self.state.adapter.encode(image_features(self.vision, images, self.device), combine)
+        legend = None
+        if len(images) == 1:
+            ref = torch.from_numpy(np.array(images[0].convert("RGB").resize((256, 256)))).float() / 255
+            legend = token_legend(weights.float().cpu(), ref)
+        return EncodedSubject(tokens, legend)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor):
+        """Latents -> PIL image, in the VAE's own dtype (the trainer keeps it in fp32 under mixed precision)."""
+        from PIL import Image
+
+        vae = self.base.vae
+        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample[0]  # (3, size, size) in [-1, 1]
+        return Image.fromarray(((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, subject: EncodedSubject, trigger: str, seed: int, steps: int = 30, cfg: float = 7.0,
+                 size: int = 512, negative: str = "", strength: float = 1.0, maps: bool = True):
+        """-> (image, maps panel or None), PIL images."""
+        from PIL import Image
+
+        where = trigger_where(self.base, [prompt], trigger)  # (1, T)
+        if cfg > 1:  # the pipelines batch [negative, positive]; only the positive row binds
+            where = torch.cat([torch.zeros_like(where), where])
+        state = self.state
+        saved = state.subjects, state.closed_form, state.capture
+        state.subjects = [BoundSubject(subject.tokens, where, strength)]
+        state.closed_form = False
+        state.latent_hw = (size // self.pipe.vae_scale_factor,) * 2
+        state.capture = AttentionCapture([subject.legend]) if maps else None
+        try:
+            generator = torch.Generator("cpu").manual_seed(seed)
+            latents = self.pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, height=size, width=size,
+                                generator=generator, output_type="latent").images  # (1, 4, size/8, size/8)
+            image = self.decode(latents)
+            panel = None
+            if maps:
+                pixels = torch.from_numpy(np.array(image)).float()[None] / 255  # (1, H, W, 3)
+                panel = Image.fromarray((state.capture.render(pixels)[0].numpy() * 255).round().astype("uint8"))
+            return image, panel
+        finally:
+            state.subjects, state.closed_form, state.capture = saved
+
+
+# -- jobs -----------------------------------------------------------------------------------
+
+
+def read_jobs(path: str) -> List[Job]:
+    """A CSV of explicit rows, or a JSON of prompts x subjects x seeds."""
+    if not os.path.isfile(path):
+        raise NestedAttentionError(f"Batch file not found: {path}")
+    base = os.path.dirname(os.path.abspath(path))
+    if path.lower().endswith(".csv"):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        missing = {"prompt", "subject", "trigger"} - set(rows[0] if rows else {})
+        if not rows or missing:
+            raise NestedAttentionError(f"{os.path.basename(path)} needs a header with prompt, subject, trigger (and optionally seed, negative); missing: {', '.join(sorted(missing)) or 'rows'}.")
+        return [Job(r["prompt"], subject_images(_rel(base, r["subject"])), r["trigger"], int(r.get("seed") or 0),
+                    os.path.splitext(os.path.basename(r["subject"].rstrip("/")))[0], r.get("negative") or "") for r in rows]
+    with open(path) as f:
+        spec = json.load(f)
+    try:
+        subjects = [(s["name"], subject_images(_rel(base, s["images"])) if isinstance(s["images"], str) else [_rel(base, p) for p in s["images"]], s["trigger"]) for s in spec["subjects"]]
+        return [Job(p, imgs, trig, int(seed), name, spec.get("negative", "")) for name, imgs, trig in subjects for p in spec["prompts"] for seed in spec.get("seeds", [0])]
+    except (KeyError, TypeError) as e:
+        raise NestedAttentionError(f"{os.path.basename(path)} must be {{\"prompts\": [...], \"subjects\": [{{\"name\", \"images\", \"trigger\"}}], \"seeds\": [...]}}; {e!r} is missing or wrong.") from e
+
+
+def subject_images(path: str) -> List[str]:
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS) and not f.endswith(".mask.png"))
+    else:
+        files = [path] if os.path.isfile(path) else []
+    if not files:
+        raise NestedAttentionError(f"No subject images at {path}.")
+    return files
+
+
+def _rel(base: str, path: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(base, path)
+
+
+def run_jobs(generator: NestedGenerator, jobs: Sequence[Job], out: str, steps: int, cfg: float, size: int, strength: float, maps: bool) -> List[str]:
+    os.makedirs(out, exist_ok=True)
+    cache = {}
+    written = []
+    for i, job in enumerate(jobs):
+        key = tuple(job.images)
+        if key not in cache:
+            cache[key] = generator.encode([_open(p) for p in job.images])
+        image, panel = generator(job.prompt, cache[key], job.trigger, job.seed, steps, cfg, size, job.negative, strength, maps)
+        stem = os.path.join(out, f"{i:04d}_{job.name}_{job.seed}")
+        image.save(stem + ".png")
+        if panel is not None:
+            panel.save(stem + ".maps.png")
+        written.append(stem + ".png")
+    with open(os.path.join(out, "manifest.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "prompt", "subject", "trigger", "seed"])
+        w.writerows([os.path.basename(p), j.prompt, j.name, j.trigger, j.seed] for p, j in zip(written, jobs))
+    return written
+
+
+def _open(path: str):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise NestedAttentionError(f"Could not read subject image {path}: {e}") from e
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m na_engine.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--base", required=True, help="diffusers folder, or a single-file checkpoint with --base-config")
+    p.add_argument("--base-config", help="local diffusers folder with the configs of a single-file --base")
+    p.add_argument("--adapter", required=True, help="Nested Attention adapter (.safetensors) or IP-Adapter Plus checkpoint")
+    p.add_argument("--clip-vision", required=True, help="CLIP vision folder or .safetensors file")
+    p.add_argument("--subject", nargs="*", default=[], help="reference photo(s) or a folder of them")
+    p.add_argument("--trigger", help="the prompt word the subject binds to")
+    p.add_argument("--prompt", nargs="*", default=[])
+    p.add_argument("--seed", type=int, nargs="*", default=[0])
+    p.add_argument("--negative", default="")
+    p.add_argument("--batch", help="CSV or JSON of prompts x subjects (see the module doc)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--size", type=int, default=None, help="image side; default 512 for SD1.5, 1024 for SDXL")
+    p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    p.add_argument("--no-maps", action="store_true", help="skip the attention-map panels")
+    p.add_argument("--out", required=True, help="output folder")
+    args = p.parse_args(argv)
+    try:
+        written = generate(args)
+    except NestedAttentionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written)} images to {args.out}")
+    return 0
+
+
+def generate(args) -> List[str]:
+    from .formats import load_adapter
+    from .pipeline import check_match, clip_vision_width, load_base, load_vision, unet_config
+
+    jobs = read_jobs(args.batch) if args.batch else _jobs_from_args(args)
+    for job in jobs:  # the tokenizer checks again, exactly, once it is loaded
+        if not has_word(job.prompt, job.trigger):
+            raise NestedAttentionError(f"The trigger word {job.trigger!r} is not in the prompt {job.prompt!r}. Write it where the subject should appear.")
+    adapter = load_adapter(args.adapter)
+    check_match(unet_config(args.base, args.base_config), clip_vision_width(args.clip_vision), adapter, args.base, args.clip_vision)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype, torch.float16 if device == "cuda" else torch.float32)
+    base, vision = load_base(args.base, args.base_config, dtype), load_vision(args.clip_vision, dtype)
+    vision.model.to(device)
+    generator = NestedGenerator(base, vision, NestedState(adapter.to(device)), device)
+    size = args.size or (1024 if base.is_xl else 512)
+    return run_jobs(generator, jobs, args.out, args.steps, args.cfg, size, args.strength, not args.no_maps)
+
+
+def _jobs_from_args(args) -> List[Job]:
+    if not args.prompt or not args.subject or not args.trigger:
+        raise NestedAttentionError("Give --prompt, --subject and --trigger, or a --batch file.")
+    images = [f for s in args.subject for f in subject_images(s)]
+    name = os.path.splitext(os.path.basename(args.subject[0].rstrip("/")))[0]
+    return [Job(p, images, args.trigger, seed, name, args.negative) for p in args.prompt for seed in args.seed]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

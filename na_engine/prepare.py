@@ -1,0 +1,154 @@
+"""python -m na_engine.prepare: a folder of subject photos -> a training set.
+
+Output folder layout, read by na_engine.train:
+    <name>.png        the photo, cropped or padded to a square of --resolution
+    <name>.txt        its caption, holding the class word
+    <name>.mask.png   the subject mask, same square (only with --masks)
+    dataset.json      {"class_word", "resolution", "items": [names], "skipped": [{"file", "reason"}]}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import List, Optional, Tuple
+
+from .errors import NestedAttentionError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+DATASET_FILE = "dataset.json"
+
+
+def has_word(caption: str, word: str) -> bool:
+    return re.search(rf"(?<![\w]){re.escape(word.lower())}(?![\w])", caption.lower()) is not None
+
+
+def square(image, resolution: int, mode: str, fill):
+    """Centre crop (mode 'crop') or pad with ``fill`` (mode 'pad') to a square, then resize."""
+    from PIL import Image, ImageOps
+
+    w, h = image.size
+    if mode == "crop":
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    else:
+        image = ImageOps.pad(image, (max(w, h), max(w, h)), color=fill, centering=(0.5, 0.5))
+    resample = Image.NEAREST if image.mode == "L" else Image.LANCZOS
+    return image.resize((resolution, resolution), resample)
+
+
+def prepare(src: str, out: str, class_word: str, resolution: int = 512, mode: str = "crop", template: str = "a photo of a {class}",
+            keep_captions: bool = False, masks: Optional[str] = None) -> dict:
+    """Write the training set; returns the dataset record (also saved as dataset.json)."""
+    if not class_word.strip():
+        raise NestedAttentionError("--class-word is required: the word that names the subject's kind, e.g. 'bottle', 'dog' or 'person'.")
+    if "{class}" not in template:
+        raise NestedAttentionError(f"The caption template {template!r} has no {{class}} placeholder for the class word.")
+    if mode not in ("crop", "pad"):
+        raise NestedAttentionError(f"--mode must be 'crop' or 'pad', not {mode!r}.")
+    if not os.path.isdir(src):
+        raise NestedAttentionError(f"Photo folder not found: {src}")
+    files = sorted(f for f in os.listdir(src) if f.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise NestedAttentionError(f"{src} holds no images ({', '.join(IMAGE_EXTS)}).")
+    _check_captions(src, files, class_word, template, keep_captions)
+    os.makedirs(out, exist_ok=True)
+    items: List[str] = []
+    skipped: List[dict] = []
+    for file in files:
+        name = os.path.splitext(file)[0]
+        image, mask, reason = _read(os.path.join(src, file), _mask_path(masks, name))
+        if reason:
+            skipped.append({"file": file, "reason": reason})
+            continue
+        square(image, resolution, mode, (255, 255, 255)).save(os.path.join(out, f"{name}.png"))
+        if mask is not None:
+            square(mask, resolution, mode, 0).save(os.path.join(out, f"{name}.mask.png"))
+        with open(os.path.join(out, f"{name}.txt"), "w") as f:
+            f.write(_caption(src, name, class_word, template, keep_captions))
+        items.append(name)
+    if not items:
+        raise NestedAttentionError(f"None of the {len(files)} images in {src} could be read: " + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped))
+    record = {"class_word": class_word, "resolution": resolution, "items": items, "skipped": skipped}
+    with open(os.path.join(out, DATASET_FILE), "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def _check_captions(src: str, files: List[str], class_word: str, template: str, keep: bool) -> None:
+    """Every caption must hold the class word: its positions are where the subject binds."""
+    for file in files:
+        name = os.path.splitext(file)[0]
+        caption = _caption(src, name, class_word, template, keep)
+        if not has_word(caption, class_word):
+            where = os.path.join(src, name + ".txt") if keep and os.path.isfile(os.path.join(src, name + ".txt")) else "the template"
+            raise NestedAttentionError(f"The caption of {file} ({where}: {caption!r}) does not contain the class word {class_word!r}.")
+
+
+def _caption(src: str, name: str, class_word: str, template: str, keep: bool) -> str:
+    own = os.path.join(src, name + ".txt")
+    if keep and os.path.isfile(own):
+        with open(own) as f:
+            return f.read().strip()
+    return template.replace("{class}", class_word)
+
+
+def _mask_path(masks: Optional[str], name: str) -> Optional[str]:
+    if masks is None:
+        return None
+    found = [os.path.join(masks, name + ext) for ext in IMAGE_EXTS if os.path.isfile(os.path.join(masks, name + ext))]
+    return found[0] if found else ""
+
+
+def _read(path: str, mask_path: Optional[str]) -> Tuple[object, object, str]:
+    """(image RGB, mask L or None, reason it was skipped or '')."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+    except Exception as e:  # truncated, corrupt or not an image
+        return None, None, f"unreadable image ({type(e).__name__}: {e})"
+    if mask_path is None:
+        return image, None, ""
+    if not mask_path:
+        return None, None, "no mask with this name in the masks folder"
+    try:
+        with Image.open(mask_path) as im:
+            mask = im.convert("L")
+    except Exception as e:
+        return None, None, f"unreadable mask ({type(e).__name__}: {e})"
+    if mask.size != image.size:
+        return None, None, f"mask size {mask.size} differs from image size {image.size}"
+    return image, mask, ""
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m na_engine.prepare", description=__doc__.split("\n")[0])
+    p.add_argument("--src", required=True, help="folder of subject photos (optionally <name>.txt captions beside them)")
+    p.add_argument("--out", required=True, help="training set folder to write")
+    p.add_argument("--class-word", required=True, help="the word for the subject's kind: bottle, dog, person...")
+    p.add_argument("--template", default="a photo of a {class}", help="caption template; {class} becomes the class word")
+    p.add_argument("--keep-captions", action="store_true", help="use <name>.txt beside each photo where present")
+    p.add_argument("--masks", help="folder of subject masks named like the photos (white = subject)")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--mode", default="crop", choices=("crop", "pad"))
+    args = p.parse_args(argv)
+    try:
+        record = prepare(args.src, args.out, args.class_word, args.resolution, args.mode, args.template, args.keep_captions, args.masks)
+    except NestedAttentionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"prepared {len(record['items'])} images in {args.out}")
+    if record["skipped"]:
+        print(f"skipped {len(record['skipped'])}:")
+        for s in record["skipped"]:
+            print(f"  {s['file']}: {s['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

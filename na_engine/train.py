@@ -1,0 +1,444 @@
+"""python -m na_engine.train: train a Nested Attention encoder on your own subject domain.
+
+Runs under accelerate: plainly on one device, or `accelerate launch -m na_engine.train ...`
+on many GPUs and machines.  The base UNet, text encoders, VAE and CLIP vision stay
+frozen; the resampler and the per-layer nested K/V train on the noise-prediction loss.
+Every row's reference is an augmented subject crop of its own target image, bound
+to the class word of its caption; caption and subject dropout keep guidance working.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapter import NestedAdapter
+from .diffusers_processor import BoundSubject, NestedState, install
+from .errors import NestedAttentionError
+from .prepare import DATASET_FILE
+
+OOM_ADVICE = ("Out of memory. Lower --batch-size (and raise --grad-accum to keep the effective batch), lower --resolution, "
+              "turn on --gradient-checkpointing, or use --mixed-precision bf16 (or fp16).")
+
+
+@dataclass
+class TrainConfig:
+    base: str
+    clip_vision: str
+    data: str
+    out: str
+    base_config: Optional[str] = None
+    init_from: Optional[str] = None
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: int = 0
+    resolution: Optional[int] = None  # default: the prepared set's
+    tokens: int = 16  # subject tokens of a fresh adapter
+    resampler_depth: int = 4
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    caption_dropout: float = 0.05
+    subject_dropout: float = 0.05
+    ema: float = 0.0  # EMA decay; 0 = off
+    checkpoint_every: int = 500
+    resume: Optional[str] = None  # a checkpoint folder, or "latest"
+    validate_every: int = 0  # 0 = off
+    validation_prompts: List[str] = field(default_factory=list)
+    validation_steps: int = 30
+    seed: int = 0
+    workers: int = 0
+    fixed_batch: bool = False  # repeat step 0's batch, noise and timesteps (overfitting checks)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.splitext(self.out)[0] + "_run"
+
+
+# -- data ---------------------------------------------------------------------------------
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Items are addressed by (step, row, index), and each draws its augmentation from a
+    generator seeded by them: a resumed run sees exactly the batches it would have."""
+
+    def __init__(self, folder: str, resolution: int, processor, seed: int):
+        with open(os.path.join(folder, DATASET_FILE)) as f:
+            record = json.load(f)
+        self.folder, self.items, self.class_word = folder, record["items"], record["class_word"]
+        self.resolution, self.processor, self.seed = resolution, processor, seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key) -> dict:
+        step, row, index = key
+        rng = random.Random(self.seed * 1_000_003 + step * 1009 + row)
+        image, mask = self.load(index)
+        target = _to_tensor(image.resize((self.resolution,) * 2)) * 2 - 1  # (3, R, R) in [-1, 1]
+        reference = augment(subject_crop(image, mask), rng)
+        pixels = self.processor(images=[reference], return_tensors="pt").pixel_values[0]  # (3, S, S)
+        return {"target": target, "reference": pixels, "caption": self.caption(index)}
+
+    def load(self, index: int):
+        from PIL import Image
+
+        name = os.path.join(self.folder, self.items[index])
+        image = Image.open(name + ".png").convert("RGB")
+        mask = Image.open(name + ".mask.png").convert("L") if os.path.isfile(name + ".mask.png") else None
+        return image, mask
+
+    def caption(self, index: int) -> str:
+        with open(os.path.join(self.folder, self.items[index] + ".txt")) as f:
+            return f.read().strip()
+
+
+def subject_crop(image, mask):
+    """The subject's box (10% margin) with a white background where the mask says background."""
+    from PIL import Image
+
+    if mask is None or mask.getbbox() is None:
+        return image
+    left, top, right, bottom = mask.getbbox()
+    mx, my = (right - left) // 10, (bottom - top) // 10
+    box = (max(0, left - mx), max(0, top - my), min(image.width, right + mx), min(image.height, bottom + my))
+    white = Image.new("RGB", image.size, (255, 255, 255))
+    return Image.composite(image, white, mask).crop(box)
+
+
+def augment(image, rng: random.Random):
+    """Random crop of 80-100% of the side, horizontal flip, brightness/contrast +-10%."""
+    from PIL import ImageEnhance, ImageOps
+
+    w, h = image.size
+    s = rng.uniform(0.8, 1.0)
+    cw, ch = max(1, int(w * s)), max(1, int(h * s))
+    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    image = image.crop((left, top, left + cw, top + ch))
+    if rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.9, 1.1))
+    return ImageEnhance.Contrast(image).enhance(rng.uniform(0.9, 1.1))
+
+
+def _to_tensor(image) -> Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def step_batches(n: int, batch: int, start: int, stop: int, seed: int, rank: int, fixed: bool) -> Iterator[List[tuple]]:
+    """Index lists for micro-steps start..stop-1, drawn from a generator seeded by (seed, rank, step)."""
+    for step in range(start, stop):
+        key = 0 if fixed else step
+        g = torch.Generator().manual_seed(seed * 7919 + rank * 104729 + key)
+        yield [(key, row, int(i)) for row, i in enumerate(torch.randint(n, (batch,), generator=g))]
+
+
+def collate(items: Sequence[dict]) -> dict:
+    return {"target": torch.stack([i["target"] for i in items]), "reference": torch.stack([i["reference"] for i in items]),
+            "caption": [i["caption"] for i in items]}
+
+
+# -- model --------------------------------------------------------------------------------
+
+
+class NestedDenoiser(nn.Module):
+    """The adapter around the frozen UNet: one forward is one noise prediction, so DDP wraps the whole use."""
+
+    def __init__(self, adapter: NestedAdapter, unet, state: NestedState):
+        super().__init__()
+        self.adapter = adapter
+        self.__dict__["unet"], self.__dict__["state"] = unet, state  # frozen, not submodules: DDP ignores them
+
+    def forward(self, noisy: Tensor, timesteps: Tensor, context: Tensor, added: Optional[dict], features: Tensor, where: Tensor) -> Tensor:
+        """noisy (B, 4, h, w); context (B, T, C); features (B, P, E); where (B, T) bool -> predicted noise (B, 4, h, w)."""
+        tokens = self.adapter.resampler(features)  # (B, M, D)
+        rows = torch.eye(len(where), dtype=torch.bool, device=where.device)  # row i binds subject i only
+        self.state.subjects = [BoundSubject(tokens[i], where & rows[i][:, None]) for i in range(len(where)) if bool(where[i].any())]
+        self.state.latent_hw = tuple(noisy.shape[-2:])
+        pred = self.unet(noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        # A batch that dropout left without any subject still backpropagates (to zero), as every DDP rank must.
+        return pred if self.state.subjects else pred + 0 * tokens.sum()
+
+
+class EMA:
+    """Exponential moving average of the adapter's weights, checkpointed with the run."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for k, v in module.state_dict().items():
+            self.shadow[k].mul_(self.decay).add_(v.detach().float(), alpha=1 - self.decay)
+
+    def copy_to(self, module: nn.Module) -> nn.Module:
+        module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
+        return module
+
+    def state_dict(self) -> Dict[str, Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, sd: Dict[str, Tensor]) -> None:
+        self.shadow = {k: v.float().clone() for k, v in sd.items()}
+
+
+def init_nested_from_unet(adapter: NestedAdapter, unet) -> None:
+    """Start each nested K/V at its layer's text K/V projection, as IP-Adapter does: the tokens live in the context space."""
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for layer in adapter.layers:
+            attn = modules[layer.diffusers]
+            if attn.to_k.weight.shape == adapter.to_k[layer.index].weight.shape:
+                adapter.to_k[layer.index].weight.copy_(attn.to_k.weight)
+                adapter.to_v[layer.index].weight.copy_(attn.to_v.weight)
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+def check_inputs(cfg: TrainConfig):
+    """Everything that can be checked from files and configs, before any weights load. Returns (record, unet config, vision width, init adapter)."""
+    from .formats import load_adapter
+    from .pipeline import check_match, clip_vision_width, unet_config
+
+    record_path = os.path.join(cfg.data, DATASET_FILE)
+    if not os.path.isdir(cfg.data):
+        raise NestedAttentionError(f"Data folder not found: {cfg.data}")
+    if not os.path.isfile(record_path):
+        raise NestedAttentionError(f"{cfg.data} is not a prepared training set (no {DATASET_FILE}); run `python -m na_engine.prepare` on your photos first.")
+    with open(record_path) as f:
+        record = json.load(f)
+    present = [i for i in record.get("items", []) if os.path.isfile(os.path.join(cfg.data, i + ".png"))]
+    if not present:
+        raise NestedAttentionError(f"The data folder {cfg.data} is empty: none of its {len(record.get('items', []))} listed images are there.")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise NestedAttentionError(f"--mixed-precision must be no, fp16 or bf16, not {cfg.mixed_precision!r}.")
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise NestedAttentionError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no.")
+    if not cfg.out.endswith(".safetensors"):
+        raise NestedAttentionError(f"--out must name a .safetensors adapter file, not {cfg.out!r}.")
+    unet_cfg, width = unet_config(cfg.base, cfg.base_config), clip_vision_width(cfg.clip_vision)
+    init = load_adapter(cfg.init_from) if cfg.init_from else None
+    check_match(unet_cfg, width, init, cfg.base, cfg.clip_vision)
+    return record, unet_cfg, width, init
+
+
+def train(cfg: TrainConfig) -> str:
+    """Run (or resume) training; returns the path of the exported adapter."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from tqdm.auto import tqdm
+
+    from .formats import save_adapter
+    from .pipeline import adapter_for, encode_prompts, fresh_config, load_base, load_vision, pixel_features, trigger_where
+
+    record, unet_cfg, width, init = check_inputs(cfg)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    device = accelerator.device
+    frozen_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    base, vision = load_base(cfg.base, cfg.base_config, frozen_dtype), load_vision(cfg.clip_vision, frozen_dtype)
+    for module in [base.unet, base.vae, vision.model] + base.text_encoders:
+        module.to(device)
+    if cfg.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    if init is not None:
+        adapter = init.train()
+    else:
+        adapter = adapter_for(base, fresh_config(unet_cfg, width, cfg.tokens, cfg.resampler_depth), cfg.seed)
+        init_nested_from_unet(adapter, base.unet)
+    state = NestedState(adapter)
+    state.closed_form = True
+    install(base.unet, state, adapter.layers)
+    model = NestedDenoiser(adapter, base.unet, state)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+    ema = EMA(adapter, cfg.ema) if cfg.ema > 0 else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    start = _resume(accelerator, cfg) if cfg.resume else 0
+    resolution = cfg.resolution or int(record["resolution"])
+    data = TrainSet(cfg.data, resolution, vision.processor, cfg.seed)
+    batches = step_batches(len(data), cfg.batch_size, start * cfg.grad_accum, cfg.steps * cfg.grad_accum, cfg.seed, accelerator.process_index, cfg.fixed_batch)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=list(batches), collate_fn=collate, num_workers=cfg.workers)
+    noise_schedule = base.scheduler
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    log = _Log(os.path.join(cfg.run_dir, "loss.csv"), accelerator.is_main_process, start)
+    bar = tqdm(total=cfg.steps, initial=start, desc="training", disable=not accelerator.is_local_main_process)
+    step, losses, t0 = start, [], time.time()
+    try:
+        for micro, batch in enumerate(loader, start=start * cfg.grad_accum):
+            g = torch.Generator().manual_seed(cfg.seed * 31 + accelerator.process_index * 7 + (0 if cfg.fixed_batch else micro))
+            b = len(batch["caption"])
+            drop_caption = torch.rand(b, generator=g) < cfg.caption_dropout
+            drop_subject = torch.rand(b, generator=g) < cfg.subject_dropout
+            captions = ["" if d else c for d, c in zip(drop_caption.tolist(), batch["caption"])]
+            with torch.no_grad():
+                latents = base.vae.encode(batch["target"].to(device)).latent_dist.sample(g) * base.vae.config.scaling_factor  # (B, 4, R/8, R/8)
+                context, added = encode_prompts(base, captions, resolution, device)
+                features = pixel_features(vision, batch["reference"], device).float()  # (B, P, E)
+            where = trigger_where(base, captions, data.class_word, required=False) & ~drop_subject[:, None]  # (B, T)
+            noise = torch.randn(latents.shape, generator=g).to(device)
+            timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (b,), generator=g).to(device)
+            noisy = noise_schedule.add_noise(latents, noise, timesteps).to(frozen_dtype)
+            target = noise if noise_schedule.config.prediction_type == "epsilon" else noise_schedule.get_velocity(latents, noise, timesteps)
+            sync = (micro + 1) % cfg.grad_accum == 0
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    pred = model(noisy, timesteps, context, added, features, where.to(device))
+                loss = F.mse_loss(pred.float(), target.float())
+                accelerator.backward(loss / cfg.grad_accum)
+            losses.append(loss.detach().float())
+            if not sync:
+                continue
+            accelerator.clip_grad_norm_(adapter.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(adapter)
+            step += 1
+            mean = accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
+            losses = []
+            log.write(step, mean, schedule.get_last_lr()[0], time.time() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean:.4f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _checkpoint(accelerator, cfg, step)
+            if cfg.validate_every and step % cfg.validate_every == 0 and accelerator.is_main_process:
+                validate(cfg, base, vision, state, ema, data, step, device)
+    except RuntimeError as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+            raise NestedAttentionError(f"{OOM_ADVICE} ({e.__class__.__name__} at step {step}, batch {cfg.batch_size}, resolution {resolution})") from e
+        raise
+    finally:
+        bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = ema.copy_to(copy.deepcopy(adapter)) if ema is not None else adapter
+        save_adapter(final, cfg.out)
+    return cfg.out
+
+
+class _Log:
+    """CSV of step, loss, learning rate, seconds since this (re)start; a resume appends."""
+
+    def __init__(self, path: str, active: bool, start: int):
+        self.path, self.active = path, active
+        if active and (start == 0 or not os.path.isfile(path)):
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(["step", "loss", "lr", "seconds"])
+
+    def write(self, step: int, loss: float, lr: float, seconds: float) -> None:
+        if self.active:
+            with open(self.path, "a", newline="") as f:
+                csv.writer(f).writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{seconds:.1f}"])
+
+
+def _checkpoint(accelerator, cfg: TrainConfig, step: int) -> None:
+    folder = os.path.join(cfg.run_dir, f"checkpoint-{step:07d}")
+    accelerator.save_state(folder)
+    if accelerator.is_main_process:
+        with open(os.path.join(folder, "trainer.json"), "w") as f:
+            json.dump({"step": step, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}, f)
+
+
+def _resume(accelerator, cfg: TrainConfig) -> int:
+    folder = cfg.resume
+    if folder == "latest":
+        found = sorted(d for d in os.listdir(cfg.run_dir) if d.startswith("checkpoint-")) if os.path.isdir(cfg.run_dir) else []
+        if not found:
+            raise NestedAttentionError(f"--resume latest: no checkpoint in {cfg.run_dir}.")
+        folder = os.path.join(cfg.run_dir, found[-1])
+    if not os.path.isfile(os.path.join(folder, "trainer.json")):
+        raise NestedAttentionError(f"{folder} is not a training checkpoint (no trainer.json).")
+    with open(os.path.join(folder, "trainer.json")) as f:
+        meta = json.load(f)
+    if (meta["batch_size"], meta["grad_accum"]) != (cfg.batch_size, cfg.grad_accum):
+        raise NestedAttentionError(f"{folder} was made with --batch-size {meta['batch_size']} --grad-accum {meta['grad_accum']}; resume with the same values.")
+    accelerator.load_state(folder)
+    return int(meta["step"])
+
+
+@torch.no_grad()
+def validate(cfg: TrainConfig, base, vision, state: NestedState, ema: Optional[EMA], data: TrainSet, step: int, device) -> None:
+    """Images and attention-map panels for the validation prompts, with the first training subject."""
+    from .generate import NestedGenerator
+
+    adapter = state.adapter
+    state.adapter = ema.copy_to(copy.deepcopy(adapter)) if ema is not None else adapter
+    try:
+        generator = NestedGenerator(base, vision, state, device)
+        image, mask = data.load(0)
+        subject = generator.encode([subject_crop(image, mask)])
+        prompts = cfg.validation_prompts or [f"a photo of a {data.class_word}"]
+        folder = os.path.join(cfg.run_dir, "validation")
+        os.makedirs(folder, exist_ok=True)
+        for i, prompt in enumerate(prompts):
+            picture, panel = generator(prompt, subject, data.class_word, cfg.seed, cfg.validation_steps, 7.0, data.resolution)
+            picture.save(os.path.join(folder, f"step{step:07d}_{i}.png"))
+            panel.save(os.path.join(folder, f"step{step:07d}_{i}.maps.png"))
+    finally:
+        state.adapter = adapter
+
+
+def parse(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(prog="python -m na_engine.train", description=__doc__.split("\n")[0])
+    p.add_argument("--base", required=True, help="diffusers folder (SD1.5 or SDXL), or a single-file checkpoint with --base-config")
+    p.add_argument("--base-config", help="local diffusers folder holding the configs of a single-file --base")
+    p.add_argument("--clip-vision", required=True, help="CLIP vision folder or .safetensors file")
+    p.add_argument("--data", required=True, help="folder written by python -m na_engine.prepare")
+    p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    p.add_argument("--init-from", help="start from this IP-Adapter Plus or Nested Attention checkpoint")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=4, help="per device")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--tokens", type=int, default=16, help="subject tokens of a fresh adapter")
+    p.add_argument("--resampler-depth", type=int, default=4)
+    p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--caption-dropout", type=float, default=0.05)
+    p.add_argument("--subject-dropout", type=float, default=0.05)
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.999; 0 = off")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--resume", help="checkpoint folder, or 'latest'")
+    p.add_argument("--validate-every", type=int, default=0)
+    p.add_argument("--validation-prompt", action="append", default=[], dest="validation_prompts")
+    p.add_argument("--validation-steps", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv=None) -> int:
+    try:
+        print(f"adapter written to {train(parse(argv))}")
+    except NestedAttentionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

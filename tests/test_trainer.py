@@ -1,0 +1,192 @@
+"""The trainer on tiny random diffusers models (CPU): loss, resume, export, and one math path."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from na_engine.attention import NestedBinding, nested_attention
+from na_engine.errors import NestedAttentionError
+from na_engine.formats import load_adapter, save_adapter
+from na_engine.layers import TABLES, diffusers_layers
+from na_engine.train import TrainConfig, train
+from tiny_diffusers import make_base, make_clip_vision, make_photos
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SD15 = dict(down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768)
+SDXL = dict(down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            block_out_channels=[320, 640, 1280], layers_per_block=2, transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from na_engine.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tiny")
+    data = str(root / "data")
+    prepare(make_photos(str(root / "photos"), count=4), data, "dog", resolution=32)
+    return {"base": make_base(str(root / "base")), "vision": make_clip_vision(str(root / "vision")), "data": data, "root": root}
+
+
+def config(world, out, **kw):
+    kw = {"steps": 4, "batch_size": 2, "lr": 1e-3, "tokens": 4, "resampler_depth": 1, "checkpoint_every": 2, "caption_dropout": 0.2, "subject_dropout": 0.2, **kw}
+    return TrainConfig(base=world["base"], clip_vision=world["vision"], data=world["data"], out=str(world["root"] / out), **kw)
+
+
+def read_loss(cfg):
+    with open(os.path.join(cfg.run_dir, "loss.csv")) as f:
+        return [float(line.split(",")[1]) for line in f.read().splitlines()[1:]]
+
+
+# -- layer tables ---------------------------------------------------------------------------
+
+
+def test_layer_table_from_config_matches_the_canonical_tables():
+    assert diffusers_layers(SD15) == TABLES["sd15"]
+    assert diffusers_layers(SDXL) == TABLES["sdxl"]
+
+
+def test_layer_table_follows_attn_processors_order(world):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(world["base"], subfolder="unet")
+    names = [k[: -len(".processor")] for k in unet.attn_processors if k.endswith("attn2.processor")]
+    layers = diffusers_layers(unet.config)
+    assert [layer.diffusers for layer in layers] == names
+    modules = dict(unet.named_modules())
+    assert [layer.width for layer in layers] == [modules[n].to_q.out_features for n in names]
+    # ComfyUI ids with one layer per block: input 1 (level 0), 3 (level 1, after a downsampler); output 0-3
+    assert [layer.comfy for layer in layers] == [("input", 1, 0), ("input", 3, 0), ("output", 0, 0), ("output", 1, 0), ("output", 2, 0), ("output", 3, 0), ("middle", 0, 0)]
+
+
+# -- gradients through nested attention -----------------------------------------------------
+
+
+def test_closed_form_gradients_and_fused_agreement():
+    torch.manual_seed(0)
+    b, n, t, h, d, m = 2, 6, 5, 2, 4, 3
+    q, k, v = torch.randn(b, n, h * d, dtype=torch.float64), torch.randn(b, t, h * d, dtype=torch.float64), torch.randn(b, t, h * d, dtype=torch.float64)
+    nk, nv = torch.randn(m, h * d, dtype=torch.float64), torch.randn(m, h * d, dtype=torch.float64)
+    where = torch.zeros(b, t, dtype=torch.bool)
+    where[0, 2] = where[1, 3] = True
+
+    def run(closed, q, k, v, nk, nv):
+        return nested_attention(q, k, v, h, [NestedBinding(nk, nv, where, 0.8)], closed_form=closed)
+
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, nk, nv)]
+    assert torch.autograd.gradcheck(lambda *a: run(True, *a), inputs)
+    # the fused path writes q through out= and cannot backprop into q; into k, v and K~/V~ it agrees with the closed form
+    rest = [x.clone().requires_grad_() for x in (k, v, nk, nv)]
+    closed = torch.autograd.grad(run(True, q, *rest).square().sum(), rest)
+    fused = torch.autograd.grad(run(False, q, *rest).square().sum(), rest)
+    for a, c in zip(fused, closed):
+        torch.testing.assert_close(a, c)
+
+
+# -- training -------------------------------------------------------------------------------
+
+
+def test_loss_goes_down_on_a_fixed_batch(world):
+    cfg = config(world, "overfit.safetensors", steps=30, lr=3e-2, fixed_batch=True, caption_dropout=0.0, subject_dropout=0.0, checkpoint_every=1000)
+    train(cfg)
+    loss = read_loss(cfg)
+    first, last = sum(loss[:3]) / 3, sum(loss[-3:]) / 3
+    assert len(loss) == 30 and last < 0.92 * first, (first, last)  # about 1.07 -> 0.94 on these tiny models
+
+
+def test_resume_is_exact(world):
+    whole = config(world, "whole.safetensors", ema=0.5, grad_accum=2, steps=3)
+    train(whole)
+    part = config(world, "part.safetensors", ema=0.5, grad_accum=2, steps=2)
+    train(part)
+    train(config(world, "part.safetensors", ema=0.5, grad_accum=2, steps=3, resume="latest"))
+    a, b = load_adapter(whole.out).state_dict(), load_adapter(part.out).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_loss(whole) == read_loss(part)
+
+
+def test_export_matches_trained_weights_in_both_paths(world):
+    """The exported file, read by load_adapter (what the ComfyUI loader node calls), gives the nested K/V
+    that the diffusers processors compute from the weights the trainer checkpointed."""
+    from safetensors.torch import load_file
+
+    from na_engine.diffusers_processor import BoundSubject, NestedState
+
+    cfg = config(world, "export.safetensors", steps=2)
+    train(cfg)
+    comfy_side = load_adapter(cfg.out)
+    trained = load_adapter(cfg.out)  # same architecture; overwrite with the checkpointed training weights
+    sd = load_file(os.path.join(cfg.run_dir, "checkpoint-0000002", "model.safetensors"))
+    trained.load_state_dict({k[len("adapter."):]: v for k, v in sd.items()})
+    tokens = torch.randn(4, comfy_side.config.output_dim)
+    state = NestedState(trained)
+    state.subjects = [BoundSubject(tokens, torch.ones(1, 16, dtype=torch.bool))]
+    for layer in comfy_side.layers:
+        q = torch.zeros(1, 4, layer.width)
+        binding = state.bindings(layer.index, q)[0]
+        k, v = comfy_side.nested_kv(layer.index, tokens)
+        torch.testing.assert_close(binding.keys, k, rtol=0, atol=0)
+        torch.testing.assert_close(binding.values, v, rtol=0, atol=0)
+
+
+def test_validation_writes_images_and_maps(world):
+    cfg = config(world, "val.safetensors", steps=2, validate_every=2, validation_steps=2, validation_prompts=["a dog on the beach"])
+    train(cfg)
+    files = sorted(os.listdir(os.path.join(cfg.run_dir, "validation")))
+    assert files == ["step0000002_0.maps.png", "step0000002_0.png"]
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def test_bad_inputs_fail_before_loading(world, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(NestedAttentionError, match="not a prepared training set"):
+        train(TrainConfig(world["base"], world["vision"], str(empty), str(tmp_path / "a.safetensors")))
+    (empty / "dataset.json").write_text(json.dumps({"class_word": "dog", "resolution": 32, "items": ["gone"]}))
+    with pytest.raises(NestedAttentionError, match="is empty"):
+        train(TrainConfig(world["base"], world["vision"], str(empty), str(tmp_path / "a.safetensors")))
+
+
+def test_base_and_clip_vision_mismatch_names_both(world, tmp_path):
+    from na_engine.adapter import random_adapter
+    from na_engine.pipeline import fresh_config
+    from diffusers import UNet2DConditionModel
+
+    unet_cfg = UNet2DConditionModel.load_config(world["base"], subfolder="unet")
+    other = random_adapter(fresh_config(unet_cfg, 48, tokens=4, depth=1), diffusers_layers(unet_cfg))
+    save_adapter(other, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(NestedAttentionError, match=r"width 48.*width 32"):
+        train(config(world, "m.safetensors", init_from=str(tmp_path / "wide.safetensors")))
+    sd15 = random_adapter(fresh_config({"cross_attention_dim": 64}, 32, tokens=4, depth=1), diffusers_layers({**SD15, "block_out_channels": [64, 64, 64, 64]}))
+    save_adapter(sd15, str(tmp_path / "sd15.safetensors"))
+    with pytest.raises(NestedAttentionError, match=r"made for 16 cross-attention layers.*7 cross-attention layers"):
+        train(config(world, "m.safetensors", init_from=str(tmp_path / "sd15.safetensors")))
+
+
+def test_out_of_memory_names_the_settings(world, monkeypatch):
+    import na_engine.train as trainer
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer.NestedDenoiser, "forward", oom)
+    with pytest.raises(NestedAttentionError) as err:
+        train(config(world, "oom.safetensors"))
+    for flag in ("--batch-size", "--resolution", "--gradient-checkpointing", "--mixed-precision"):
+        assert flag in str(err.value)
+
+
+def test_cli_trains_plainly_and_reports_bad_input(world):
+    out = str(world["root"] / "cli.safetensors")
+    args = ["--base", world["base"], "--clip-vision", world["vision"], "--data", world["data"], "--out", out]
+    tiny = ["--steps", "2", "--batch-size", "1", "--tokens", "4", "--resampler-depth", "1", "--mixed-precision", "bf16", "--gradient-checkpointing"]
+    run = subprocess.run([sys.executable, "-m", "na_engine.train", *args, *tiny], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert load_adapter(out).config.num_queries == 4
+    bad = subprocess.run([sys.executable, "-m", "na_engine.train", *args[:4], "--data", "/nonexistent", "--out", out], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: Data folder not found")

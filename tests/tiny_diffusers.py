@@ -1,0 +1,101 @@
+"""Tiny random-weight diffusers models, written to folders at test time (never committed).
+
+A diffusers base folder (UNet, VAE, CLIP text encoder + a hand-made BPE tokenizer,
+DDPM scheduler) and a CLIP vision folder, small enough that a training step on
+one CPU core takes well under a second.
+"""
+import json
+import os
+
+WORDS = ["a", "photo", "of", "dog", "bottle", "on", "the", "beach", "in", "snow", "red", "sks", "person", "cat"]
+
+
+def write_tokenizer(folder: str) -> None:
+    """A CLIP BPE vocabulary where each of WORDS is one token and any other letter falls back to characters."""
+    os.makedirs(folder, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab, merges = {}, []
+    for sym in ["!"] + letters + [f"{c}</w>" for c in letters]:
+        vocab[sym] = len(vocab)
+    for word in WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merged = parts[0] + parts[1]
+            if f"{parts[0]} {parts[1]}" not in merges:
+                merges.append(f"{parts[0]} {parts[1]}")
+            vocab.setdefault(merged, len(vocab))
+            parts = [merged] + parts[2:]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def make_base(folder: str, seed: int = 0) -> str:
+    """A tiny SD1.5-shaped diffusers folder: 2 levels, 1 layer per block, cross-attention width 32."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        return folder
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
+        norm_num_groups=8, layers_per_block=1, sample_size=32,
+    )
+    tok_dir = os.path.join(folder, "tokenizer")
+    write_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"), model_max_length=16)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+    ))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    text.save_pretrained(os.path.join(folder, "text_encoder"))
+    tokenizer.save_pretrained(tok_dir)
+    scheduler.save_pretrained(os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}, f)
+    return folder
+
+
+def make_clip_vision(folder: str, hidden: int = 32, seed: int = 0) -> str:
+    """A tiny CLIP vision tower (32 px images, 8 px patches -> 17 features) with its image processor."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    torch.manual_seed(seed)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8, projection_dim=hidden,
+    ))
+    model.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def make_photos(folder: str, count: int = 4, size: int = 48, seed: int = 0) -> str:
+    """Coloured squares on noise, one per file, named photo_<i>.png."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        img = rng.integers(0, 60, (size, size + 8 * i, 3), dtype=np.uint8)
+        img[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = rng.integers(100, 255, 3, dtype=np.uint8)
+        Image.fromarray(img).save(os.path.join(folder, f"photo_{i}.png"))
+    return folder
