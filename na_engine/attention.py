@@ -83,7 +83,7 @@ def nested_attention(
     rows = _bound_rows(active, q.shape[0])
     if not bool(rows.any()):
         return base_attention(q, k, v, heads)
-    if closed_form or any(b.strength > 1 or b.strength < 0 for b in active):
+    if closed_form or any(b.strength > 1 or b.strength < 0 for b in active) or _overlapping(active):
         out = base_attention(q, k, v, heads)
         delta = nested_correction(q[rows], k[rows], v[rows], heads, [_rows_of(b, rows) for b in active])
         out = out.clone()
@@ -91,8 +91,10 @@ def nested_attention(
         return out
     if bool(rows.all()):
         return _fused(q, k, v, heads, active)
-    out = torch.empty_like(q)
-    out[~rows] = base_attention(q[~rows], k[~rows], v[~rows], heads).to(q.dtype)
+    # The base runs on the whole batch: attention kernels are not batch-invariant (CPU SDPA
+    # with few queries splits work differently for 1 and 2 rows), and untouched rows must
+    # come out bit-identical to what the model computes without the patch.
+    out = base_attention(q, k, v, heads).to(q.dtype).clone()
     out[rows] = _fused(q[rows], k[rows], v[rows], heads, [_rows_of(b, rows) for b in active])
     return out
 
@@ -226,6 +228,14 @@ def _bound_rows(bindings: Sequence[NestedBinding], batch: int) -> Tensor:
     for b in bindings:
         rows |= b.where.any(-1).cpu()
     return rows
+
+
+def _overlapping(bindings: Sequence[NestedBinding]) -> bool:
+    """Whether two bindings share a trigger position ("man" and "old man"): the fused form
+    would multiply their (1 - lam*m) factors, the formula adds their changes."""
+    if len(bindings) < 2:
+        return False
+    return bool((sum(b.where.to(torch.int32) for b in bindings) > 1).any())
 
 
 def _rows_of(bind: NestedBinding, rows: Tensor) -> NestedBinding:

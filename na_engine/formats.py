@@ -106,9 +106,13 @@ def _convert_ours(sd: Dict[str, Tensor], meta: dict, name: str) -> NestedAdapter
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise NestedAttentionError(f"{name} is Nested Attention format version {version}; this version of the extension reads version {FORMAT_VERSION}. Update the extension.")
-    layers = [Layer.from_json(i, item) for i, item in enumerate(meta["layers"])]
-    adapter = NestedAdapter(ResamplerConfig(**meta["resampler"]), layers, "nested_attention", meta.get("base", "custom"))
-    _load_into(adapter, _strip(sd, "resampler."), [(sd[f"layers.{i}.to_k.weight"], sd[f"layers.{i}.to_v.weight"]) for i in range(len(layers))], name)
+    try:
+        layers = [Layer.from_json(i, item) for i, item in enumerate(meta["layers"])]
+        config = ResamplerConfig(**meta["resampler"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise NestedAttentionError(f"{name}: its Nested Attention metadata is incomplete or damaged ({type(e).__name__}: {e}).") from e
+    adapter = NestedAdapter(config, layers, "nested_attention", meta.get("base", "custom"))
+    _load_into(adapter, _strip(sd, "resampler."), [_pair(sd, f"layers.{i}.to_k.weight", f"layers.{i}.to_v.weight", name) for i in range(len(layers))], name)
     return adapter
 
 
@@ -130,10 +134,11 @@ def _convert_ip_adapter(sd: Dict[str, Tensor], meta: dict, name: str) -> NestedA
             "to nest. Use an IP-Adapter Plus or Plus-Face checkpoint (e.g. ip-adapter-plus_sd15, "
             "ip-adapter-plus-face_sd15, ip-adapter-plus_sdxl_vit-h), or a Nested Attention adapter."
         )
+    _check_resampler_keys(proj, name)
     numbers = sorted({int(_IP_KEY.match(k).group(1)) for k in sd if _IP_KEY.match(k)})
     base = base_for_layer_count(len(numbers))
     table = TABLES[base]
-    weights = [(sd[f"ip_adapter.{n}.to_k_ip.weight"], sd[f"ip_adapter.{n}.to_v_ip.weight"]) for n in numbers]
+    weights = [_pair(sd, f"ip_adapter.{n}.to_k_ip.weight", f"ip_adapter.{n}.to_v_ip.weight", name) for n in numbers]
     adapter = NestedAdapter(ResamplerConfig.from_state_dict(proj), table, "ip_adapter_plus", base)
     _load_into(adapter, proj, weights, name)
     return adapter
@@ -164,15 +169,20 @@ def detect(sd: Dict[str, Tensor], meta: dict) -> Optional[KeyMap]:
     return next((m for m in KEY_MAPS if m.detect(sd, meta)), None)
 
 
+def _pair(sd: Dict[str, Tensor], k_key: str, v_key: str, name: str) -> Tuple[Tensor, Tensor]:
+    missing = [k for k in (k_key, v_key) if k not in sd]
+    if missing:
+        raise NestedAttentionError(f"{name} lacks {' and '.join(missing)}; the file is incomplete.")
+    return sd[k_key], sd[v_key]
+
+
 def _strip(sd: Dict[str, Tensor], prefix: str) -> Dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def _load_into(adapter: NestedAdapter, resampler_sd: Dict[str, Tensor], kv: List[Tuple[Tensor, Tensor]], name: str) -> None:
     """Copy weights in, turning any shape disagreement into a sentence that names both sides."""
-    missing = [k for k in RESAMPLER_KEYS if k not in resampler_sd]
-    if missing:
-        raise NestedAttentionError(f"{name}: the resampler lacks {', '.join(missing)}; the file is incomplete or not an adapter.")
+    _check_resampler_keys(resampler_sd, name)
     own = adapter.resampler.state_dict()
     for key, value in own.items():
         if key not in resampler_sd:
@@ -186,6 +196,12 @@ def _load_into(adapter: NestedAdapter, resampler_sd: Dict[str, Tensor], kv: List
             for weight, target, what in ((wk, adapter.to_k[i], "to_k"), (wv, adapter.to_v[i], "to_v")):
                 _check(name, f"layer {i} ({layer.diffusers}) {what}", weight.shape, target.weight.shape)
                 target.weight.copy_(weight)
+
+
+def _check_resampler_keys(resampler_sd: Dict[str, Tensor], name: str) -> None:
+    missing = [k for k in RESAMPLER_KEYS if k not in resampler_sd]
+    if missing:
+        raise NestedAttentionError(f"{name}: the resampler lacks {', '.join(missing)}; the file is incomplete or not an adapter.")
 
 
 def _check(name: str, what: str, got, want) -> None:
@@ -205,7 +221,7 @@ def inspect(path: str) -> str:
     if key_map is None:
         lines.append("family: unknown (neither a Nested Attention adapter nor an IP-Adapter Plus checkpoint)")
         lines.append("keys that could not be placed:")
-        lines += [f"  {k} {tuple(v.shape)}" for k, v in _groups(sd).items()]
+        lines += [f"  {k} {shape}" for k, shape in _groups(sd).items()]
         return "\n".join(lines)
     try:
         adapter = key_map.convert(sd, meta, name)

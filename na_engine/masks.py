@@ -16,7 +16,7 @@ def token_grid(latent_hw: Tuple[int, int], n: int) -> Tuple[int, int]:
     Each UNet level halves the grid, rounding up (stride-2 convs with padding 1).
     """
     h, w = latent_hw
-    while h * w > n and h > 1:
+    while h * w > n and (h > 1 or w > 1):
         h, w = -(-h // 2), -(-w // 2)
     if h * w != n:
         raise NestedAttentionError(f"A layer with {n} queries does not fit a {latent_hw[0]}x{latent_hw[1]} latent.")

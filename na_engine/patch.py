@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .attention import AttentionFn, NestedBinding, nested_attention, nested_correction, sdpa_attention, subject_maps
 from .capture import AttentionCapture
+from .errors import NestedAttentionError
 from .masks import query_mask
 from .subjects import Subject
 
@@ -118,7 +119,7 @@ class NestedRun:
             if layer is None:
                 continue
             keys, values = self._nested_kv(i, layer, q.device, q.dtype)
-            mask = None if subject.mask is None else query_mask(subject.mask, bound.latent_hw, n).to(q.device)
+            mask = None if subject.mask is None else _mask_rows(query_mask(subject.mask, bound.latent_hw, n), q.shape[0]).to(q.device)
             out.append(NestedBinding(keys, values, bound.where[i], self.strength * subject.strength, mask))
         return out
 
@@ -211,6 +212,16 @@ class NestedAttentionPatch:
             if bool(rows.any()):
                 part = NestedBinding(binding.keys, binding.values, binding.where[rows], binding.strength)
                 self.run.capture.add(i, subject_maps(q[rows], k[rows], heads, part), bound.latent_hw)
+
+
+def _mask_rows(mask: Tensor, batch: int) -> Tensor:
+    """(1 or B, n) per-image masks -> (1 or batch, n).  ComfyUI stacks cond/uncond chunks of
+    B latent rows each, so batch row r shows latent image r % B."""
+    if mask.shape[0] == 1 or mask.shape[0] == batch:
+        return mask
+    if batch % mask.shape[0]:
+        raise NestedAttentionError(f"The subject mask holds {mask.shape[0]} images, but the sampler's batch has {batch} rows; give one mask, or one per latent image.")
+    return mask[torch.arange(batch, device=mask.device) % mask.shape[0]]
 
 
 def _layer_key(extra_options: dict) -> tuple:
