@@ -63,6 +63,9 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     return _merge(out)
 
 
+METHODS = ("auto", "fused", "statistics", "closed_form")
+
+
 def nested_attention(
     q: Tensor,
     k: Tensor,
@@ -70,25 +73,35 @@ def nested_attention(
     heads: int,
     bindings: Sequence[NestedBinding],
     base_attention: AttentionFn = sdpa_attention,
-    closed_form: bool = False,
+    method: str = "auto",
 ) -> Tensor:
     """Cross-attention with each binding's trigger values replaced by nested attention.
 
-    Rows that no binding touches are computed by ``base_attention`` alone, so they
-    come out bit-identical to it.  ``closed_form`` forces the base-plus-correction
-    evaluation (it is chosen anyway when a strength exceeds 1).
+    Rows that no binding touches come out bit-identical to ``base_attention``.  Methods,
+    all exact; ``auto`` picks the fastest that applies:
+      fused        one SDPA with the nested entries appended (strengths in [0, 1]);
+      statistics   the CPU kernel's output and logsumexp, then the closed-form change
+                   (CPU, inference, default base);
+      closed_form  base + nested_correction, differentiable, any strength; also chosen
+                   for strengths outside [0, 1] and for subjects sharing a position.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     _check_shapes(q, k, v, heads, bindings)
     active = [b for b in bindings if b.strength != 0]
     rows = _bound_rows(active, q.shape[0])
     if not bool(rows.any()):
         return base_attention(q, k, v, heads)
-    if closed_form or any(b.strength > 1 or b.strength < 0 for b in active) or _overlapping(active):
+    if method == "closed_form" or any(b.strength > 1 or b.strength < 0 for b in active) or _overlapping(active):
         out = base_attention(q, k, v, heads)
         delta = nested_correction(q[rows], k[rows], v[rows], heads, [_rows_of(b, rows) for b in active])
         out = out.clone()
         out[rows] = out[rows] + delta.to(out.dtype)
         return out
+    if method == "statistics" and (base_attention is not sdpa_attention or not _has_statistics_kernel(q)):
+        raise ValueError("method 'statistics' needs the default SDPA base and PyTorch's CPU kernel, without autograd")
+    if method == "statistics" or (method == "auto" and base_attention is sdpa_attention and _has_statistics_kernel(q)):
+        return _with_statistics(q, k, v, heads, active, rows)
     if bool(rows.all()):
         return _fused(q, k, v, heads, active)
     # The base runs on the whole batch: attention kernels are not batch-invariant (CPU SDPA
@@ -130,6 +143,62 @@ def subject_maps(q: Tensor, k: Tensor, heads: int, binding: NestedBinding) -> Su
 
 
 # -- internals ---------------------------------------------------------------------------
+
+
+def _has_statistics_kernel(q: Tensor) -> bool:
+    """PyTorch's CPU attention kernel also returns each query's log-normaliser; it is not
+    differentiable in that output, so it serves inference only."""
+    grad = torch.is_grad_enabled() and q.requires_grad
+    return q.device.type == "cpu" and not grad and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _with_statistics(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding], rows: Tensor) -> Tensor:
+    """Plain SDPA (the default base) and its logsumexp from one kernel call over the whole
+    batch, so untouched rows are exactly sdpa_attention's; then on bound rows the closed-form
+    change sum_j lam*m*p_j (u - v_j), where p_j = exp(l_j - lse) needs only the trigger logits."""
+    qh, kh, vh = _split(q, heads), _split(k, heads), _split(v, heads)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, False)  # (B, H, N, d), (B, H, N)
+    bound = out if bool(rows.all()) else out[rows]
+    if bound is not out:
+        q, qh, kh, vh, lse = q[rows], qh[rows], kh[rows], vh[rows], lse[rows]
+        bindings = [_rows_of(b, rows) for b in bindings]
+    acc = _acc_dtype(q)
+    for bind in bindings:
+        logits, valid, index = _trigger_logits(qh, kh, bind.where)  # (B, H, N, J)
+        p = torch.exp(logits - lse[..., None].to(acc)).masked_fill_(~valid[:, None, None, :], 0.0)
+        p = p * _gate(bind, qh)
+        vj = vh.gather(2, index).to(acc)  # (B, H, J, d) the trigger values
+        change = _flat_nested_values(q, bind, heads, acc).mul_(p.sum(-1, keepdim=True))  # (B, H, N, d)
+        for j in range(p.shape[-1]):
+            change.addcmul_(p[..., j : j + 1], vj[:, :, j : j + 1], value=-1.0)
+        bound.add_(change.to(bound.dtype))
+    if bound is not out:
+        out[rows] = bound
+    return _merge(out)
+
+
+def _flat_nested_values(q: Tensor, bind: NestedBinding, heads: int, acc: torch.dtype) -> Tensor:
+    """u(q) per head as (B, H, N, d), computed with heads leading so q (B, N, H*d) is read in place."""
+    b, n, c = q.shape
+    d, m = c // heads, bind.keys.shape[0]
+    qf = q.reshape(b * n, heads, d).transpose(0, 1).to(acc)  # (H, B*N, d)
+    nk = bind.keys.view(m, heads, d).permute(1, 2, 0).to(acc)  # (H, d, M)
+    nv = bind.values.view(m, heads, d).transpose(0, 1).to(acc)  # (H, M, d)
+    weights = torch.softmax(torch.bmm(qf, nk) * d**-0.5, dim=-1)  # (H, B*N, M)
+    return torch.bmm(weights, nv).view(heads, b, n, d).transpose(0, 1)
+
+
+def _trigger_logits(qh: Tensor, kh: Tensor, where: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Scaled logits of each row's trigger positions, padded to the row with most: (B, H, N, J),
+    the (B, J) validity of the padding, and the gather index (B, H, J, d) of those positions."""
+    b, h, _, d = kh.shape
+    count = where.sum(-1)  # (B,)
+    j = max(int(count.max()), 1)
+    order = torch.argsort(where.to(torch.int8), dim=-1, descending=True, stable=True)[:, :j]  # (B, J)
+    index = order[:, None, :, None].expand(-1, h, -1, d)
+    logits = (qh @ kh.gather(2, index).transpose(-1, -2)).to(_acc_dtype(qh)) * d**-0.5
+    valid = torch.arange(j, device=where.device)[None] < count[:, None]
+    return logits, valid, index
 
 
 def _fused(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding]) -> Tensor:

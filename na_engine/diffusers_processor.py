@@ -90,18 +90,18 @@ def attention_by_rows(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Seq
     would evaluate every subject over every row.  Grouping makes the cost linear.
     """
     if len(bindings) < 2:
-        return nested_attention(q, k, v, heads, bindings, closed_form=closed_form)
+        return nested_attention(q, k, v, heads, bindings, method="closed_form" if closed_form else "auto")
     touched = torch.stack([b.where.any(-1) for b in bindings], 1).cpu()  # (B, S)
     groups: Dict[tuple, List[int]] = {}
     for row, key in enumerate(map(tuple, touched.tolist())):
         groups.setdefault(key, []).append(row)
     if len(groups) == 1:
-        return nested_attention(q, k, v, heads, bindings, closed_form=closed_form)
+        return nested_attention(q, k, v, heads, bindings, method="closed_form" if closed_form else "auto")
     out = q.new_empty(q.shape)
     for key, rows in groups.items():
         idx = torch.tensor(rows, device=q.device)
         part = [_rows(b, idx) for b, on in zip(bindings, key) if on]
-        out[idx] = nested_attention(q[idx], k[idx], v[idx], heads, part, closed_form=closed_form).to(out.dtype)
+        out[idx] = nested_attention(q[idx], k[idx], v[idx], heads, part, method="closed_form" if closed_form else "auto").to(out.dtype)
     return out
 
 

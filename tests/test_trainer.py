@@ -74,7 +74,7 @@ def test_closed_form_gradients_and_fused_agreement():
     where[0, 2] = where[1, 3] = True
 
     def run(closed, q, k, v, nk, nv):
-        return nested_attention(q, k, v, h, [NestedBinding(nk, nv, where, 0.8)], closed_form=closed)
+        return nested_attention(q, k, v, h, [NestedBinding(nk, nv, where, 0.8)], method="closed_form" if closed else "fused")
 
     inputs = [x.clone().requires_grad_() for x in (q, k, v, nk, nv)]
     assert torch.autograd.gradcheck(lambda *a: run(True, *a), inputs)
