@@ -13,4 +13,10 @@ from .resampler import Resampler, ResamplerConfig
 from .subjects import Subject, SubjectSet, load_subject, save_subject
 from .tokens import find_trigger, word_ids
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "AttentionCapture", "Layer", "NestedAdapter", "NestedAttentionError", "NestedAttentionPatch", "NestedBinding",
+    "NestedRun", "Resampler", "ResamplerConfig", "Subject", "SubjectMaps", "SubjectSet", "TABLES",
+    "comfy_unet_layers", "find_trigger", "inspect", "load_adapter", "load_subject", "match_layers",
+    "nested_attention", "nested_correction", "plan_registration", "random_adapter", "save_adapter",
+    "save_subject", "sdpa_attention", "subject_maps", "token_legend", "word_ids",
+]

@@ -111,7 +111,7 @@ def _convert_ours(sd: Dict[str, Tensor], meta: dict, name: str) -> NestedAdapter
         config = ResamplerConfig(**meta["resampler"])
     except (KeyError, TypeError, ValueError) as e:
         raise NestedAttentionError(f"{name}: its Nested Attention metadata is incomplete or damaged ({type(e).__name__}: {e}).") from e
-    adapter = NestedAdapter(config, layers, "nested_attention", meta.get("base", "custom"))
+    adapter = _empty_adapter(config, layers, "nested_attention", meta.get("base", "custom"))
     _load_into(adapter, _strip(sd, "resampler."), [_pair(sd, f"layers.{i}.to_k.weight", f"layers.{i}.to_v.weight", name) for i in range(len(layers))], name)
     return adapter
 
@@ -139,7 +139,7 @@ def _convert_ip_adapter(sd: Dict[str, Tensor], meta: dict, name: str) -> NestedA
     base = base_for_layer_count(len(numbers))
     table = TABLES[base]
     weights = [_pair(sd, f"ip_adapter.{n}.to_k_ip.weight", f"ip_adapter.{n}.to_v_ip.weight", name) for n in numbers]
-    adapter = NestedAdapter(ResamplerConfig.from_state_dict(proj), table, "ip_adapter_plus", base)
+    adapter = _empty_adapter(ResamplerConfig.from_state_dict(proj), table, "ip_adapter_plus", base)
     _load_into(adapter, proj, weights, name)
     return adapter
 
@@ -180,22 +180,29 @@ def _strip(sd: Dict[str, Tensor], prefix: str) -> Dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
+def _empty_adapter(config: ResamplerConfig, layers: List[Layer], family: str, base: str) -> NestedAdapter:
+    """An adapter without storage (meta device): its weights come from the file, so no random init."""
+    with torch.device("meta"):
+        return NestedAdapter(config, layers, family, base)
+
+
 def _load_into(adapter: NestedAdapter, resampler_sd: Dict[str, Tensor], kv: List[Tuple[Tensor, Tensor]], name: str) -> None:
-    """Copy weights in, turning any shape disagreement into a sentence that names both sides."""
+    """Give the adapter the file's weights (as fp32), turning any shape disagreement into a
+    sentence that names both sides."""
     _check_resampler_keys(resampler_sd, name)
-    own = adapter.resampler.state_dict()
-    for key, value in own.items():
+    weights = {}
+    for key, value in adapter.resampler.state_dict().items():
         if key not in resampler_sd:
             raise NestedAttentionError(f"{name}: the resampler lacks {key}; the file is incomplete.")
         _check(name, f"resampler {key}", resampler_sd[key].shape, value.shape)
-    adapter.resampler.load_state_dict(resampler_sd, strict=False)
+        weights[f"resampler.{key}"] = resampler_sd[key]
     if len(kv) != len(adapter.layers):
         raise NestedAttentionError(f"{name} has nested projections for {len(kv)} layers but its table lists {len(adapter.layers)}.")
-    with torch.no_grad():
-        for i, ((wk, wv), layer) in enumerate(zip(kv, adapter.layers)):
-            for weight, target, what in ((wk, adapter.to_k[i], "to_k"), (wv, adapter.to_v[i], "to_v")):
-                _check(name, f"layer {i} ({layer.diffusers}) {what}", weight.shape, target.weight.shape)
-                target.weight.copy_(weight)
+    for i, ((wk, wv), layer) in enumerate(zip(kv, adapter.layers)):
+        for weight, target, what in ((wk, adapter.to_k[i], "to_k"), (wv, adapter.to_v[i], "to_v")):
+            _check(name, f"layer {i} ({layer.diffusers}) {what}", weight.shape, target.weight.shape)
+            weights[f"{what}.{i}.weight"] = weight
+    adapter.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True, assign=True)
 
 
 def _check_resampler_keys(resampler_sd: Dict[str, Tensor], name: str) -> None:
