@@ -65,6 +65,7 @@ class NestedRun:
         self.fired: Dict[tuple, int] = {}  # layer key -> calls that bound at least one row
         self._kv: Dict[tuple, Tuple[Tensor, Tensor]] = {}
         self._contexts: Dict[tuple, Tensor] = {}
+        self._masks: Dict[tuple, Tensor] = {}
         self._warned = False
 
     # -- per model call -------------------------------------------------------------------
@@ -119,7 +120,7 @@ class NestedRun:
             if layer is None:
                 continue
             keys, values = self._nested_kv(i, layer, q.device, q.dtype)
-            mask = None if subject.mask is None else _mask_rows(query_mask(subject.mask, bound.latent_hw, n), q.shape[0]).to(q.device)
+            mask = None if subject.mask is None else self._query_mask(i, bound.latent_hw, n, q.shape[0], q.device)
             out.append(NestedBinding(keys, values, bound.where[i], self.strength * subject.strength, mask))
         return out
 
@@ -131,6 +132,13 @@ class NestedRun:
             k, v = s.adapter.nested_kv(layer, s.tokens)
             self._kv[key] = (k.to(device, dtype), v.to(device, dtype))
         return self._kv[key]
+
+    def _query_mask(self, subject: int, latent_hw: Tuple[int, int], n: int, batch: int, device) -> Tensor:
+        """The subject's region mask at a layer's token grid, (1 or batch, n), made once per shape."""
+        key = (subject, latent_hw, n, batch, str(device))
+        if key not in self._masks:
+            self._masks[key] = _mask_rows(query_mask(self.subjects[subject].mask, latent_hw, n), batch).to(device)
+        return self._masks[key]
 
     def _context_like(self, context: Tensor) -> Tensor:
         key = (str(context.device), context.dtype)

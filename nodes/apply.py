@@ -36,8 +36,7 @@ class NestedAttentionApply:
         if start_at > end_at:
             raise NestedAttentionError(f"start_at ({start_at}) is after end_at ({end_at}); the subject would never be applied.")
         tokens = clip.tokenize(text)
-        chunks = next(iter(tokens.values()))  # SD1: "l"; SDXL: "g" and "l" share positions
-        positions = [find_trigger(chunks, word_ids(next(iter(clip.tokenize(s.trigger).values()))[0]), s.trigger, text) for s in subjects]
+        positions = [find_trigger(_chunks(tokens), word_ids(_chunks(clip.tokenize(s.trigger))[0]), s.trigger, text) for s in subjects]
         cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
 
         model_layers = comfy_unet_layers(model.model.diffusion_model)
@@ -54,6 +53,11 @@ class NestedAttentionApply:
             patched.set_model_attn2_replace(NestedAttentionPatch(run, layer, previous), *key)
         patched.set_model_unet_function_wrapper(run.wrapper(patched.model_options.get("model_function_wrapper")))
         return (patched, [[cond, {"pooled_output": pooled}]], capture)
+
+
+def _chunks(tokens: dict) -> list:
+    """The token chunks of the first text encoder; SD1 has "l", SDXL "g" and "l" at the same positions."""
+    return next(iter(tokens.values()))
 
 
 def _legend(subject):
