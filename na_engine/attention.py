@@ -81,7 +81,7 @@ def nested_attention(
     all exact; ``auto`` picks the fastest that applies:
       fused        one SDPA with the nested entries appended (strengths in [0, 1]);
       statistics   the CPU kernel's output and logsumexp, then the closed-form change
-                   (CPU, inference, default base);
+                   (CPU inference; with another base, on the bound rows only);
       closed_form  base + nested_correction, differentiable, any strength; also chosen
                    for strengths outside [0, 1] and for subjects sharing a position.
     """
@@ -98,17 +98,20 @@ def nested_attention(
         out = out.clone()
         out[rows] = out[rows] + delta.to(out.dtype)
         return out
-    if method == "statistics" and (base_attention is not sdpa_attention or not _has_statistics_kernel(q)):
-        raise ValueError("method 'statistics' needs the default SDPA base and PyTorch's CPU kernel, without autograd")
-    if method == "statistics" or (method == "auto" and base_attention is sdpa_attention and _has_statistics_kernel(q)):
-        return _with_statistics(q, k, v, heads, active, rows)
+    evaluate = _fused
+    if method == "statistics" or (method == "auto" and _has_statistics_kernel(q)):
+        if not _has_statistics_kernel(q):
+            raise ValueError("method 'statistics' needs PyTorch's CPU attention kernel and no autograd")
+        if base_attention is sdpa_attention:
+            return _with_statistics(q, k, v, heads, active, rows)
+        evaluate = _with_statistics
     if bool(rows.all()):
-        return _fused(q, k, v, heads, active)
+        return evaluate(q, k, v, heads, active)
     # The base runs on the whole batch: attention kernels are not batch-invariant (CPU SDPA
     # with few queries splits work differently for 1 and 2 rows), and untouched rows must
     # come out bit-identical to what the model computes without the patch.
     out = base_attention(q, k, v, heads).to(q.dtype).clone()
-    out[rows] = _fused(q[rows], k[rows], v[rows], heads, [_rows_of(b, rows) for b in active])
+    out[rows] = evaluate(q[rows], k[rows], v[rows], heads, [_rows_of(b, rows) for b in active])
     return out
 
 
@@ -152,13 +155,13 @@ def _has_statistics_kernel(q: Tensor) -> bool:
     return q.device.type == "cpu" and not grad and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-def _with_statistics(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding], rows: Tensor) -> Tensor:
-    """Plain SDPA (the default base) and its logsumexp from one kernel call over the whole
-    batch, so untouched rows are exactly sdpa_attention's; then on bound rows the closed-form
-    change sum_j lam*m*p_j (u - v_j), where p_j = exp(l_j - lse) needs only the trigger logits."""
+def _with_statistics(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding], rows: Optional[Tensor] = None) -> Tensor:
+    """Plain SDPA and its logsumexp from one kernel call over the whole batch, so rows outside
+    ``rows`` are exactly sdpa_attention's; then on bound rows the closed-form change
+    sum_j lam*m*p_j (u - v_j), where p_j = exp(l_j - lse) needs only the trigger logits."""
     qh, kh, vh = _split(q, heads), _split(k, heads), _split(v, heads)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, False)  # (B, H, N, d), (B, H, N)
-    bound = out if bool(rows.all()) else out[rows]
+    bound = out if rows is None or bool(rows.all()) else out[rows]
     if bound is not out:
         q, qh, kh, vh, lse = q[rows], qh[rows], kh[rows], vh[rows], lse[rows]
         bindings = [_rows_of(b, rows) for b in bindings]
