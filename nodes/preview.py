@@ -25,7 +25,12 @@ class NestedAttentionMapPreview(comfy_nodes.PreviewImage):
 
     def preview(self, capture, image):
         if capture is None:
-            raise NestedAttentionError("Nothing was captured; connect this node to the capture output of a Nested Attention Patch.")
+            raise NestedAttentionError(
+                "The Nested Attention Patch recorded no maps: it last ran while no preview was connected "
+                "(recording is off then, so it costs nothing), and ComfyUI reused that cached run. Change any "
+                "setting of the Patch (e.g. strength 1.0 -> 1.01) or free the node cache from ComfyUI's menu, "
+                "then queue again."
+            )
         maps = capture.render(image.detach().cpu().float())
         ui = self.save_images(maps, filename_prefix="nested_attention_maps")
         return {"ui": ui["ui"], "result": (maps.to(torch.float32),)}
