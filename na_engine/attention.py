@@ -157,51 +157,36 @@ def _has_statistics_kernel(q: Tensor) -> bool:
 
 def _with_statistics(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding], rows: Optional[Tensor] = None) -> Tensor:
     """Plain SDPA and its logsumexp from one kernel call over the whole batch, so rows outside
-    ``rows`` are exactly sdpa_attention's; then on bound rows the closed-form change
-    sum_j lam*m*p_j (u - v_j), where p_j = exp(l_j - lse) needs only the trigger logits."""
+    ``rows`` are exactly sdpa_attention's; then each bound row gets the closed-form change
+    sum_j lam*m*p_j (u - v_j) = [P*softmax(n), -p] @ [V~ ; v_J], with p_j = exp(l_j - lse),
+    as one batched matmul over heads that accumulates into the output in place."""
+    b, n, c = q.shape
+    d = c // heads
     qh, kh, vh = _split(q, heads), _split(k, heads), _split(v, heads)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, False)  # (B, H, N, d), (B, H, N)
-    bound = out if rows is None or bool(rows.all()) else out[rows]
-    if bound is not out:
-        q, qh, kh, vh, lse = q[rows], qh[rows], kh[rows], vh[rows], lse[rows]
-        bindings = [_rows_of(b, rows) for b in bindings]
     acc = _acc_dtype(q)
-    for bind in bindings:
-        logits, valid, index = _trigger_logits(qh, kh, bind.where)  # (B, H, N, J)
-        p = torch.exp(logits - lse[..., None].to(acc)).masked_fill_(~valid[:, None, None, :], 0.0)
-        p = p * _gate(bind, qh)
-        vj = vh.gather(2, index).to(acc)  # (B, H, J, d) the trigger values
-        change = _flat_nested_values(q, bind, heads, acc).mul_(p.sum(-1, keepdim=True))  # (B, H, N, d)
-        for j in range(p.shape[-1]):
-            change.addcmul_(p[..., j : j + 1], vj[:, :, j : j + 1], value=-1.0)
-        bound.add_(change.to(bound.dtype))
-    if bound is not out:
-        out[rows] = bound
+    for row in range(b) if rows is None else rows.nonzero()[:, 0].tolist():
+        q_row = qh[row]  # (H, N, d), read in place
+        for bind in bindings:
+            j = bind.where[row].nonzero()[:, 0]
+            if j.numel() == 0:
+                continue
+            m = bind.keys.shape[0]
+            keys = torch.cat([bind.keys.view(m, heads, d).transpose(0, 1), kh[row, :, j]], 1)  # (H, M+J, d)
+            values = torch.cat([bind.values.view(m, heads, d).transpose(0, 1), vh[row, :, j]], 1)
+            logits = torch.bmm(q_row, keys.transpose(1, 2).to(q_row.dtype)).to(acc) * d**-0.5  # (H, N, M+J)
+            p = torch.exp(logits[..., m:] - lse[row][..., None].to(acc)) * _row_gate(bind, row, q)  # (H, N, J)
+            coeff = torch.cat([torch.softmax(logits[..., :m], -1) * p.sum(-1, keepdim=True), -p], -1)
+            out[row] += torch.bmm(coeff, values.to(acc)).to(out.dtype)
     return _merge(out)
 
 
-def _flat_nested_values(q: Tensor, bind: NestedBinding, heads: int, acc: torch.dtype) -> Tensor:
-    """u(q) per head as (B, H, N, d), computed with heads leading so q (B, N, H*d) is read in place."""
-    b, n, c = q.shape
-    d, m = c // heads, bind.keys.shape[0]
-    qf = q.reshape(b * n, heads, d).transpose(0, 1).to(acc)  # (H, B*N, d)
-    nk = bind.keys.view(m, heads, d).permute(1, 2, 0).to(acc)  # (H, d, M)
-    nv = bind.values.view(m, heads, d).transpose(0, 1).to(acc)  # (H, M, d)
-    weights = torch.softmax(torch.bmm(qf, nk) * d**-0.5, dim=-1)  # (H, B*N, M)
-    return torch.bmm(weights, nv).view(heads, b, n, d).transpose(0, 1)
-
-
-def _trigger_logits(qh: Tensor, kh: Tensor, where: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Scaled logits of each row's trigger positions, padded to the row with most: (B, H, N, J),
-    the (B, J) validity of the padding, and the gather index (B, H, J, d) of those positions."""
-    b, h, _, d = kh.shape
-    count = where.sum(-1)  # (B,)
-    j = max(int(count.max()), 1)
-    order = torch.argsort(where.to(torch.int8), dim=-1, descending=True, stable=True)[:, :j]  # (B, J)
-    index = order[:, None, :, None].expand(-1, h, -1, d)
-    logits = (qh @ kh.gather(2, index).transpose(-1, -2)).to(_acc_dtype(qh)) * d**-0.5
-    valid = torch.arange(j, device=where.device)[None] < count[:, None]
-    return logits, valid, index
+def _row_gate(bind: NestedBinding, row: int, q: Tensor):
+    """lam * m(q) for one batch row: a float, or (1, N, 1)."""
+    if bind.query_mask is None:
+        return float(bind.strength)
+    mask = bind.query_mask[row if bind.query_mask.shape[0] > 1 else 0]
+    return bind.strength * mask.to(device=q.device, dtype=_acc_dtype(q))[None, :, None]
 
 
 def _fused(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding]) -> Tensor:

@@ -6,13 +6,12 @@ Variants, timed side by side in one run (interleaved, median of repeats):
   nested_cfg    the same with CFG's batch, the trigger in the positive row only
   ip_adapter    IP-Adapter's decoupled attention: attn(q, K, V) + attn(q, K_ip, V_ip)
   materialised  the naive form: a per-query value tensor (B, H, N, T, d), then p @ V(q)
-Peak extra memory is measured per variant in a fresh subprocess, as the growth of
-the peak resident set size over the inputs while the variant runs once.
+Peak extra memory is measured per variant in a fresh subprocess (Linux): the rise of the
+peak resident set size above the resident size with the inputs built, over one run.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -83,14 +82,27 @@ def time_variants(shape: Tuple[int, int, int, int], repeats: int) -> Dict[str, f
 
 
 def peak_extra_bytes(name: str, shape: Tuple[int, int, int, int], threads: int) -> int:
-    """Run one variant once in a fresh interpreter and report its peak RSS growth."""
+    """Run one variant once in a fresh interpreter and report how far its peak RSS rose above
+    the RSS it started from.  (ru_maxrss would not do: Linux carries it across fork and exec,
+    so a child would inherit this process's peak.)"""
     code = (
-        "import json, resource, torch, sys; from na_engine import bench as b; torch.set_num_threads(%d);"
-        "fn = b.variant(%r, *%r); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-        "fn(); print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024))"
+        "import torch; from na_engine import bench as b; torch.set_num_threads(%d);"
+        "fn = b.variant(%r, *%r); start = b.rss('VmRSS'); b.reset_peak_rss(); fn(); print(b.rss('VmHWM') - start)"
     ) % (threads, name, tuple(shape))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(json.loads(out.stdout.strip().splitlines()[-1]))
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def rss(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        line = next(l for l in f if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def main(argv=None) -> int:
