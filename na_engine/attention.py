@@ -64,6 +64,7 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
 
 
 METHODS = ("auto", "fused", "statistics", "closed_form")
+SMALL_M = 32  # up to this many nested tokens, u(q) is cheaper as explicit logits than as an SDPA call
 
 
 def nested_attention(
@@ -174,9 +175,16 @@ def _with_statistics(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequ
             m = bind.keys.shape[0]
             keys = torch.cat([bind.keys.view(m, heads, d).transpose(0, 1), kh[row, :, j]], 1)  # (H, M+J, d)
             values = torch.cat([bind.values.view(m, heads, d).transpose(0, 1), vh[row, :, j]], 1)
-            logits = torch.bmm(q_row, keys.transpose(1, 2).to(q_row.dtype)).to(acc) * d**-0.5  # (H, N, M+J)
-            p = torch.exp(logits[..., m:] - lse[row][..., None].to(acc)) * _row_gate(bind, row, q)  # (H, N, J)
-            coeff = torch.cat([torch.softmax(logits[..., :m], -1) * p.sum(-1, keepdim=True), -p], -1)
+            if m > SMALL_M:  # many tokens: SDPA's kernel computes u(q) faster than explicit softmax
+                keys, values = keys[:, m:], values[:, m:]
+            logits = torch.bmm(q_row, keys.transpose(1, 2).to(q_row.dtype)).to(acc) * d**-0.5  # (H, N, M+J) or (H, N, J)
+            p = torch.exp(logits[..., -j.numel() :] - lse[row][..., None].to(acc)) * _row_gate(bind, row, q)  # (H, N, J)
+            if m > SMALL_M:
+                u = F.scaled_dot_product_attention(q_row, *(x.view(m, heads, d).transpose(0, 1).to(q_row.dtype) for x in (bind.keys, bind.values)))
+                out[row] += (u.to(acc) * p.sum(-1, keepdim=True)).to(out.dtype)
+                coeff = -p
+            else:
+                coeff = torch.cat([torch.softmax(logits[..., :m], -1) * p.sum(-1, keepdim=True), -p], -1)
             out[row] += torch.bmm(coeff, values.to(acc)).to(out.dtype)
     return _merge(out)
 

@@ -410,3 +410,11 @@ def test_closed_form_gradients_match_reference():
         grads.append([t.grad for t in leaves])
     for got, want in zip(*grads):
         assert torch.allclose(got, want, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", EXACT_METHODS)
+def test_many_nested_tokens(method):
+    """More tokens than SMALL_M (several photos concatenated): u(q) comes from an SDPA call."""
+    q, k, v = random_qkv(2, 12, 20, 2, 8, seed=70)
+    binds = [make_binding(2, 20, 16, 70, {0: [3, 4], 1: [9]}, strength=0.8, seed=71)]
+    assert_close64(nested_attention(q, k, v, 2, binds, method=method), reference_nested(q, k, v, 2, binds))
