@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .capture import AttentionCapture, token_legend
 from .diffusers_processor import BoundSubject, NestedState, install
-from .errors import NestedAttentionError
+from .errors import NestedAttentionError, command_line
 from .pipeline import Base, Vision, image_features, trigger_where
 from .prepare import IMAGE_EXTS, has_word
 
@@ -179,6 +179,7 @@ def _open(path: str):
         raise NestedAttentionError(f"Could not read subject image {path}: {e}") from e
 
 
+@command_line
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m na_engine.generate", description=__doc__.split("\n")[0])
     p.add_argument("--base", required=True, help="diffusers folder, or a single-file checkpoint with --base-config")
@@ -199,11 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-maps", action="store_true", help="skip the attention-map panels")
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)
-    try:
-        written = generate(args)
-    except NestedAttentionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    written = generate(args)
     print(f"wrote {len(written)} images to {args.out}")
     return 0
 

@@ -15,7 +15,7 @@ import re
 import sys
 from typing import List, Optional, Tuple
 
-from .errors import NestedAttentionError
+from .errors import NestedAttentionError, command_line
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DATASET_FILE = "dataset.json"
@@ -126,6 +126,7 @@ def _read(path: str, mask_path: Optional[str]) -> Tuple[object, object, str]:
     return image, mask, ""
 
 
+@command_line
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m na_engine.prepare", description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True, help="folder of subject photos (optionally <name>.txt captions beside them)")
@@ -137,11 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--mode", default="crop", choices=("crop", "pad"))
     args = p.parse_args(argv)
-    try:
-        record = prepare(args.src, args.out, args.class_word, args.resolution, args.mode, args.template, args.keep_captions, args.masks)
-    except NestedAttentionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    record = prepare(args.src, args.out, args.class_word, args.resolution, args.mode, args.template, args.keep_captions, args.masks)
     print(f"prepared {len(record['items'])} images in {args.out}")
     if record["skipped"]:
         print(f"skipped {len(record['skipped'])}:")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .adapter import NestedAdapter
 from .diffusers_processor import BoundSubject, NestedState, install
-from .errors import NestedAttentionError
+from .errors import NestedAttentionError, command_line
 from .prepare import DATASET_FILE
 
 OOM_ADVICE = ("Out of memory. Lower --batch-size (and raise --grad-accum to keep the effective batch), lower --resolution, "
@@ -431,12 +431,9 @@ def parse(argv=None) -> TrainConfig:
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
+@command_line
 def main(argv=None) -> int:
-    try:
-        print(f"adapter written to {train(parse(argv))}")
-    except NestedAttentionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(f"adapter written to {train(parse(argv))}")
     return 0
 
 
