@@ -259,6 +259,22 @@ def tiny_sdxl_clip(seed=0, l_hidden=64, g_hidden=64):
     return _randomize_clip(clip, seed)
 
 
+def tiny_controlnet(seed=0):
+    """comfy.controlnet.ControlNet around a random cldm ControlNet shaped like tiny_sd15_model()."""
+    import torch
+    import_comfy()
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    cfg = dict(image_size=32, in_channels=4, model_channels=32, hint_channels=3, num_res_blocks=[1, 1],
+               channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_middle=1, context_dim=64,
+               use_linear_in_transformer=False, adm_in_channels=None, num_heads=2,
+               use_spatial_transformer=True, legacy=False, use_checkpoint=False)
+    with torch.no_grad():
+        net = comfy.cldm.cldm.ControlNet(**cfg, device="cpu", operations=comfy.ops.disable_weight_init, dtype=torch.float32)
+    return comfy.controlnet.ControlNet(randomize_(net, seed), load_device=torch.device("cpu"))
+
+
 # ----------------------------------------------------------------------------- VAE / vision
 
 def tiny_vae(seed=0):

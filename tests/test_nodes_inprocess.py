@@ -170,6 +170,18 @@ def test_conditioning_combine_after(pack, engine, tiny_sd15, tiny_clip, tiny_cli
     assert torch.equal(out[~rows], attention.optimized_attention(q[~rows], k[~rows], v[~rows], xo["n_heads"]))
 
 
+def test_controlnet_after(pack, engine, comfy, tiny_sd15, tiny_clip, tiny_clip_vision):
+    import nodes
+
+    subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
+    model, pos, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
+    controlled = nodes.ControlNetApply().apply_controlnet(pos, comfy.tiny_controlnet(), torch.rand(1, 64, 64, 3), 0.8)[0]
+    neg = encode_text(tiny_clip, "")
+    out = sample(model, controlled, neg)
+    assert set(run_of(model).fired) == {key for key, _ in engine.comfy_unet_layers(tiny_sd15.model.diffusion_model)}
+    assert torch.isfinite(out).all() and not torch.equal(out, sample(model, pos, neg))
+
+
 def test_conditioning_that_changes_the_prompt_warns(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision, caplog):
     import nodes
 
