@@ -10,19 +10,22 @@ strength lam and an optional per-query mask m(q):
 
     v_j(q) = v_j + lam * m(q) * (u(q) - v_j)
 
-Two exact evaluations, neither materialising a per-query value tensor:
+Three exact evaluations, none materialising a per-query value tensor:
 
 * fused (0 <= lam*m <= 1): drop the trigger positions from the outer softmax
   (or keep them with bias log(1 - lam*m)) and append the M nested keys/values
   as extra entries with the per-query bias
       log(lam*m) + logsumexp_{j in J} l_j(q) - logsumexp_m (q . K~_m / sqrt(d)),
-  where l_j is the outer logit of j.  The softmax normaliser is unchanged, so
-  one scaled_dot_product_attention call with an additive mask is the answer.
+  where l_j is the outer logit of j.  The softmax normaliser is unchanged, so one
+  scaled_dot_product_attention call is the answer; the biases ride in two extra
+  head dimensions per subject instead of a (B, H, N, T+M) mask.
 * closed form (any lam): attn(q, K, V) + lam*m * sum_j p_j(q) (u(q) - v_j),
-  with p the outer attention probability.  Used for lam > 1 and when the
-  base attention is someone else's (stacked patches).
+  with p the outer attention probability.  Differentiable; used for lam outside
+  [0, 1], overlapping subjects, and stacking on someone else's attention.
+* statistics (CPU inference): the closed form with p_j = exp(l_j - lse), where
+  PyTorch's CPU attention kernel returns lse, the log-normaliser, with the output.
 
-Memory is O(B*H*N*(T+M)) in both.
+Memory is O(B*H*N*(T+M)) in all three.
 """
 from __future__ import annotations
 
