@@ -132,9 +132,8 @@ def _unet_base(**kw):
     return cfg
 
 
-def sd15_layout_model(context_dim=64, seed=0):
-    """ModelPatcher of a UNet with SD1.5's exact block layout (4 levels, 2 res blocks each,
-    attention at levels 0-2, so the 16 real attn2 keys) at tiny widths 32/64/128/128."""
+def _sd_style_model(seed, **unet):
+    """ModelPatcher of an SD1.x-style EPS UNet (2 heads, conv proj_in) with random weights."""
     import torch
     import_comfy()
     import comfy.latent_formats
@@ -146,39 +145,28 @@ def sd15_layout_model(context_dim=64, seed=0):
         unet_extra_config = {"num_heads": 2, "num_head_channels": -1}
         latent_format = comfy.latent_formats.SD15
 
-    cfg = TinySD(_unet_base(model_channels=32, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
-                            transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-                            transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-                            transformer_depth_middle=1, context_dim=context_dim,
-                            use_linear_in_transformer=False, adm_in_channels=None))
+    cfg = TinySD(_unet_base(use_linear_in_transformer=False, adm_in_channels=None, **unet))
     cfg.set_inference_dtype(torch.float32, None)
     model = comfy.model_base.BaseModel(cfg, model_type=comfy.model_base.ModelType.EPS, device="cpu")
     randomize_(model.diffusion_model, seed)
     return _patcher(model)
+
+
+def sd15_layout_model(context_dim=64, seed=0):
+    """SD1.5's exact block layout (4 levels, 2 res blocks each, attention at levels 0-2, so the
+    16 real attn2 keys) at tiny widths 32/64/128/128."""
+    return _sd_style_model(seed, model_channels=32, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+                           transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                           transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                           transformer_depth_middle=1, context_dim=context_dim)
 
 
 def tiny_sd15_model(context_dim=64, seed=0):
-    """ModelPatcher of a tiny SD1.x-style EPS UNet: 2 levels (32/64 ch), 2 heads, conv proj_in,
-    attn2 at ("input",1), ("input",4), ("middle",0), ("output",0..5) - one transformer each."""
-    import torch
-    import_comfy()
-    import comfy.latent_formats
-    import comfy.model_base
-    import comfy.supported_models_base
-
-    class TinySD(comfy.supported_models_base.BASE):
-        unet_config = {}
-        unet_extra_config = {"num_heads": 2, "num_head_channels": -1}
-        latent_format = comfy.latent_formats.SD15
-
-    cfg = TinySD(_unet_base(model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
-                            transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
-                            transformer_depth_middle=1, context_dim=context_dim,
-                            use_linear_in_transformer=False, adm_in_channels=None))
-    cfg.set_inference_dtype(torch.float32, None)
-    model = comfy.model_base.BaseModel(cfg, model_type=comfy.model_base.ModelType.EPS, device="cpu")
-    randomize_(model.diffusion_model, seed)
-    return _patcher(model)
+    """A tiny SD1.x-style UNet: 2 levels (32/64 ch), 2 heads, conv proj_in,
+    attn2 at ("input",1), ("input",3), ("middle",0), ("output",0..3): 7 layers, one transformer each."""
+    return _sd_style_model(seed, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
+                           transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
+                           transformer_depth_middle=1, context_dim=context_dim)
 
 
 # Real SDXL attn2 layout: input 4,5 depth 2; input 7,8 depth 10; middle depth 10;
