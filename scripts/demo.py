@@ -9,7 +9,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 import fixtures_models as fm  # noqa: E402
-from comfy_server import ComfyServer  # noqa: E402
+from comfy_server import ComfyServer, test_sized  # noqa: E402
 
 WF01 = os.path.join(REPO, "workflows", "01_single_subject_sdxl.json")
 WF05 = os.path.join(REPO, "workflows", "05_attention_map_preview.json")
@@ -70,7 +70,7 @@ def main():
         for folder, name in needed:
             fm.make_workflow_file(models_dir, folder, name)
         print("[demo] placeholders ready in %.0f s: %s" % (time.time() - t0, models_dir), flush=True)
-        workflows = [rewrite(p, PLACEHOLDER, work) for p in (WF01, WF05)]
+        workflows = [test_sized(rewrite(p, PLACEHOLDER, work), work) for p in (WF01, WF05)]  # noise: keep it quick
     outputs = os.path.join(os.getcwd(), "outputs")
     os.makedirs(outputs, exist_ok=True)
     copied = []

@@ -31,6 +31,23 @@ PACK_NAME = comfy_harness.PACK_NAME
 MODEL_FOLDERS = ("checkpoints", "clip_vision", "vae", "loras", "embeddings", "nested_attention", "ipadapter")
 
 
+def test_sized(workflow_path, out_dir, scale=8, steps=3):
+    """A copy of a UI-format workflow that runs quickly on CPU: every EmptyLatentImage 1/scale of
+    its size, every KSampler `steps` steps. Returns the copy's path."""
+    with open(workflow_path) as f:
+        wf = json.load(f)
+    for node in wf["nodes"]:
+        values = node.get("widgets_values")
+        if node["type"] == "EmptyLatentImage":
+            values[0], values[1] = values[0] // scale, values[1] // scale
+        elif node["type"] == "KSampler":
+            values[2] = steps
+    out = os.path.join(out_dir, os.path.basename(workflow_path))
+    with open(out, "w") as f:
+        json.dump(wf, f)
+    return out
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,7 +25,7 @@ REPO = os.path.dirname(HERE)
 WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
 OUR_NODES = ("NestedAttentionLoader", "NestedSubjectEncoder", "NestedMultiSubjectCombine", "NestedAttentionApply",
              "NestedAttentionMapPreview", "NestedSubjectSave", "NestedSubjectLoad")
-# workflow -> {SaveImage filename_prefix: (number of images, (width, height))}
+# workflow -> {SaveImage filename_prefix: (number of images, (width, height))}, run test-sized (1/8)
 EXPECTED = {
     "01_single_subject_sdxl.json": {"na_01_single": (1, (128, 128))},
     "02_two_subjects_person_and_dog.json": {"na_02_two_subjects": (1, (128, 128))},
@@ -124,9 +124,11 @@ def test_workflow_nodes_match_server_schemas(server):
 
 
 @pytest.mark.parametrize("name", [os.path.basename(p) for p in WORKFLOWS])
-def test_workflow_runs(server, name):
+def test_workflow_runs(server, name, tmp_path):
+    from comfy_server import test_sized
+
     t0 = time.time()
-    res = _run(server, os.path.join(REPO, "workflows", name))
+    res = _run(server, test_sized(os.path.join(REPO, "workflows", name), str(tmp_path)))
     TIMES[name[:2]] = time.time() - t0
     images = _history_images(server, res["prompt_id"])
     saved = [img for cls, img in images if cls == "SaveImage"]
@@ -149,7 +151,9 @@ def test_workflow_runs(server, name):
 
 
 def test_missing_trigger_word_fails_clearly_and_server_survives(server, tmp_path):
-    wf = json.load(open(os.path.join(REPO, "workflows", "01_single_subject_sdxl.json")))
+    from comfy_server import test_sized
+
+    wf = json.load(open(test_sized(os.path.join(REPO, "workflows", "01_single_subject_sdxl.json"), str(tmp_path))))
     patch = next(n for n in wf["nodes"] if n["type"] == "NestedAttentionApply")
     bad = copy.deepcopy(wf)
     next(n for n in bad["nodes"] if n["id"] == patch["id"])["widgets_values"][0] = "a photo of a cat on the moon"
