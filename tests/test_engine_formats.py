@@ -96,41 +96,34 @@ def test_our_format_round_trip(tmp_path, base):
     assert "resampler.latents" in keys
 
 
-def test_our_format_version_mismatch(tmp_path):
-    adapter = random_adapter(TINY_RESAMPLER, tiny_layers())
+def saved_then_edited(tmp_path, edit):
+    """Save a tiny adapter in our format, then rewrite the file after ``edit(tensors, meta)``
+    changes its tensors and metadata JSON in place."""
     path = str(tmp_path / "a.safetensors")
-    save_adapter(adapter, path)
+    save_adapter(random_adapter(TINY_RESAMPLER, tiny_layers()), path)
     with safe_open(path, framework="pt") as f:
         meta = json.loads(f.metadata()[META_KEY])
         sd = {k: f.get_tensor(k) for k in f.keys()}
-    meta["format_version"] = 99
+    edit(sd, meta)
     save_file(sd, path, metadata={META_KEY: json.dumps(meta)})
+    return path
+
+
+def test_our_format_version_mismatch(tmp_path):
+    path = saved_then_edited(tmp_path, lambda sd, meta: meta.update(format_version=99))
     with pytest.raises(NestedAttentionError, match="version 99"):
         load_adapter(path)
 
 
 def test_our_format_missing_layer_is_clear_error(tmp_path):
     """A truncated file (one nested projection missing) must give our error, not a KeyError."""
-    adapter = random_adapter(TINY_RESAMPLER, tiny_layers())
-    path = str(tmp_path / "a.safetensors")
-    save_adapter(adapter, path)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata()
-        sd = {k: f.get_tensor(k) for k in f.keys() if k != "layers.2.to_v.weight"}
-    save_file(sd, path, metadata=meta)
+    path = saved_then_edited(tmp_path, lambda sd, meta: sd.pop("layers.2.to_v.weight"))
     with pytest.raises(NestedAttentionError, match="layers.2.to_v.weight|layer 2"):
         load_adapter(path)
 
 
 def test_our_format_wrong_width_names_layer(tmp_path):
-    adapter = random_adapter(TINY_RESAMPLER, tiny_layers())
-    path = str(tmp_path / "a.safetensors")
-    save_adapter(adapter, path)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata()
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    sd["layers.1.to_k.weight"] = torch.zeros(48, TINY_RESAMPLER.output_dim)
-    save_file(sd, path, metadata=meta)
+    path = saved_then_edited(tmp_path, lambda sd, meta: sd.update({"layers.1.to_k.weight": torch.zeros(48, TINY_RESAMPLER.output_dim)}))
     with pytest.raises(NestedAttentionError) as err:
         load_adapter(path)
     assert "layer 1" in str(err.value) and "custom.1.attn2" in str(err.value)
