@@ -10,7 +10,7 @@ strength lam and an optional per-query mask m(q):
 
     v_j(q) = v_j + lam * m(q) * (u(q) - v_j)
 
-Three exact evaluations, none materialising a per-query value tensor:
+Four exact evaluations, none materialising a per-query value tensor:
 
 * fused (0 <= lam*m <= 1): drop the trigger positions from the outer softmax
   (or keep them with bias log(1 - lam*m)) and append the M nested keys/values
@@ -24,8 +24,11 @@ Three exact evaluations, none materialising a per-query value tensor:
   [0, 1], overlapping subjects, and stacking on someone else's attention.
 * statistics (CPU inference): the closed form with p_j = exp(l_j - lse), where
   PyTorch's CPU attention kernel returns lse, the log-normaliser, with the output.
+* cpu_kernel (fp32 CPU inference, any lam): the closed form as coefficients on
+  [V ; V~], computed per block of queries in C++ (cpu_kernel.py), where the logits
+  of the block against all T+M keys stay in cache.
 
-Memory is O(B*H*N*(T+M)) in all three.
+Memory is O(B*H*N*(T+M)) in all four.
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import cpu_kernel
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor, int], Tensor]
 
@@ -66,7 +71,7 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     return _merge(out)
 
 
-METHODS = ("auto", "fused", "statistics", "closed_form")
+METHODS = ("auto", "fused", "cpu_kernel", "statistics", "closed_form")
 SMALL_M = 32  # up to this many nested tokens, u(q) is cheaper as explicit logits than as an SDPA call
 
 
@@ -84,7 +89,9 @@ def nested_attention(
     Rows that no binding touches come out bit-identical to ``base_attention``.  Methods,
     all exact; ``auto`` picks the fastest that applies:
       fused        one SDPA with the nested entries appended (strengths in [0, 1]);
-      statistics   the CPU kernel's output and logsumexp, then the closed-form change
+      cpu_kernel   the C++ CPU kernel, fp32 inference (auto: when it is built and every
+                   row is bound; otherwise the base on the whole batch costs more);
+      statistics   PyTorch's CPU SDPA output and logsumexp, then the closed-form change
                    (CPU inference; with another base, on the bound rows only);
       closed_form  base + nested_correction, differentiable, any strength; also chosen
                    for strengths outside [0, 1] and for subjects sharing a position.
@@ -96,7 +103,14 @@ def nested_attention(
     rows = _bound_rows(active, q.shape[0])
     if not bool(rows.any()):
         return base_attention(q, k, v, heads)
-    if method == "closed_form" or any(b.strength > 1 or b.strength < 0 for b in active) or _overlapping(active):
+    training = _records_grad(q, k, v, active)
+    if method in ("fused", "statistics", "cpu_kernel") and training:
+        raise ValueError(f"method {method!r} is for inference; under autograd use 'closed_form' (or 'auto', which picks it)")
+    if method == "cpu_kernel" and not cpu_kernel.usable(q):
+        raise ValueError("method 'cpu_kernel' needs fp32 CPU tensors and the built kernel (the log says why it is off)")
+    if method == "cpu_kernel" or (method == "auto" and bool(rows.all()) and cpu_kernel.usable(q, training)):
+        return _on_rows(cpu_kernel.nested_attention_cpu, q, k, v, heads, active, rows, base_attention)
+    if method == "closed_form" or training or any(b.strength > 1 or b.strength < 0 for b in active) or _overlapping(active):
         out = base_attention(q, k, v, heads)
         delta = nested_correction(q[rows], k[rows], v[rows], heads, [_rows_of(b, rows) for b in active])
         out = out.clone()
@@ -105,18 +119,11 @@ def nested_attention(
     evaluate = _fused
     if method == "statistics" or (method == "auto" and _has_statistics_kernel(q)):
         if not _has_statistics_kernel(q):
-            raise ValueError("method 'statistics' needs PyTorch's CPU attention kernel and no autograd")
+            raise ValueError("method 'statistics' needs PyTorch's CPU attention kernel")
         if base_attention is sdpa_attention:
             return _with_statistics(q, k, v, heads, active, rows)
         evaluate = _with_statistics
-    if bool(rows.all()):
-        return evaluate(q, k, v, heads, active)
-    # The base runs on the whole batch: attention kernels are not batch-invariant (CPU SDPA
-    # with few queries splits work differently for 1 and 2 rows), and untouched rows must
-    # come out bit-identical to what the model computes without the patch.
-    out = base_attention(q, k, v, heads).to(q.dtype).clone()
-    out[rows] = evaluate(q[rows], k[rows], v[rows], heads, [_rows_of(b, rows) for b in active])
-    return out
+    return _on_rows(evaluate, q, k, v, heads, active, rows, base_attention)
 
 
 def nested_correction(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding]) -> Tensor:
@@ -152,11 +159,28 @@ def subject_maps(q: Tensor, k: Tensor, heads: int, binding: NestedBinding) -> Su
 # -- internals ---------------------------------------------------------------------------
 
 
+def _on_rows(evaluate, q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding], rows: Tensor, base_attention: AttentionFn) -> Tensor:
+    """``evaluate`` on the bound rows; the other rows are ``base_attention``'s.
+
+    The base runs on the whole batch: attention kernels are not batch-invariant (CPU SDPA
+    with few queries splits work differently for 1 and 2 rows), and untouched rows must
+    come out bit-identical to what the model computes without the patch."""
+    if bool(rows.all()):
+        return evaluate(q, k, v, heads, bindings)
+    out = base_attention(q, k, v, heads).to(q.dtype).clone()
+    out[rows] = evaluate(q[rows], k[rows], v[rows], heads, [_rows_of(b, rows) for b in bindings])
+    return out
+
+
+def _records_grad(q: Tensor, k: Tensor, v: Tensor, bindings: Sequence[NestedBinding]) -> bool:
+    tensors = [q, k, v] + [t for b in bindings for t in (b.keys, b.values)]
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _has_statistics_kernel(q: Tensor) -> bool:
     """PyTorch's CPU attention kernel also returns each query's log-normaliser; it is not
-    differentiable in that output, so it serves inference only."""
-    grad = torch.is_grad_enabled() and q.requires_grad
-    return q.device.type == "cpu" and not grad and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    differentiable in that output, so it serves inference only (autograd never gets here)."""
+    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def _with_statistics(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding], rows: Optional[Tensor] = None) -> Tensor:

