@@ -2,8 +2,10 @@
 
 Variants, timed side by side in one run (interleaved, median of repeats):
   stock         plain attention, F.scaled_dot_product_attention
-  nested        our nested attention, the trigger bound in every row
-  nested_cfg    the same with CFG's batch, the trigger in the positive row only
+  nested        our nested attention, the trigger bound in every row (method "auto":
+                the C++ CPU kernel where it is built)
+  nested_torch  the same without the C++ kernel (method "statistics", PyTorch ops only)
+  nested_cfg    "auto" with CFG's batch, the trigger in the positive row only
   ip_adapter    IP-Adapter's decoupled attention: attn(q, K, V) + attn(q, K_ip, V_ip)
   materialised  the naive form: a per-query value tensor (B, H, N, T, d), then p @ V(q)
 Peak extra memory is measured per variant in a fresh subprocess (Linux): the rise of the
@@ -21,9 +23,10 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernel
 from .attention import NestedBinding, nested_attention, sdpa_attention
 
-VARIANTS = ("stock", "nested", "nested_cfg", "ip_adapter", "materialised")
+VARIANTS = ("stock", "nested", "nested_torch", "nested_cfg", "ip_adapter", "materialised")
 SHAPES = [(n, h, t, m) for n, h in ((4096, 10), (1024, 20)) for t in (77, 154) for m in (16, 64, 257)]
 BATCH, HEAD_DIM, TRIGGER = 2, 64, 5
 
@@ -43,6 +46,8 @@ def variant(name: str, n: int, h: int, t: int, m: int) -> Callable[[], torch.Ten
         return lambda: sdpa_attention(q, k, v, h)
     if name == "nested":
         return lambda: nested_attention(q, k, v, h, [NestedBinding(nk, nv, where)])
+    if name == "nested_torch":
+        return lambda: nested_attention(q, k, v, h, [NestedBinding(nk, nv, where)], method="statistics")
     if name == "nested_cfg":
         positive_only = where.clone()
         positive_only[1:] = False
@@ -115,6 +120,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     shapes = SHAPES[:1] if args.quick else SHAPES
     print(f"torch {torch.__version__}, {args.threads} threads, B={BATCH}, d={HEAD_DIM}, fp32, median of {args.repeats}")
+    print(f"C++ CPU kernel: {'built' if cpu_kernel.available() else 'off (see the warning above)'}")
     print(f"{'N':>5} {'H':>3} {'T':>4} {'M':>4} | " + " | ".join(f"{v:>22}" for v in VARIANTS))
     first = {}
     for shape in shapes:
