@@ -104,13 +104,13 @@ def nested_attention(
     if not bool(rows.any()):
         return base_attention(q, k, v, heads)
     training = _records_grad(q, k, v, active)
-    if method in ("fused", "statistics", "cpu_kernel") and training:
-        raise ValueError(f"method {method!r} is for inference; under autograd use 'closed_form' (or 'auto', which picks it)")
+    if training and (method in ("statistics", "cpu_kernel") or (method == "fused" and q.requires_grad)):
+        raise ValueError(f"method {method!r} cannot backpropagate here; under autograd use 'closed_form' (or 'auto', which picks it)")
     if method == "cpu_kernel" and not cpu_kernel.usable(q):
         raise ValueError("method 'cpu_kernel' needs fp32 CPU tensors and the built kernel (the log says why it is off)")
     if method == "cpu_kernel" or (method == "auto" and bool(rows.all()) and cpu_kernel.usable(q, training)):
         return _on_rows(cpu_kernel.nested_attention_cpu, q, k, v, heads, active, rows, base_attention)
-    if method == "closed_form" or training or any(b.strength > 1 or b.strength < 0 for b in active) or _overlapping(active):
+    if method == "closed_form" or (training and method == "auto") or any(b.strength > 1 or b.strength < 0 for b in active) or _overlapping(active):
         out = base_attention(q, k, v, heads)
         delta = nested_correction(q[rows], k[rows], v[rows], heads, [_rows_of(b, rows) for b in active])
         out = out.clone()
