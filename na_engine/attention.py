@@ -94,7 +94,8 @@ def nested_attention(
       statistics   PyTorch's CPU SDPA output and logsumexp, then the closed-form change
                    (CPU inference; with another base, on the bound rows only);
       closed_form  base + nested_correction, differentiable, any strength; also chosen
-                   for strengths outside [0, 1] and for subjects sharing a position.
+                   for strengths outside [0, 1], for subjects sharing a position, and
+                   (by auto) under autograd.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")

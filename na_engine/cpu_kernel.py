@@ -42,7 +42,7 @@ def available() -> bool:
         try:
             _build()
         except Exception as e:  # a compiler or linker message: report it, keep the PyTorch path
-            reason = f"building it failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+            reason = f"building it failed: {_first_error(e)}"
     if reason:
         log.warning("nested attention: the fast CPU kernel is off (%s); using the PyTorch path, same results, slower on CPU", reason)
     return reason is None
@@ -68,8 +68,8 @@ def nested_attention_cpu(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: 
     gate = torch.empty((len(bindings), b, n))
     for i, bind in enumerate(bindings):
         m, s = bind.keys.shape[0], starts[i]
-        keys_t[..., s : s + m] = bind.keys.float().view(m, heads, d).permute(1, 2, 0) * d**-0.5
-        values[:, :, s : s + m, :d] = bind.values.float().view(m, heads, d).transpose(0, 1)
+        keys_t[..., s : s + m] = bind.keys.float().reshape(m, heads, d).permute(1, 2, 0) * d**-0.5
+        values[:, :, s : s + m, :d] = bind.values.float().reshape(m, heads, d).transpose(0, 1)
         bias[s : s + m] = 0
         trigger[i, :, :t] = bind.where.cpu()
         gate[i] = bind.strength if bind.query_mask is None else bind.strength * bind.query_mask.float().cpu().expand(b, n)
@@ -78,6 +78,12 @@ def nested_attention_cpu(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: 
         torch.tensor(starts, dtype=torch.long), torch.tensor(ends, dtype=torch.long), trigger, gate, QUERY_BLOCK,
     )  # (B, N, H*dv)
     return out if dv == d else out.view(b, n, heads, dv)[..., :d].reshape(b, n, c)
+
+
+def _first_error(e: Exception) -> str:
+    """The compiler's first 'error:' line, else the message's last line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return next((line for line in lines if "error:" in line), lines[-1])
 
 
 def _round_up(x: int) -> int:

@@ -102,6 +102,17 @@ def test_unavailable_kernel_says_why_once(monkeypatch, caplog):
     assert "same results, slower on CPU" in caplog.text
 
 
+def test_failed_build_is_reported_by_its_first_compiler_error(monkeypatch, caplog):
+    def failing_build():
+        raise RuntimeError("Error building extension 'x':\n[1/2] c++ -c nested.cpp\nnested.cpp:3:1: error: 'v8' does not name a type\nninja: build stopped")
+
+    monkeypatch.setattr(cpu_kernel, "_unsupported", lambda: None)
+    monkeypatch.setattr(cpu_kernel, "_build", failing_build)
+    with caplog.at_level(logging.WARNING, logger="nested_attention"):
+        assert cpu_kernel.available.__wrapped__() is False
+    assert "building it failed: nested.cpp:3:1: error: 'v8' does not name a type" in caplog.text
+
+
 def test_switch_off_by_environment(monkeypatch):
     monkeypatch.setenv("NA_CPU_KERNEL", "0")
     assert cpu_kernel._unsupported() == "NA_CPU_KERNEL=0"
