@@ -137,6 +137,27 @@ def test_exact_formula_on_prompt_rows_only(pack, engine, tiny_sd15, tiny_clip, t
     torch.testing.assert_close(out[rows].double(), want, atol=1e-4, rtol=1e-4)
 
 
+def test_every_row_bound_takes_the_cpu_kernel(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision):
+    """The prompt in every batch row (here it is its own negative): ComfyUI's attn2 call runs the C++ kernel."""
+    subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
+    model, pos, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
+    key = next(iter(patches(model)))
+    calls = spy(model, key)
+    sample(model, pos, pos, steps=1)
+    q, k, v, xo, out = calls[0]
+    tokens = tiny_clip.tokenize("a photo of a dog")["l"][0]
+    dog = [i for i, t in enumerate(tokens) if t[0] == tiny_clip.tokenize("dog")["l"][0][1][0]]
+    where = torch.zeros(q.shape[0], k.shape[1], dtype=torch.bool)
+    where[:, dog] = True
+    layer = subjects[0].adapter.layer_index(key + (0,) if len(key) == 2 else key)
+    nk, nv = subjects[0].adapter.nested_kv(layer, subjects[0].tokens)
+    kernel = engine.nested_attention(q, k, v, xo["n_heads"], [engine.NestedBinding(nk, nv, where)], method="cpu_kernel")
+    statistics = engine.nested_attention(q, k, v, xo["n_heads"], [engine.NestedBinding(nk, nv, where)], method="statistics")
+    assert q.shape[0] == 2 and torch.equal(out, kernel) and not torch.equal(out, statistics)
+    want = engine.nested_attention(q.double(), k.double(), v.double(), xo["n_heads"], [engine.NestedBinding(nk.double(), nv.double(), where)], method="closed_form")
+    torch.testing.assert_close(out.double(), want, atol=1e-4, rtol=1e-4)
+
+
 def test_base_model_and_negative_unchanged(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision):
     neg = encode_text(tiny_clip, "")
     pos_plain = encode_text(tiny_clip, "a photo of a dog")
