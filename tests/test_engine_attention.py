@@ -12,7 +12,7 @@ from engine_builders import make_binding, merge_heads, random_qkv, reference_nes
 from na_engine.attention import METHODS, NestedBinding, nested_attention, nested_correction, sdpa_attention, subject_maps
 
 EXACT_METHODS = [m for m in METHODS if m != "auto"]  # fused, cpu_kernel, statistics, closed_form
-TORCH_METHODS = [m for m in EXACT_METHODS if m != "cpu_kernel"]  # also for fp64, fp16, bf16 and autograd
+TORCH_METHODS = [m for m in EXACT_METHODS if m != "cpu_kernel"]  # the ones that also take fp64, fp16 and bf16
 
 FP32_TOL = 1e-5
 # NA_HYPOTHESIS_EXAMPLES=500 runs the property tests with that many fresh random examples;
