@@ -8,7 +8,7 @@ from .capture import AttentionCapture, token_legend
 from .errors import NestedAttentionError
 from .formats import inspect, load_adapter, save_adapter
 from .layers import TABLES, Layer, comfy_unet_layers, match_layers
-from .patch import NestedAttentionPatch, NestedRun, plan_registration
+from .hosts.comfy_patch import NestedAttentionPatch, NestedRun, plan_registration
 from .resampler import Resampler, ResamplerConfig
 from .subjects import Subject, SubjectSet, load_subject, save_subject
 from .tokens import find_trigger, word_ids

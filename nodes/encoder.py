@@ -1,6 +1,6 @@
 from ..na_engine import Subject, SubjectSet
 from ..na_engine.adapter import COMBINE_MODES
-from ..na_engine.images import CROP_MODES, prepare_references, thumbnail
+from ..na_engine.hosts.comfy_images import CROP_MODES, prepare_references, thumbnail
 
 
 class NestedSubjectEncoder:

@@ -7,7 +7,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.join(REPO, "tests", "support"))
 import fixtures_models as fm  # noqa: E402
 from comfy_server import ComfyServer, test_sized  # noqa: E402
 

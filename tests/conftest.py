@@ -1,4 +1,4 @@
-"""pytest fixtures around tests/comfy_harness.py (ComfyUI import + tiny random models).
+"""pytest fixtures around tests/support/comfy_harness.py (ComfyUI import + tiny random models).
 
 Tests that need ComfyUI take the `comfy` fixture (or call require_comfy()); they are skipped
 with a clear reason only when no ComfyUI tree is found at all. CI always has one
@@ -11,8 +11,9 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+SUPPORT = os.path.join(HERE, "support")  # the harness: ComfyUI import, model fixtures, server, builders
+if SUPPORT not in sys.path:
+    sys.path.insert(0, SUPPORT)
 if REPO not in sys.path:
     # at the end: ComfyUI's nodes.py must win over this pack's nodes/ package
     sys.path.append(REPO)

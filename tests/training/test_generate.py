@@ -1,4 +1,4 @@
-"""python -m na_engine.generate, and the diffusers processor against the ComfyUI patch."""
+"""python -m na_engine.standalone.generate, and the diffusers processor against the ComfyUI patch."""
 import json
 import os
 import subprocess
@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from na_engine.adapter import random_adapter
-from na_engine.diffusers_processor import BoundSubject, NestedAttnProcessor, NestedState
+from na_engine.hosts.diffusers_processor import BoundSubject, NestedAttnProcessor, NestedState
 from na_engine.formats import save_adapter
 from na_engine.layers import diffusers_layers
-from na_engine.patch import ROWS_KEY, BoundRows, NestedAttentionPatch, NestedRun
+from na_engine.hosts.comfy_patch import ROWS_KEY, BoundRows, NestedAttentionPatch, NestedRun
 from na_engine.resampler import ResamplerConfig
 from na_engine.subjects import Subject
 from tiny_diffusers import make_base, make_clip_vision, make_photos
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_UNET = dict(down_block_types=["CrossAttnDownBlock2D"] * 2, up_block_types=["CrossAttnUpBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1)
 RESAMPLER = ResamplerConfig(dim=32, depth=1, dim_head=8, heads=2, num_queries=4, embedding_dim=32, output_dim=32, ff_mult=2)
 
@@ -31,7 +31,7 @@ def world(tmp_path_factory):
 
 
 def generate(world, *args):
-    cmd = [sys.executable, "-m", "na_engine.generate", "--base", world["base"], "--adapter", world["adapter"], "--clip-vision", world["vision"],
+    cmd = [sys.executable, "-m", "na_engine.standalone.generate", "--base", world["base"], "--adapter", world["adapter"], "--clip-vision", world["vision"],
            "--steps", "2", "--size", "32", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
 
@@ -98,8 +98,8 @@ def test_only_the_positive_row_binds_and_strength_matters(world):
     from PIL import Image
 
     from na_engine.formats import load_adapter
-    from na_engine.generate import NestedGenerator
-    from na_engine.pipeline import load_base, load_vision
+    from na_engine.standalone.generate import NestedGenerator
+    from na_engine.standalone.models import load_base, load_vision
 
     base, vision = load_base(world["base"]), load_vision(world["vision"])
     generator = NestedGenerator(base, vision, NestedState(load_adapter(world["adapter"])), "cpu")

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .capture import AttentionCapture, token_legend
-from .diffusers_processor import BoundSubject, NestedState, install
-from .errors import NestedAttentionError, command_line
-from .pipeline import Base, Vision, image_features, trigger_where
+from ..capture import AttentionCapture, token_legend
+from ..hosts.diffusers_processor import BoundSubject, NestedState, install
+from ..errors import NestedAttentionError, command_line
+from .models import Base, Vision, image_features, trigger_where
 from .prepare import IMAGE_EXTS, has_word
 
 
@@ -206,8 +206,8 @@ def main(argv=None) -> int:
 
 
 def generate(args) -> List[str]:
-    from .formats import load_adapter
-    from .pipeline import check_match, clip_vision_width, load_base, load_vision, unet_config
+    from ..formats import load_adapter
+    from .models import check_match, clip_vision_width, load_base, load_vision, unet_config
 
     jobs = read_jobs(args.batch) if args.batch else _jobs_from_args(args)
     for job in jobs:  # the tokenizer checks again, exactly, once it is loaded

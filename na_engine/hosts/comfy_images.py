@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import NestedAttentionError
+from ..errors import NestedAttentionError
 
 CROP_MODES = ("center", "pad", "squash")
 GREY = 0.5  # background for masked-out and padded areas

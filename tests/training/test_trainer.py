@@ -11,10 +11,10 @@ from na_engine.attention import NestedBinding, nested_attention
 from na_engine.errors import NestedAttentionError
 from na_engine.formats import load_adapter, save_adapter
 from na_engine.layers import TABLES, diffusers_layers
-from na_engine.train import TrainConfig, train
+from na_engine.standalone.train import TrainConfig, train
 from tiny_diffusers import make_base, make_clip_vision, make_photos
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SD15 = dict(down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
             block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768)
 SDXL = dict(down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
@@ -23,7 +23,7 @@ SDXL = dict(down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnD
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from na_engine.prepare import prepare
+    from na_engine.standalone.prepare import prepare
 
     root = tmp_path_factory.mktemp("tiny")
     data = str(root / "data")
@@ -113,7 +113,7 @@ def test_export_matches_trained_weights_in_both_paths(world):
     that the diffusers processors compute from the weights the trainer checkpointed."""
     from safetensors.torch import load_file
 
-    from na_engine.diffusers_processor import BoundSubject, NestedState
+    from na_engine.hosts.diffusers_processor import BoundSubject, NestedState
 
     cfg = config(world, "export.safetensors", steps=2)
     train(cfg)
@@ -154,7 +154,7 @@ def test_bad_inputs_fail_before_loading(world, tmp_path):
 
 def test_base_and_clip_vision_mismatch_names_both(world, tmp_path):
     from na_engine.adapter import random_adapter
-    from na_engine.pipeline import fresh_config
+    from na_engine.standalone.models import fresh_config
     from diffusers import UNet2DConditionModel
 
     unet_cfg = UNet2DConditionModel.load_config(world["base"], subfolder="unet")
@@ -169,7 +169,7 @@ def test_base_and_clip_vision_mismatch_names_both(world, tmp_path):
 
 
 def test_out_of_memory_names_the_settings(world, monkeypatch):
-    import na_engine.train as trainer
+    import na_engine.standalone.train as trainer
 
     def oom(*args, **kwargs):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -185,8 +185,8 @@ def test_cli_trains_plainly_and_reports_bad_input(world):
     out = str(world["root"] / "cli.safetensors")
     args = ["--base", world["base"], "--clip-vision", world["vision"], "--data", world["data"], "--out", out]
     tiny = ["--steps", "2", "--batch-size", "1", "--tokens", "4", "--resampler-depth", "1", "--mixed-precision", "bf16", "--gradient-checkpointing"]
-    run = subprocess.run([sys.executable, "-m", "na_engine.train", *args, *tiny], cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "na_engine.standalone.train", *args, *tiny], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert load_adapter(out).config.num_queries == 4
-    bad = subprocess.run([sys.executable, "-m", "na_engine.train", *args[:4], "--data", "/nonexistent", "--out", out], cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([sys.executable, "-m", "na_engine.standalone.train", *args[:4], "--data", "/nonexistent", "--out", out], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: Data folder not found")

@@ -18,7 +18,7 @@ import sys
 import tempfile
 
 _TMP = None  # per-process temp dir for generated JSON configs
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACK_NAME = "comfyui_nested_attention"  # module name the pack gets as a custom node (comfy_server.py)
 
 

@@ -275,7 +275,7 @@ ADAPTER_CONFIG = dict(dim=768, depth=2, dim_head=64, heads=12, num_queries=16, e
 
 
 def _engine():
-    repo = os.path.dirname(HERE)
+    repo = os.path.dirname(os.path.dirname(HERE))
     if repo not in sys.path:
         sys.path.append(repo)  # last: ComfyUI's nodes.py must win over the pack's nodes/
     import na_engine
@@ -415,7 +415,7 @@ def populate_workflows(models_dir, workflow_paths=None, input_dir=None):
     (default: all of workflows/*.json) reference; built one at a time. Returns {name: path}."""
     import glob
     if workflow_paths is None:
-        workflow_paths = sorted(glob.glob(os.path.join(os.path.dirname(HERE), "workflows", "*.json")))
+        workflow_paths = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(HERE)), "workflows", "*.json")))
     out = {}
     for wf in workflow_paths:
         for folder, name in workflow_model_files(wf):

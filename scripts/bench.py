@@ -1,4 +1,4 @@
-"""Cross-attention layer benchmark at SDXL shapes: python -m na_engine.bench
+"""Cross-attention layer benchmark at SDXL shapes: python scripts/bench.py
 
 Variants, timed side by side in one run (interleaved, median of repeats):
   stock         plain attention, F.scaled_dot_product_attention
@@ -14,6 +14,7 @@ peak resident set size above the resident size with the inputs built, over one r
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -23,8 +24,10 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import cpu_kernel
-from .attention import NestedBinding, nested_attention, sdpa_attention
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(SCRIPTS))  # the repository root, for na_engine
+from na_engine import cpu_kernel  # noqa: E402
+from na_engine.attention import NestedBinding, nested_attention, sdpa_attention  # noqa: E402
 
 VARIANTS = ("stock", "nested", "nested_torch", "nested_cfg", "ip_adapter", "materialised")
 SHAPES = [(n, h, t, m) for n, h in ((4096, 10), (1024, 20)) for t in (77, 154) for m in (16, 64, 257)]
@@ -91,9 +94,9 @@ def peak_extra_bytes(name: str, shape: Tuple[int, int, int, int], threads: int) 
     the RSS it started from.  (ru_maxrss would not do: Linux carries it across fork and exec,
     so a child would inherit this process's peak.)"""
     code = (
-        "import torch; from na_engine import bench as b; torch.set_num_threads(%d);"
+        "import sys, torch; sys.path.insert(0, %r); import bench as b; torch.set_num_threads(%d);"
         "fn = b.variant(%r, *%r); start = b.rss('VmRSS'); b.reset_peak_rss(); fn(); print(b.rss('VmHWM') - start)"
-    ) % (threads, name, tuple(shape))
+    ) % (SCRIPTS, threads, name, tuple(shape))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -111,7 +114,7 @@ def reset_peak_rss() -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m na_engine.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python scripts/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="only N=4096, T=77, M=16")

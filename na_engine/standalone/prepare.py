@@ -15,7 +15,7 @@ import re
 import sys
 from typing import List, Optional, Tuple
 
-from .errors import NestedAttentionError, command_line
+from ..errors import NestedAttentionError, command_line
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DATASET_FILE = "dataset.json"

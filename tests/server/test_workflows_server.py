@@ -21,7 +21,7 @@ from conftest import require_comfy
 pytestmark = pytest.mark.server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))
 WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
 OUR_NODES = ("NestedAttentionLoader", "NestedSubjectEncoder", "NestedMultiSubjectCombine", "NestedAttentionApply",
              "NestedAttentionMapPreview", "NestedSubjectSave", "NestedSubjectLoad")

@@ -23,11 +23,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .attention import AttentionFn, NestedBinding, nested_attention, nested_correction, sdpa_attention, subject_maps
-from .capture import AttentionCapture
-from .errors import NestedAttentionError
-from .masks import query_mask
-from .subjects import Subject
+from ..attention import AttentionFn, NestedBinding, nested_attention, nested_correction, sdpa_attention, subject_maps
+from ..capture import AttentionCapture
+from ..errors import NestedAttentionError
+from ..masks import query_mask
+from ..subjects import Subject
 
 ROWS_KEY = "nested_attention_rows"
 log = logging.getLogger("nested_attention")

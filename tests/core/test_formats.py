@@ -18,7 +18,7 @@ from na_engine.errors import NestedAttentionError
 from na_engine.formats import FORMAT_VERSION, META_KEY, inspect, load_adapter, save_adapter
 from na_engine.layers import TABLES, match_layers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load(path):

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapter import NestedAdapter
-from .diffusers_processor import BoundSubject, NestedState, install
-from .errors import NestedAttentionError, command_line
+from ..adapter import NestedAdapter
+from ..hosts.diffusers_processor import BoundSubject, NestedState, install
+from ..errors import NestedAttentionError, command_line
 from .prepare import DATASET_FILE
 
 OOM_ADVICE = ("Out of memory. Lower --batch-size (and raise --grad-accum to keep the effective batch), lower --resolution, "
@@ -214,8 +214,8 @@ def init_nested_from_unet(adapter: NestedAdapter, unet) -> None:
 
 def check_inputs(cfg: TrainConfig):
     """Everything that can be checked from files and configs, before any weights load. Returns (record, unet config, vision width, init adapter)."""
-    from .formats import load_adapter
-    from .pipeline import check_match, clip_vision_width, unet_config
+    from ..formats import load_adapter
+    from .models import check_match, clip_vision_width, unet_config
 
     record_path = os.path.join(cfg.data, DATASET_FILE)
     if not os.path.isdir(cfg.data):
@@ -245,8 +245,8 @@ def train(cfg: TrainConfig) -> str:
     from accelerate.utils import DistributedDataParallelKwargs
     from tqdm.auto import tqdm
 
-    from .formats import save_adapter
-    from .pipeline import adapter_for, encode_prompts, fresh_config, load_base, load_vision, pixel_features, trigger_where
+    from ..formats import save_adapter
+    from .models import adapter_for, encode_prompts, fresh_config, load_base, load_vision, pixel_features, trigger_where
 
     record, unet_cfg, width, init = check_inputs(cfg)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),

@@ -14,11 +14,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .adapter import NestedAdapter, encoder_name
-from .errors import NestedAttentionError
-from .layers import Layer, base_name, diffusers_layers
-from .resampler import ResamplerConfig
-from .tokens import find_trigger
+from ..adapter import NestedAdapter, encoder_name
+from ..errors import NestedAttentionError
+from ..layers import Layer, base_name, diffusers_layers
+from ..resampler import ResamplerConfig
+from ..tokens import find_trigger
 
 
 @dataclass
@@ -89,7 +89,7 @@ def check_match(unet_cfg: dict, vision_width: int, adapter: Optional[NestedAdapt
     layers = diffusers_layers(unet_cfg)
     theirs = [(layer.comfy, layer.width) for layer in adapter.layers]
     if theirs != [(layer.comfy, layer.width) for layer in layers]:
-        from .layers import describe
+        from ..layers import describe
 
         raise NestedAttentionError(f"The adapter is made for {describe(adapter.layers)}, but the base {base} has {describe(layers)}.")
     if adapter.config.embedding_dim != vision_width:
@@ -247,6 +247,6 @@ def pixel_features(vision: Vision, pixels: Tensor, device) -> Tensor:
 
 def adapter_for(base: Base, resampler: ResamplerConfig, seed: int = 0) -> NestedAdapter:
     """A fresh adapter for this base: random resampler, nested K/V started near zero-mean small weights."""
-    from .adapter import random_adapter
+    from ..adapter import random_adapter
 
     return random_adapter(resampler, base.layers, seed=seed, base=base_name(base.layers)).train()

@@ -1,4 +1,4 @@
-"""na_engine.patch: the attn2 replace and model wrapper, driven the way ComfyUI drives them (no ComfyUI)."""
+"""na_engine.hosts.comfy_patch: the attn2 replace and model wrapper, driven the way ComfyUI drives them (no ComfyUI)."""
 import copy
 import logging
 
@@ -9,7 +9,7 @@ from engine_builders import TINY_RESAMPLER, reference_nested, tiny_layers
 from na_engine.adapter import random_adapter
 from na_engine.attention import NestedBinding, nested_attention, nested_correction, sdpa_attention
 from na_engine.capture import AttentionCapture, token_legend
-from na_engine.patch import ROWS_KEY, NestedAttentionPatch, NestedRun, plan_registration
+from na_engine.hosts.comfy_patch import ROWS_KEY, NestedAttentionPatch, NestedRun, plan_registration
 from na_engine.subjects import Subject
 
 L, D, HEAD_DIM = 77, 24, 8

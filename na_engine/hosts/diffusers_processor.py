@@ -16,12 +16,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .adapter import NestedAdapter
-from .attention import NestedBinding, nested_attention, subject_maps
-from .capture import AttentionCapture
-from .errors import NestedAttentionError
-from .layers import Layer
-from .masks import query_mask
+from ..adapter import NestedAdapter
+from ..attention import NestedBinding, nested_attention, subject_maps
+from ..capture import AttentionCapture
+from ..errors import NestedAttentionError
+from ..layers import Layer
+from ..masks import query_mask
 
 
 @dataclass
