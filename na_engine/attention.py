@@ -54,6 +54,13 @@ class NestedBinding:
     strength: float = 1.0
     query_mask: Optional[Tensor] = None  # (B or 1, N) in [0, 1]
 
+    def rows(self, index: Tensor) -> "NestedBinding":
+        """The binding for a subset of batch rows; ``index`` is a (B,) bool mask or a long index."""
+        mask = self.query_mask
+        if mask is not None and mask.shape[0] > 1:
+            mask = mask[index.to(mask.device)]
+        return NestedBinding(self.keys, self.values, self.where[index.to(self.where.device)], self.strength, mask)
+
 
 @dataclass
 class SubjectMaps:
@@ -113,7 +120,7 @@ def nested_attention(
         return _on_rows(cpu_kernel.nested_attention_cpu, q, k, v, heads, active, rows, base_attention)
     if method == "closed_form" or (training and method == "auto") or any(b.strength > 1 or b.strength < 0 for b in active) or _overlapping(active):
         out = base_attention(q, k, v, heads)
-        delta = nested_correction(q[rows], k[rows], v[rows], heads, [_rows_of(b, rows) for b in active])
+        delta = nested_correction(q[rows], k[rows], v[rows], heads, [b.rows(rows) for b in active])
         out = out.clone()
         out[rows] = out[rows] + delta.to(out.dtype)
         return out
@@ -169,7 +176,7 @@ def _on_rows(evaluate, q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Se
     if bool(rows.all()):
         return evaluate(q, k, v, heads, bindings)
     out = base_attention(q, k, v, heads).to(q.dtype).clone()
-    out[rows] = evaluate(q[rows], k[rows], v[rows], heads, [_rows_of(b, rows) for b in bindings])
+    out[rows] = evaluate(q[rows], k[rows], v[rows], heads, [b.rows(rows) for b in bindings])
     return out
 
 
@@ -329,14 +336,6 @@ def _overlapping(bindings: Sequence[NestedBinding]) -> bool:
     if len(bindings) < 2:
         return False
     return bool((sum(b.where.to(torch.int32) for b in bindings) > 1).any())
-
-
-def _rows_of(bind: NestedBinding, rows: Tensor) -> NestedBinding:
-    rows = rows.to(bind.where.device)
-    mask = bind.query_mask
-    if mask is not None and mask.shape[0] > 1:
-        mask = mask[rows.to(mask.device)]
-    return NestedBinding(bind.keys, bind.values, bind.where[rows], bind.strength, mask)
 
 
 def _split(x: Tensor, heads: int) -> Tensor:

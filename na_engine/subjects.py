@@ -29,6 +29,22 @@ class Subject:
     def with_(self, **changes) -> "Subject":
         return replace(self, **changes)
 
+    def nested_kv(self, layer: int, device, dtype) -> Tuple[Tensor, Tensor]:
+        """This subject's nested keys and values at one adapter layer, (M, width) each.
+
+        Differentiable while training (the tokens carry grad, from the resampler); otherwise
+        computed once per layer, device and dtype and kept with the subject."""
+        to_k, to_v = self.adapter.to_k[layer], self.adapter.to_v[layer]
+        if torch.is_grad_enabled() and self.tokens.requires_grad:
+            tokens = self.tokens.to(device, to_k.weight.dtype)
+            return to_k(tokens).to(dtype), to_v(tokens).to(dtype)
+        cache = self.__dict__.setdefault("_kv", {})  # not a field: with_() makes a subject with an empty cache
+        key = (layer, str(device), dtype)
+        if key not in cache:
+            k, v = self.adapter.nested_kv(layer, self.tokens)
+            cache[key] = (k.to(device, dtype), v.to(device, dtype))
+        return cache[key]
+
 
 class SubjectSet(Tuple[Subject, ...]):
     """An ordered set of subjects whose trigger words differ."""

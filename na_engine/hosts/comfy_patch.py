@@ -17,28 +17,18 @@ from __future__ import annotations
 import copy
 import logging
 import uuid
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from ..attention import AttentionFn, NestedBinding, nested_attention, nested_correction, sdpa_attention, subject_maps
+from ..attention import AttentionFn, nested_attention, nested_correction, sdpa_attention
+from ..binding import Binder, ModelCall, Placement
 from ..capture import AttentionCapture
-from ..errors import NestedAttentionError
-from ..masks import query_mask
 from ..subjects import Subject
 
 ROWS_KEY = "nested_attention_rows"
 log = logging.getLogger("nested_attention")
-
-
-@dataclass
-class BoundRows:
-    """What one model call binds: per subject, its trigger positions in each row, (B, T) bool."""
-
-    where: List[Tensor]
-    latent_hw: Tuple[int, int]
 
 
 class NestedRun:
@@ -62,16 +52,19 @@ class NestedRun:
         self.base_attention = base_attention
         self.capture = capture
         self.uid = uuid.uuid4().hex
-        self.fired: Dict[tuple, int] = {}  # layer key -> calls that bound at least one row
-        self._kv: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+        self.binder = Binder()
         self._contexts: Dict[tuple, Tensor] = {}
-        self._masks: Dict[tuple, Tensor] = {}
         self._warned = False
+
+    @property
+    def fired(self) -> Dict[tuple, int]:
+        """Layer key -> model calls in which it bound at least one row."""
+        return self.binder.fired
 
     # -- per model call -------------------------------------------------------------------
 
-    def bind_rows(self, context: Optional[Tensor], sigmas: Tensor, latent_hw: Tuple[int, int]) -> Optional[BoundRows]:
-        """Rows whose context is this prompt (tiled r times) and whose sigma is in range."""
+    def bind_rows(self, context: Optional[Tensor], sigmas: Tensor, latent_hw: Tuple[int, int]) -> Optional[ModelCall]:
+        """The call's rows whose context is this prompt (tiled r times) and whose sigma is in range."""
         if context is None or context.shape[1] % self.context.shape[1]:
             return None
         reps = context.shape[1] // self.context.shape[1]
@@ -83,13 +76,13 @@ class NestedRun:
         if not bool(rows.any()):
             return None
         length = self.context.shape[1]
-        where = []
-        for pos in self.positions:
-            w = torch.zeros(context.shape[:2], dtype=torch.bool, device=context.device)
+        placements = []
+        for subject, pos in zip(self.subjects, self.positions):
+            where = torch.zeros(context.shape[:2], dtype=torch.bool, device=context.device)  # (B, T)
             cols = (pos[None] + length * torch.arange(reps)[:, None]).flatten().to(context.device)
-            w[rows.nonzero()[:, 0][:, None], cols[None]] = True
-            where.append(w)
-        return BoundRows(where, latent_hw)
+            where[rows.nonzero()[:, 0][:, None], cols[None]] = True
+            placements.append(Placement(subject, where, self.strength))
+        return ModelCall(placements, latent_hw, self.capture)
 
     def wrapper(self, previous: Optional[Callable] = None) -> Callable:
         """The model function wrapper that tells the layers which rows to bind."""
@@ -97,11 +90,11 @@ class NestedRun:
         def nested_attention_rows(apply_model, args):
             c = dict(args["c"])
             options = dict(c.get("transformer_options", {}))
-            bound = self.bind_rows(c.get("c_crossattn"), args["timestep"], tuple(args["input"].shape[-2:]))
+            call = self.bind_rows(c.get("c_crossattn"), args["timestep"], tuple(args["input"].shape[-2:]))
             if self.capture is not None:
                 self.capture.step(float(args["timestep"].max()))
-            self._warn_if_unmatched(bound, args.get("cond_or_uncond", []))
-            options[ROWS_KEY] = {**options.get(ROWS_KEY, {}), self.uid: bound}
+            self._warn_if_unmatched(call, args.get("cond_or_uncond", []))
+            options[ROWS_KEY] = {**options.get(ROWS_KEY, {}), self.uid: call}
             c["transformer_options"] = options
             args = {**args, "c": c}
             if previous is not None:
@@ -110,44 +103,14 @@ class NestedRun:
 
         return nested_attention_rows
 
-    # -- per layer ----------------------------------------------------------------------------
-
-    def bindings(self, key: tuple, bound: BoundRows, q: Tensor) -> List[NestedBinding]:
-        n = q.shape[1]
-        out = []
-        for i, subject in enumerate(self.subjects):
-            layer = subject.adapter.layer_index(key)
-            if layer is None:
-                continue
-            keys, values = self._nested_kv(i, layer, q.device, q.dtype)
-            mask = None if subject.mask is None else self._query_mask(i, bound.latent_hw, n, q.shape[0], q.device)
-            out.append(NestedBinding(keys, values, bound.where[i], self.strength * subject.strength, mask))
-        return out
-
-    def _nested_kv(self, subject: int, layer: int, device, dtype) -> Tuple[Tensor, Tensor]:
-        """K~/V~ of one subject at one layer, computed once per device and dtype."""
-        key = (subject, layer, str(device), dtype)
-        if key not in self._kv:
-            s = self.subjects[subject]
-            k, v = s.adapter.nested_kv(layer, s.tokens)
-            self._kv[key] = (k.to(device, dtype), v.to(device, dtype))
-        return self._kv[key]
-
-    def _query_mask(self, subject: int, latent_hw: Tuple[int, int], n: int, batch: int, device) -> Tensor:
-        """The subject's region mask at a layer's token grid, (1 or batch, n), made once per shape."""
-        key = (subject, latent_hw, n, batch, str(device))
-        if key not in self._masks:
-            self._masks[key] = _mask_rows(query_mask(self.subjects[subject].mask, latent_hw, n), batch).to(device)
-        return self._masks[key]
-
     def _context_like(self, context: Tensor) -> Tensor:
         key = (str(context.device), context.dtype)
         if key not in self._contexts:
             self._contexts[key] = self.context.to(context.device, context.dtype)
         return self._contexts[key]
 
-    def _warn_if_unmatched(self, bound: Optional[BoundRows], cond_or_uncond: Sequence[int]) -> None:
-        if bound is None and 0 in cond_or_uncond and not self._warned and not self.fired:
+    def _warn_if_unmatched(self, call: Optional[ModelCall], cond_or_uncond: Sequence[int]) -> None:
+        if call is None and 0 in cond_or_uncond and not self._warned and not self.fired:
             self._warned = True
             log.warning(
                 "Nested Attention: no positive batch row carries the prompt of this Nested Attention Patch. "
@@ -184,18 +147,17 @@ class NestedAttentionPatch:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
         heads = extra_options["n_heads"]
         layer_key = _layer_key(extra_options)
-        bound = extra_options.get(ROWS_KEY, {}).get(self.run.uid)
-        bindings = self.run.bindings(layer_key, bound, q) if bound is not None else []
+        call = extra_options.get(ROWS_KEY, {}).get(self.run.uid)
+        bound = self.run.binder.bindings(call, layer_key, q) if call is not None else []
+        bindings = [b for _, b in bound]
         if not bindings:
             out = self._base(q, k, v, extra_options)
         elif self.previous is None:
             out = nested_attention(q, k, v, heads, bindings, base_attention=self.run.base_attention)
         else:
             out = self._base(q, k, v, extra_options) + nested_correction(q, k, v, heads, bindings).to(q.dtype)
-        if bindings:
-            self.run.fired[layer_key] = self.run.fired.get(layer_key, 0) + 1
-            if self.run.capture is not None:
-                self._capture(q, k, heads, bindings, bound)
+        if bound:
+            self.run.binder.record(layer_key, call, q, k, heads, bound)
         return self._callbacks(out, q, k, v, extra_options)
 
     def _base(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
@@ -212,24 +174,6 @@ class NestedAttentionPatch:
             if kwargs.get("sigma_end", float("-inf")) <= sigma <= kwargs.get("sigma_start", float("inf")):
                 out = out + callback(out, q, k, v, extra_options, **kwargs)
         return out
-
-    def _capture(self, q: Tensor, k: Tensor, heads: int, bindings: Sequence[NestedBinding], bound: BoundRows) -> None:
-        subject_of = [i for i, s in enumerate(self.run.subjects) if s.adapter.layer_index(self.key) is not None]
-        for i, binding in zip(subject_of, bindings):
-            rows = binding.where.any(-1)
-            if bool(rows.any()):
-                part = NestedBinding(binding.keys, binding.values, binding.where[rows], binding.strength)
-                self.run.capture.add(i, subject_maps(q[rows], k[rows], heads, part), bound.latent_hw)
-
-
-def _mask_rows(mask: Tensor, batch: int) -> Tensor:
-    """(1 or B, n) per-image masks -> (1 or batch, n).  ComfyUI stacks cond/uncond chunks of
-    B latent rows each, so batch row r shows latent image r % B."""
-    if mask.shape[0] == 1 or mask.shape[0] == batch:
-        return mask
-    if batch % mask.shape[0]:
-        raise NestedAttentionError(f"The subject mask holds {mask.shape[0]} images, but the sampler's batch has {batch} rows; give one mask, or one per latent image.")
-    return mask[torch.arange(batch, device=mask.device) % mask.shape[0]]
 
 
 def _layer_key(extra_options: dict) -> tuple:

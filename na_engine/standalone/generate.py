@@ -14,15 +14,18 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..capture import AttentionCapture, token_legend
-from ..hosts.diffusers_processor import BoundSubject, NestedState, install
+from ..adapter import NestedAdapter
+from ..binding import ModelCall, Placement
+from ..hosts.diffusers_processor import install
 from ..errors import NestedAttentionError, command_line
+from ..subjects import Subject
 from .models import Base, Vision, image_features, trigger_where
 from .prepare import IMAGE_EXTS, has_word
 
@@ -37,39 +40,31 @@ class Job:
     negative: str = ""
 
 
-@dataclass
-class EncodedSubject:
-    tokens: Tensor  # (n*M, D)
-    legend: Optional[Tensor]  # (H, W, 3) first reference coloured by token, for the maps panel
-
-
 class NestedGenerator:
-    """A diffusers pipeline whose UNet runs the engine's nested attention; ``state`` may be shared with a trainer."""
+    """A diffusers pipeline whose UNet runs the engine's nested attention (its processors may be a trainer's)."""
 
-    def __init__(self, base: Base, vision: Vision, state: NestedState, device):
+    def __init__(self, base: Base, vision: Vision, adapter: NestedAdapter, device):
         from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        self.base, self.vision, self.state, self.device = base, vision, state, device
-        if not any(getattr(p, "state", None) is state for p in base.unet.attn_processors.values()):
-            install(base.unet, state, state.adapter.layers)
+        self.base, self.vision, self.adapter, self.device = base, vision, adapter, device
+        self.processors = install(base.unet, adapter.layers)
         scheduler = DDIMScheduler.from_config(base.scheduler.config)
         te, tok = base.text_encoders, base.tokenizers
         if base.is_xl:
             self.pipe = StableDiffusionXLPipeline(base.vae, te[0], te[1], tok[0], tok[1], base.unet, scheduler)
         else:
-            self.pipe = StableDiffusionPipeline(base.vae, te[0], tok[0], base.unet, scheduler, None, None, requires_safety_checker=False)
+            self.pipe = StableDiffusionPipeline(base.vae, te[0], tok[0], base.unet, scheduler, None, None,
+                                                requires_safety_checker=False)
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
 
     @torch.no_grad()
-    def encode(self, images: Sequence, combine: str = "concat") -> EncodedSubject:
-        """PIL photos of one subject -> its tokens, as the ComfyUI encode node makes them."""
-        tokens, weights = self.state.adapter.encode(image_features(self.vision, images, self.device), combine)
-        legend = None
-        if len(images) == 1:
-            ref = torch.from_numpy(np.array(images[0].convert("RGB").resize((256, 256)))).float() / 255
-            legend = token_legend(weights.float().cpu(), ref)
-        return EncodedSubject(tokens, legend)
+    def encode(self, images: Sequence, trigger: str, combine: str = "concat") -> Subject:
+        """PIL photos of one subject -> the subject, as the ComfyUI encode node makes it."""
+        tokens, weights = self.adapter.encode(image_features(self.vision, images, self.device), combine)
+        reference = torch.from_numpy(np.array(images[0].convert("RGB").resize((256, 256)))).float() / 255  # (256, 256, 3)
+        attention = weights.float().cpu() if len(images) == 1 else None  # the maps' legend colours one photo
+        return Subject(tokens, self.adapter, trigger, token_attention=attention, reference=reference)
 
     @torch.no_grad()
     def decode(self, latents: Tensor):
@@ -81,32 +76,27 @@ class NestedGenerator:
         return Image.fromarray(((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
 
     @torch.no_grad()
-    def __call__(self, prompt: str, subject: EncodedSubject, trigger: str, seed: int, steps: int = 30, cfg: float = 7.0,
+    def __call__(self, prompt: str, subject: Subject, seed: int, steps: int = 30, cfg: float = 7.0,
                  size: int = 512, negative: str = "", strength: float = 1.0, maps: bool = True):
         """-> (image, maps panel or None), PIL images."""
         from PIL import Image
 
-        where = trigger_where(self.base, [prompt], trigger)  # (1, T)
+        where = trigger_where(self.base, [prompt], subject.trigger)  # (1, T)
         if cfg > 1:  # the pipelines batch [negative, positive]; only the positive row binds
             where = torch.cat([torch.zeros_like(where), where])
-        state = self.state
-        saved = state.subjects, state.closed_form, state.capture
-        state.subjects = [BoundSubject(subject.tokens, where, strength)]
-        state.closed_form = False
-        state.latent_hw = (size // self.pipe.vae_scale_factor,) * 2
-        state.capture = AttentionCapture([subject.legend]) if maps else None
-        try:
+        legend = None if subject.token_attention is None else token_legend(subject.token_attention, subject.reference)
+        capture = AttentionCapture([legend]) if maps else None
+        call = ModelCall([Placement(subject, where, strength)], (size // self.pipe.vae_scale_factor,) * 2, capture)
+        with self.processors.bound(call):
             generator = torch.Generator("cpu").manual_seed(seed)
-            latents = self.pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, height=size, width=size,
-                                generator=generator, output_type="latent").images  # (1, 4, size/8, size/8)
-            image = self.decode(latents)
-            panel = None
-            if maps:
-                pixels = torch.from_numpy(np.array(image)).float()[None] / 255  # (1, H, W, 3)
-                panel = Image.fromarray((state.capture.render(pixels)[0].numpy() * 255).round().astype("uint8"))
-            return image, panel
-        finally:
-            state.subjects, state.closed_form, state.capture = saved
+            latents = self.pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg,
+                                height=size, width=size, generator=generator, output_type="latent").images  # (1, 4, h, w)
+        image = self.decode(latents)
+        panel = None
+        if maps:
+            pixels = torch.from_numpy(np.array(image)).float()[None] / 255  # (1, H, W, 3)
+            panel = Image.fromarray((capture.render(pixels)[0].numpy() * 255).round().astype("uint8"))
+        return image, panel
 
 
 # -- jobs -----------------------------------------------------------------------------------
@@ -153,10 +143,10 @@ def run_jobs(generator: NestedGenerator, jobs: Sequence[Job], out: str, steps: i
     cache = {}
     written = []
     for i, job in enumerate(jobs):
-        key = tuple(job.images)
+        key = (tuple(job.images), job.trigger)
         if key not in cache:
-            cache[key] = generator.encode([_open(p) for p in job.images])
-        image, panel = generator(job.prompt, cache[key], job.trigger, job.seed, steps, cfg, size, job.negative, strength, maps)
+            cache[key] = generator.encode([_open(p) for p in job.images], job.trigger)
+        image, panel = generator(job.prompt, cache[key], job.seed, steps, cfg, size, job.negative, strength, maps)
         stem = os.path.join(out, f"{i:04d}_{job.name}_{job.seed}")
         image.save(stem + ".png")
         if panel is not None:
@@ -219,7 +209,7 @@ def generate(args) -> List[str]:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype, torch.float16 if device == "cuda" else torch.float32)
     base, vision = load_base(args.base, args.base_config, dtype), load_vision(args.clip_vision, dtype)
     vision.model.to(device)
-    generator = NestedGenerator(base, vision, NestedState(adapter.to(device)), device)
+    generator = NestedGenerator(base, vision, adapter.to(device), device)
     size = args.size or (1024 if base.is_xl else 512)
     return run_jobs(generator, jobs, args.out, args.steps, args.cfg, size, args.strength, not args.no_maps)
 

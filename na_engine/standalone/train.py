@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapter import NestedAdapter
-from ..hosts.diffusers_processor import BoundSubject, NestedState, install
+from ..binding import ModelCall, Placement
+from ..hosts.diffusers_processor import install
 from ..errors import NestedAttentionError, command_line
+from ..subjects import Subject
 from .prepare import DATASET_FILE
 
 OOM_ADVICE = ("Out of memory. Lower --batch-size (and raise --grad-accum to keep the effective batch), lower --resolution, "
@@ -159,20 +161,23 @@ def collate(items: Sequence[dict]) -> dict:
 class NestedDenoiser(nn.Module):
     """The adapter around the frozen UNet: one forward is one noise prediction, so DDP wraps the whole use."""
 
-    def __init__(self, adapter: NestedAdapter, unet, state: NestedState):
+    def __init__(self, adapter: NestedAdapter, unet, trigger: str):
         super().__init__()
-        self.adapter = adapter
-        self.__dict__["unet"], self.__dict__["state"] = unet, state  # frozen, not submodules: DDP ignores them
+        self.adapter, self.trigger = adapter, trigger
+        self.__dict__["unet"] = unet  # frozen, not a submodule: DDP ignores it
+        self.__dict__["processors"] = install(unet, adapter.layers)
 
-    def forward(self, noisy: Tensor, timesteps: Tensor, context: Tensor, added: Optional[dict], features: Tensor, where: Tensor) -> Tensor:
+    def forward(self, noisy: Tensor, timesteps: Tensor, context: Tensor, added: Optional[dict], features: Tensor,
+                where: Tensor) -> Tensor:
         """noisy (B, 4, h, w); context (B, T, C); features (B, P, E); where (B, T) bool -> predicted noise (B, 4, h, w)."""
         tokens = self.adapter.resampler(features)  # (B, M, D)
         rows = torch.eye(len(where), dtype=torch.bool, device=where.device)  # row i binds subject i only
-        self.state.subjects = [BoundSubject(tokens[i], where & rows[i][:, None]) for i in range(len(where)) if bool(where[i].any())]
-        self.state.latent_hw = tuple(noisy.shape[-2:])
-        pred = self.unet(noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        placements = [Placement(Subject(tokens[i], self.adapter, self.trigger), where & rows[i][:, None])
+                      for i in range(len(where)) if bool(where[i].any())]
+        with self.processors.bound(ModelCall(placements, tuple(noisy.shape[-2:]))):
+            pred = self.unet(noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
         # A batch that dropout left without any subject still backpropagates (to zero), as every DDP rank must.
-        return pred if self.state.subjects else pred + 0 * tokens.sum()
+        return pred if placements else pred + 0 * tokens.sum()
 
 
 class EMA:
@@ -256,17 +261,14 @@ def train(cfg: TrainConfig) -> str:
     base, vision = load_base(cfg.base, cfg.base_config, frozen_dtype), load_vision(cfg.clip_vision, frozen_dtype)
     for module in [base.unet, base.vae, vision.model] + base.text_encoders:
         module.to(device)
-    if cfg.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
     if init is not None:
         adapter = init.train()
     else:
         adapter = adapter_for(base, fresh_config(unet_cfg, width, cfg.tokens, cfg.resampler_depth), cfg.seed)
         init_nested_from_unet(adapter, base.unet)
-    state = NestedState(adapter)
-    state.closed_form = True
-    install(base.unet, state, adapter.layers)
-    model = NestedDenoiser(adapter, base.unet, state)
+    model = NestedDenoiser(adapter, base.unet, record["class_word"])
+    if cfg.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing(model.processors.checkpoint)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
@@ -324,7 +326,7 @@ def train(cfg: TrainConfig) -> str:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _checkpoint(accelerator, cfg, step)
             if cfg.validate_every and step % cfg.validate_every == 0 and accelerator.is_main_process:
-                validate(cfg, base, vision, state, ema, data, step, device)
+                validate(cfg, base, vision, adapter, ema, data, step, device)
     except RuntimeError as e:
         if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
             raise NestedAttentionError(f"{OOM_ADVICE} ({e.__class__.__name__} at step {step}, batch {cfg.batch_size}, resolution {resolution})") from e
@@ -379,25 +381,21 @@ def _resume(accelerator, cfg: TrainConfig) -> int:
 
 
 @torch.no_grad()
-def validate(cfg: TrainConfig, base, vision, state: NestedState, ema: Optional[EMA], data: TrainSet, step: int, device) -> None:
+def validate(cfg: TrainConfig, base, vision, adapter: NestedAdapter, ema: Optional[EMA], data: TrainSet, step: int,
+             device) -> None:
     """Images and attention-map panels for the validation prompts, with the first training subject."""
     from .generate import NestedGenerator
 
-    adapter = state.adapter
-    state.adapter = ema.copy_to(copy.deepcopy(adapter)) if ema is not None else adapter
-    try:
-        generator = NestedGenerator(base, vision, state, device)
-        image, mask = data.load(0)
-        subject = generator.encode([subject_crop(image, mask)])
-        prompts = cfg.validation_prompts or [f"a photo of a {data.class_word}"]
-        folder = os.path.join(cfg.run_dir, "validation")
-        os.makedirs(folder, exist_ok=True)
-        for i, prompt in enumerate(prompts):
-            picture, panel = generator(prompt, subject, data.class_word, cfg.seed, cfg.validation_steps, 7.0, data.resolution)
-            picture.save(os.path.join(folder, f"step{step:07d}_{i}.png"))
-            panel.save(os.path.join(folder, f"step{step:07d}_{i}.maps.png"))
-    finally:
-        state.adapter = adapter
+    generator = NestedGenerator(base, vision, ema.copy_to(copy.deepcopy(adapter)) if ema is not None else adapter, device)
+    image, mask = data.load(0)
+    subject = generator.encode([subject_crop(image, mask)], data.class_word)
+    prompts = cfg.validation_prompts or [f"a photo of a {data.class_word}"]
+    folder = os.path.join(cfg.run_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    for i, prompt in enumerate(prompts):
+        picture, panel = generator(prompt, subject, cfg.seed, cfg.validation_steps, 7.0, data.resolution)
+        picture.save(os.path.join(folder, f"step{step:07d}_{i}.png"))
+        panel.save(os.path.join(folder, f"step{step:07d}_{i}.maps.png"))
 
 
 def parse(argv=None) -> TrainConfig:

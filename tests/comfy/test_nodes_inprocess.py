@@ -195,7 +195,7 @@ def test_conditioning_combine_after(pack, engine, tiny_sd15, tiny_clip, tiny_cli
     sample(model, combined, encode_text(tiny_clip, ""), steps=1)
     q, k, v, xo, out = calls[0]
     bound = xo["nested_attention_rows"][run_of(model).uid]
-    rows = bound.where[0].any(-1)
+    rows = bound.placements[0].where.any(-1)
     assert 0 < int(rows.sum()) < q.shape[0]  # our chunk only, not the other prompt's
     import comfy.ldm.modules.attention as attention
 

@@ -173,11 +173,11 @@ def test_untiled_and_triple_tiled_context(adapter):
     ours, _ = contexts()
     run = NestedRun(subjects, POSITIONS, ours, sigma_range=(10.0, 1.0))
     bound = run.bind_rows(ours, torch.tensor([5.0]), LATENT)
-    assert [w.nonzero()[:, 1].tolist() for w in bound.where] == POSITIONS
+    assert [p.where.nonzero()[:, 1].tolist() for p in bound.placements] == POSITIONS
     triple = torch.cat([torch.zeros(1, 3 * L, D), ours.repeat(1, 3, 1)])
     bound = run.bind_rows(triple, torch.tensor([5.0, 5.0]), LATENT)
-    assert bound.where[0][0].sum() == 0
-    assert bound.where[0][1].nonzero()[:, 0].tolist() == [5, 6, 82, 83, 159, 160]
+    assert bound.placements[0].where[0].sum() == 0
+    assert bound.placements[0].where[1].nonzero()[:, 0].tolist() == [5, 6, 82, 83, 159, 160]
     assert run.bind_rows(torch.zeros(1, L + 3, D), torch.tensor([5.0]), LATENT) is None
     assert run.bind_rows(None, torch.tensor([5.0]), LATENT) is None
 
@@ -360,7 +360,7 @@ def test_wrapper_chains_previous_and_leaves_args(adapter):
 
     assert run.wrapper(previous)(None, args) == "from previous"
     bound = seen["c"]["transformer_options"][ROWS_KEY][run.uid]
-    assert bound.latent_hw == LATENT and [w.any(-1).tolist() for w in bound.where] == [[False, True, False, True]] * 2
+    assert bound.latent_hw == LATENT and [p.where.any(-1).tolist() for p in bound.placements] == [[False, True, False, True]] * 2
     assert seen["c"]["transformer_options"]["other"] == 1
     assert ROWS_KEY not in options and ROWS_KEY not in args["c"]["transformer_options"]  # caller's dicts untouched
 
@@ -425,9 +425,9 @@ def test_nested_kv_cached_per_device_and_dtype(adapter, monkeypatch):
     key = ("middle", 0, 0)
     q, k, v = (t.double() for t in unet.qkv(key, torch.randn(4, 4, *LATENT), contexts()[1]))
     bound = run.bind_rows(contexts()[1].double(), torch.full((4,), 5.0), LATENT)
-    binds = run.bindings(key, bound, q)
-    assert binds[0].keys.dtype == torch.float64 and len(calls) == first + 2
-    run.bindings(key, bound, q)
+    binds = run.binder.bindings(bound, key, q)
+    assert binds[0][1].keys.dtype == torch.float64 and len(calls) == first + 2
+    run.binder.bindings(bound, key, q)
     assert len(calls) == first + 2
 
 
@@ -495,4 +495,4 @@ def test_mask_batch_that_fits_no_row_layout(adapter):
     run = NestedRun(subjects, POSITIONS, ours, sigma_range=(10.0, 1.0))
     bound = run.bind_rows(ctx, torch.full((4,), 5.0), LATENT)
     with pytest.raises(NestedAttentionError, match="3 images.*4 rows"):
-        run.bindings(("input", 1, 0), bound, torch.randn(4, 35, 32))
+        run.binder.bindings(bound, ("input", 1, 0), torch.randn(4, 35, 32))

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from na_engine.adapter import random_adapter
-from na_engine.hosts.diffusers_processor import BoundSubject, NestedAttnProcessor, NestedState
+from na_engine.binding import ModelCall, Placement
+from na_engine.hosts.diffusers_processor import NestedAttnProcessor, NestedProcessors
 from na_engine.formats import save_adapter
 from na_engine.layers import diffusers_layers
-from na_engine.hosts.comfy_patch import ROWS_KEY, BoundRows, NestedAttentionPatch, NestedRun
+from na_engine.hosts.comfy_patch import ROWS_KEY, NestedAttentionPatch, NestedRun
 from na_engine.resampler import ResamplerConfig
 from na_engine.subjects import Subject
 from tiny_diffusers import make_base, make_clip_vision, make_photos
@@ -51,15 +52,16 @@ def test_processor_and_comfy_patch_give_the_same_layer_output(strength, rows):
     where = torch.zeros(2, 10, dtype=torch.bool)
     where[rows, 3] = True
 
-    state = NestedState(adapter)
-    state.subjects, state.latent_hw = [BoundSubject(tokens, where, strength)], (4, 4)
-    attn.set_processor(NestedAttnProcessor(state, 0))
-    with torch.no_grad():
+    processors = NestedProcessors()
+    attn.set_processor(NestedAttnProcessor(processors, layers[0]))
+    subject = Subject(tokens, adapter, "dog")
+    with torch.no_grad(), processors.bound(ModelCall([Placement(subject, where, strength)], (4, 4))):
         ours = attn(hidden, encoder_hidden_states=context)
+    assert processors.call is None and processors.fired == {layers[0].comfy: 1}
 
     run = NestedRun([Subject(tokens, adapter, "dog", strength)], [[3]], context[:1])
     patch = NestedAttentionPatch(run, layers[0].comfy)
-    options = {"n_heads": 4, "block": layers[0].comfy[:2], "block_index": 0, ROWS_KEY: {run.uid: BoundRows([where], (4, 4))}}
+    options = {"n_heads": 4, "block": layers[0].comfy[:2], "block_index": 0, ROWS_KEY: {run.uid: ModelCall([Placement(run.subjects[0], where)], (4, 4))}}
     with torch.no_grad():
         q, k, v = attn.to_q(hidden), attn.to_k(context), attn.to_v(context)
         theirs = attn.to_out[0](patch(q, k, v, options))
@@ -102,16 +104,17 @@ def test_only_the_positive_row_binds_and_strength_matters(world):
     from na_engine.standalone.models import load_base, load_vision
 
     base, vision = load_base(world["base"]), load_vision(world["vision"])
-    generator = NestedGenerator(base, vision, NestedState(load_adapter(world["adapter"])), "cpu")
+    generator = NestedGenerator(base, vision, load_adapter(world["adapter"]), "cpu")
     seen = []
-    original = generator.state.bindings
-    generator.state.bindings = lambda layer, q: seen.append(original(layer, q)) or seen[-1]
-    subject = generator.encode([Image.open(os.path.join(world["photos"], "photo_0.png"))])
-    strong, _ = generator("a photo of a dog", subject, "dog", seed=0, steps=2, size=32, maps=False)
-    assert seen and all(b[0].where[:, 5].tolist() == [False, True] and int(b[0].where.sum()) == 1 for b in seen)
-    none, _ = generator("a photo of a dog", subject, "dog", seed=0, steps=2, size=32, strength=0.0, maps=False)
+    binder = generator.processors.binder
+    original = binder.bindings
+    binder.bindings = lambda call, key, q: seen.append(original(call, key, q)) or seen[-1]
+    subject = generator.encode([Image.open(os.path.join(world["photos"], "photo_0.png"))], "dog")
+    strong, _ = generator("a photo of a dog", subject, seed=0, steps=2, size=32, maps=False)
+    assert seen and all(b[0][1].where[:, 5].tolist() == [False, True] and int(b[0][1].where.sum()) == 1 for b in seen)
+    none, _ = generator("a photo of a dog", subject, seed=0, steps=2, size=32, strength=0.0, maps=False)
     assert strong.tobytes() != none.tobytes()
-    assert generator.state.subjects == [] and generator.state.fired
+    assert generator.processors.call is None and generator.processors.fired
 
 
 def test_import_na_engine_does_not_import_diffusers():

@@ -113,7 +113,7 @@ def test_export_matches_trained_weights_in_both_paths(world):
     that the diffusers processors compute from the weights the trainer checkpointed."""
     from safetensors.torch import load_file
 
-    from na_engine.hosts.diffusers_processor import BoundSubject, NestedState
+    from na_engine.subjects import Subject
 
     cfg = config(world, "export.safetensors", steps=2)
     train(cfg)
@@ -122,11 +122,9 @@ def test_export_matches_trained_weights_in_both_paths(world):
     sd = load_file(os.path.join(cfg.run_dir, "checkpoint-0000002", "model.safetensors"))
     trained.load_state_dict({k[len("adapter."):]: v for k, v in sd.items()})
     tokens = torch.randn(4, comfy_side.config.output_dim)
-    state = NestedState(trained)
-    state.subjects = [BoundSubject(tokens, torch.ones(1, 16, dtype=torch.bool))]
+    subject = Subject(tokens, trained, "dog")  # the subject a training step binds, its tokens needing no grad here
     for layer in comfy_side.layers:
-        q = torch.zeros(1, 4, layer.width)
-        binding = state.bindings(layer.index, q)[0]
+        binding = NestedBinding(*subject.nested_kv(layer.index, "cpu", torch.float32), torch.ones(1, 16, dtype=torch.bool))
         k, v = comfy_side.nested_kv(layer.index, tokens)
         torch.testing.assert_close(binding.keys, k, rtol=0, atol=0)
         torch.testing.assert_close(binding.values, v, rtol=0, atol=0)
