@@ -111,27 +111,79 @@ def nested_attention(
     rows = _bound_rows(active, q.shape[0])
     if not bool(rows.any()):
         return base_attention(q, k, v, heads)
-    training = _records_grad(q, k, v, active)
-    if training and (method in ("statistics", "cpu_kernel") or (method == "fused" and q.requires_grad)):
+    case = Case(q, active, rows, _records_grad(q, k, v, active))
+    return EVALUATIONS[choose_method(method, case)](q, k, v, heads, active, rows, base_attention)
+
+
+@dataclass
+class Case:
+    """What the choice of evaluation depends on."""
+
+    q: Tensor  # (B, N, H*d)
+    bindings: Sequence[NestedBinding]  # those with a non-zero strength
+    rows: Tensor  # (B,) bool: rows some binding touches
+    training: bool  # autograd records through q, k, v or the nested keys/values
+
+    @property
+    def general(self) -> bool:
+        """Only the closed form (and the CPU kernel) can take a strength outside [0, 1], or two subjects on one position."""
+        return any(b.strength > 1 or b.strength < 0 for b in self.bindings) or _overlapping(self.bindings)
+
+
+# auto takes the first evaluation whose rule holds, so each line is one rule, tested alone:
+AUTO = (
+    ("cpu_kernel", lambda c: bool(c.rows.all()) and cpu_kernel.usable(c.q, c.training)),  # else SDPA runs anyway
+    ("closed_form", lambda c: c.training or c.general),
+    ("statistics", lambda c: _has_statistics_kernel(c.q)),
+    ("fused", lambda c: True),
+)
+
+
+def choose_method(method: str, case: Case) -> str:
+    """The evaluation that runs: auto's first applicable one, or the one asked for when it can.
+
+    | auto's order | when                                                         |
+    |--------------|--------------------------------------------------------------|
+    | cpu_kernel   | every row bound, fp32 CPU inference, the kernel built       |
+    | closed_form  | under autograd; a strength outside [0, 1]; shared positions |
+    | statistics   | CPU inference (PyTorch's CPU kernel returns logsumexp)      |
+    | fused        | otherwise (GPU inference)                                   |
+
+    An explicit fused or statistics falls back to the closed form where it cannot express the case."""
+    if method == "auto":
+        return next(name for name, applies in AUTO if applies(case))
+    if case.training and (method in ("statistics", "cpu_kernel") or (method == "fused" and case.q.requires_grad)):
         raise ValueError(f"method {method!r} cannot backpropagate here; under autograd use 'closed_form' (or 'auto', which picks it)")
-    if method == "cpu_kernel" and not cpu_kernel.usable(q):
+    if method == "cpu_kernel" and not cpu_kernel.usable(case.q):
         raise ValueError("method 'cpu_kernel' needs fp32 CPU tensors and the built kernel (the log says why it is off)")
-    if method == "cpu_kernel" or (method == "auto" and bool(rows.all()) and cpu_kernel.usable(q, training)):
-        return _on_rows(cpu_kernel.nested_attention_cpu, q, k, v, heads, active, rows, base_attention)
-    if method == "closed_form" or (training and method == "auto") or any(b.strength > 1 or b.strength < 0 for b in active) or _overlapping(active):
-        out = base_attention(q, k, v, heads)
-        delta = nested_correction(q[rows], k[rows], v[rows], heads, [b.rows(rows) for b in active])
-        out = out.clone()
-        out[rows] = out[rows] + delta.to(out.dtype)
-        return out
-    evaluate = _fused
-    if method == "statistics" or (method == "auto" and _has_statistics_kernel(q)):
-        if not _has_statistics_kernel(q):
-            raise ValueError("method 'statistics' needs PyTorch's CPU attention kernel")
-        if base_attention is sdpa_attention:
-            return _with_statistics(q, k, v, heads, active, rows)
-        evaluate = _with_statistics
-    return _on_rows(evaluate, q, k, v, heads, active, rows, base_attention)
+    if method == "statistics" and not _has_statistics_kernel(case.q):
+        raise ValueError("method 'statistics' needs PyTorch's CPU attention kernel")
+    return "closed_form" if method in ("fused", "statistics") and case.general else method
+
+
+def _run_cpu_kernel(q, k, v, heads, bindings, rows, base_attention):
+    return _on_rows(cpu_kernel.nested_attention_cpu, q, k, v, heads, bindings, rows, base_attention)
+
+
+def _run_closed_form(q, k, v, heads, bindings, rows, base_attention):
+    out = base_attention(q, k, v, heads).clone()
+    delta = nested_correction(q[rows], k[rows], v[rows], heads, [b.rows(rows) for b in bindings])
+    out[rows] = out[rows] + delta.to(out.dtype)
+    return out
+
+
+def _run_statistics(q, k, v, heads, bindings, rows, base_attention):
+    if base_attention is sdpa_attention:  # one kernel call gives the plain rows and the statistics
+        return _with_statistics(q, k, v, heads, bindings, rows)
+    return _on_rows(_with_statistics, q, k, v, heads, bindings, rows, base_attention)
+
+
+def _run_fused(q, k, v, heads, bindings, rows, base_attention):
+    return _on_rows(_fused, q, k, v, heads, bindings, rows, base_attention)
+
+
+EVALUATIONS = {"cpu_kernel": _run_cpu_kernel, "closed_form": _run_closed_form, "statistics": _run_statistics,
+               "fused": _run_fused}
 
 
 def nested_correction(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding]) -> Tensor:

@@ -424,3 +424,41 @@ def test_many_nested_tokens(method):
     q, k, v = random_qkv(2, 12, 20, 2, 8, seed=70)
     binds = [make_binding(2, 20, 16, 70, {0: [3, 4], 1: [9]}, strength=0.8, seed=71)]
     assert_close64(nested_attention(q, k, v, 2, binds, method=method), reference_nested(q, k, v, 2, binds))
+
+
+# -- the method table: one test per rule of auto -------------------------------------------------
+
+
+def _case(rows=(True, True), strength=1.0, dtype=torch.float32, device="cpu", training=False):
+    from na_engine.attention import Case
+
+    q = torch.zeros(len(rows), 4, 8, dtype=dtype, device=device)
+    where = torch.zeros(len(rows), 3, dtype=torch.bool)
+    where[list(rows), 1] = True
+    return Case(q, [NestedBinding(torch.zeros(2, 8), torch.zeros(2, 8), where, strength)], torch.tensor(rows), training)
+
+
+def test_auto_takes_the_cpu_kernel_when_every_row_is_bound_in_fp32_inference():
+    from na_engine.attention import choose_method
+
+    assert choose_method("auto", _case()) == "cpu_kernel"
+    assert choose_method("auto", _case(strength=1.7)) == "cpu_kernel"  # the kernel takes any strength
+    assert choose_method("auto", _case(rows=(False, True))) != "cpu_kernel"  # SDPA runs on the plain row anyway
+    assert choose_method("auto", _case(dtype=torch.float64)) != "cpu_kernel"
+
+
+def test_auto_takes_the_closed_form_under_autograd_and_for_general_strengths():
+    from na_engine.attention import choose_method
+
+    assert choose_method("auto", _case(training=True)) == "closed_form"
+    assert choose_method("auto", _case(rows=(False, True), strength=1.5)) == "closed_form"
+    assert choose_method("auto", _case(rows=(False, True), strength=-0.5)) == "closed_form"
+    assert choose_method("fused", _case(strength=2.0)) == "closed_form"  # fused cannot express it
+
+
+def test_auto_takes_statistics_on_cpu_and_fused_elsewhere():
+    from na_engine.attention import choose_method
+
+    assert choose_method("auto", _case(rows=(False, True))) == "statistics"
+    assert choose_method("auto", _case(rows=(False, True), device="meta")) == "fused"
+    assert choose_method("statistics", _case()) == "statistics"  # an explicit choice is honoured where it applies
