@@ -7,7 +7,8 @@ from .attention import NestedBinding, SubjectMaps, nested_attention, nested_corr
 from .capture import AttentionCapture, token_legend
 from .errors import NestedAttentionError
 from .formats import inspect, load_adapter, save_adapter
-from .layers import TABLES, Layer, comfy_unet_layers, match_layers
+from .hosts.comfy_layers import comfy_unet_layers, match_layers
+from .layers import TABLES, Layer
 from .hosts.comfy_patch import NestedAttentionPatch, NestedRun, plan_registration
 from .resampler import Resampler, ResamplerConfig
 from .subjects import Subject, SubjectSet, load_subject, save_subject

@@ -15,6 +15,11 @@ from .errors import NestedAttentionError
 BOS, EOS = 49406, 49407
 
 
+def has_word(caption: str, word: str) -> bool:
+    """Whether ``word`` stands in ``caption`` as a whole word, in any case."""
+    return re.search(rf"(?<![\w]){re.escape(word.lower())}(?![\w])", caption.lower()) is not None
+
+
 def word_ids(tokenized_chunk: Sequence) -> List[int]:
     """The ids of one tokenized word, as a tokenizer returns it in a single chunk: BOS ids EOS pad..."""
     ids = [_id(t) for t in tokenized_chunk]

@@ -21,6 +21,7 @@ class NestedAttentionApply:
 
     RETURN_TYPES = ("MODEL", "CONDITIONING", "NESTED_CAPTURE")
     RETURN_NAMES = ("model", "positive", "capture")
+    CAPTURE_OUTPUT = RETURN_NAMES.index("capture")  # graph links name an output by its index
     OUTPUT_TOOLTIPS = (
         "The model with nested attention on every cross-attention layer.",
         "The encoded prompt: use it as the sampler's positive input (ControlNet and Combine may follow).",
@@ -44,7 +45,7 @@ class NestedAttentionApply:
             match_layers(s.adapter.layers, model_layers, repr(getattr(s.adapter, "name", "The adapter")))
         sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") else model.model.model_sampling
         sigmas = (float(sampling.percent_to_sigma(start_at)), float(sampling.percent_to_sigma(end_at)))
-        capture = AttentionCapture([_legend(s) for s in subjects]) if _consumed(prompt, unique_id, 2) else None
+        capture = AttentionCapture([_legend(s) for s in subjects]) if _consumed(prompt, unique_id, self.CAPTURE_OUTPUT) else None
         run = NestedRun(subjects, positions, cond.cpu(), strength, sigmas, comfy_attention.optimized_attention, capture)
 
         patched = model.clone()

@@ -1,4 +1,4 @@
-"""python -m na_engine.generate: standalone Nested Attention inference with diffusers pipelines.
+"""python -m na_engine generate: standalone Nested Attention inference with diffusers pipelines.
 
 One run:   --prompt "a photo of a bottle on a desk" --subject ref1.jpg --trigger bottle --seed 1 2
 Catalogue: --batch jobs.csv (columns prompt, subject, trigger, seed; subject = image or folder of images)
@@ -8,7 +8,6 @@ Each image is written to --out with, unless --no-maps, its attention-map panel:
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -26,8 +25,9 @@ from ..binding import ModelCall, Placement
 from ..hosts.diffusers_processor import install
 from ..errors import NestedAttentionError, command_line
 from ..subjects import Subject
+from ..tokens import has_word
+from . import cli
 from .models import Base, Vision, image_features, trigger_where
-from .prepare import IMAGE_EXTS, has_word
 
 
 @dataclass
@@ -113,25 +113,15 @@ def read_jobs(path: str) -> List[Job]:
         missing = {"prompt", "subject", "trigger"} - set(rows[0] if rows else {})
         if not rows or missing:
             raise NestedAttentionError(f"{os.path.basename(path)} needs a header with prompt, subject, trigger (and optionally seed, negative); missing: {', '.join(sorted(missing)) or 'rows'}.")
-        return [Job(r["prompt"], subject_images(_rel(base, r["subject"])), r["trigger"], int(r.get("seed") or 0),
+        return [Job(r["prompt"], cli.photo_files(_rel(base, r["subject"])), r["trigger"], int(r.get("seed") or 0),
                     os.path.splitext(os.path.basename(r["subject"].rstrip("/")))[0], r.get("negative") or "") for r in rows]
     with open(path) as f:
         spec = json.load(f)
     try:
-        subjects = [(s["name"], subject_images(_rel(base, s["images"])) if isinstance(s["images"], str) else [_rel(base, p) for p in s["images"]], s["trigger"]) for s in spec["subjects"]]
+        subjects = [(s["name"], cli.photo_files(_rel(base, s["images"])) if isinstance(s["images"], str) else [_rel(base, p) for p in s["images"]], s["trigger"]) for s in spec["subjects"]]
         return [Job(p, imgs, trig, int(seed), name, spec.get("negative", "")) for name, imgs, trig in subjects for p in spec["prompts"] for seed in spec.get("seeds", [0])]
     except (KeyError, TypeError) as e:
         raise NestedAttentionError(f"{os.path.basename(path)} must be {{\"prompts\": [...], \"subjects\": [{{\"name\", \"images\", \"trigger\"}}], \"seeds\": [...]}}; {e!r} is missing or wrong.") from e
-
-
-def subject_images(path: str) -> List[str]:
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS) and not f.endswith(".mask.png"))
-    else:
-        files = [path] if os.path.isfile(path) else []
-    if not files:
-        raise NestedAttentionError(f"No subject images at {path}.")
-    return files
 
 
 def _rel(base: str, path: str) -> str:
@@ -171,11 +161,9 @@ def _open(path: str):
 
 @command_line
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m na_engine.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--base", required=True, help="diffusers folder, or a single-file checkpoint with --base-config")
-    p.add_argument("--base-config", help="local diffusers folder with the configs of a single-file --base")
+    p = cli.parser("generate", __doc__)
+    cli.add_model_arguments(p)
     p.add_argument("--adapter", required=True, help="Nested Attention adapter (.safetensors) or IP-Adapter Plus checkpoint")
-    p.add_argument("--clip-vision", required=True, help="CLIP vision folder or .safetensors file")
     p.add_argument("--subject", nargs="*", default=[], help="reference photo(s) or a folder of them")
     p.add_argument("--trigger", help="the prompt word the subject binds to")
     p.add_argument("--prompt", nargs="*", default=[])
@@ -186,7 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--cfg", type=float, default=7.0)
     p.add_argument("--size", type=int, default=None, help="image side; default 512 for SD1.5, 1024 for SDXL")
     p.add_argument("--strength", type=float, default=1.0)
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    p.add_argument("--dtype", default="auto", choices=("auto", *cli.DTYPES), help="auto: fp16 on CUDA, else fp32")
     p.add_argument("--no-maps", action="store_true", help="skip the attention-map panels")
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)
@@ -206,7 +194,7 @@ def generate(args) -> List[str]:
     adapter = load_adapter(args.adapter)
     check_match(unet_config(args.base, args.base_config), clip_vision_width(args.clip_vision), adapter, args.base, args.clip_vision)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype, torch.float16 if device == "cuda" else torch.float32)
+    dtype = cli.DTYPES.get(args.dtype, torch.float16 if device == "cuda" else torch.float32)
     base, vision = load_base(args.base, args.base_config, dtype), load_vision(args.clip_vision, dtype)
     vision.model.to(device)
     generator = NestedGenerator(base, vision, adapter.to(device), device)
@@ -217,10 +205,7 @@ def generate(args) -> List[str]:
 def _jobs_from_args(args) -> List[Job]:
     if not args.prompt or not args.subject or not args.trigger:
         raise NestedAttentionError("Give --prompt, --subject and --trigger, or a --batch file.")
-    images = [f for s in args.subject for f in subject_images(s)]
+    images = [f for s in args.subject for f in cli.photo_files(s)]
     name = os.path.splitext(os.path.basename(args.subject[0].rstrip("/")))[0]
     return [Job(p, images, args.trigger, seed, name, args.negative) for p in args.prompt for seed in args.seed]
 
-
-if __name__ == "__main__":
-    sys.exit(main())

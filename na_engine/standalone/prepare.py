@@ -1,6 +1,6 @@
-"""python -m na_engine.prepare: a folder of subject photos -> a training set.
+"""python -m na_engine prepare: a folder of subject photos -> a training set.
 
-Output folder layout, read by na_engine.train:
+Output folder layout, read by python -m na_engine train:
     <name>.png        the photo, cropped or padded to a square of --resolution
     <name>.txt        its caption, holding the class word
     <name>.mask.png   the subject mask, same square (only with --masks)
@@ -8,7 +8,6 @@ Output folder layout, read by na_engine.train:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -16,13 +15,10 @@ import sys
 from typing import List, Optional, Tuple
 
 from ..errors import NestedAttentionError, command_line
+from ..tokens import has_word
+from . import cli
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DATASET_FILE = "dataset.json"
-
-
-def has_word(caption: str, word: str) -> bool:
-    return re.search(rf"(?<![\w]){re.escape(word.lower())}(?![\w])", caption.lower()) is not None
 
 
 def square(image, resolution: int, mode: str, fill):
@@ -51,9 +47,9 @@ def prepare(src: str, out: str, class_word: str, resolution: int = 512, mode: st
         raise NestedAttentionError(f"--mode must be 'crop' or 'pad', not {mode!r}.")
     if not os.path.isdir(src):
         raise NestedAttentionError(f"Photo folder not found: {src}")
-    files = sorted(f for f in os.listdir(src) if f.lower().endswith(IMAGE_EXTS))
+    files = sorted(f for f in os.listdir(src) if f.lower().endswith(cli.IMAGE_EXTS))
     if not files:
-        raise NestedAttentionError(f"{src} holds no images ({', '.join(IMAGE_EXTS)}).")
+        raise NestedAttentionError(f"{src} holds no images ({', '.join(cli.IMAGE_EXTS)}).")
     _check_captions(src, files, class_word, template, keep_captions)
     os.makedirs(out, exist_ok=True)
     items: List[str] = []
@@ -99,7 +95,7 @@ def _caption(src: str, name: str, class_word: str, template: str, keep: bool) ->
 def _mask_path(masks: Optional[str], name: str) -> Optional[str]:
     if masks is None:
         return None
-    found = [os.path.join(masks, name + ext) for ext in IMAGE_EXTS if os.path.isfile(os.path.join(masks, name + ext))]
+    found = [os.path.join(masks, name + ext) for ext in cli.IMAGE_EXTS if os.path.isfile(os.path.join(masks, name + ext))]
     return found[0] if found else ""
 
 
@@ -128,7 +124,7 @@ def _read(path: str, mask_path: Optional[str]) -> Tuple[object, object, str]:
 
 @command_line
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m na_engine.prepare", description=__doc__.split("\n")[0])
+    p = cli.parser("prepare", __doc__)
     p.add_argument("--src", required=True, help="folder of subject photos (optionally <name>.txt captions beside them)")
     p.add_argument("--out", required=True, help="training set folder to write")
     p.add_argument("--class-word", required=True, help="the word for the subject's kind: bottle, dog, person...")
@@ -146,6 +142,3 @@ def main(argv=None) -> int:
             print(f"  {s['file']}: {s['reason']}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

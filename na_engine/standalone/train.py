@@ -1,6 +1,6 @@
-"""python -m na_engine.train: train a Nested Attention encoder on your own subject domain.
+"""python -m na_engine train: train a Nested Attention encoder on your own subject domain.
 
-Runs under accelerate: plainly on one device, or `accelerate launch -m na_engine.train ...`
+Runs under accelerate: plainly on one device, or `accelerate launch -m na_engine train ...`
 on many GPUs and machines.  The base UNet, text encoders, VAE and CLIP vision stay
 frozen; the resampler and the per-layer nested K/V train on the noise-prediction loss.
 Every row's reference is an augmented subject crop of its own target image, bound
@@ -29,6 +29,7 @@ from ..binding import ModelCall, Placement
 from ..hosts.diffusers_processor import install
 from ..errors import NestedAttentionError, command_line
 from ..subjects import Subject
+from . import cli
 from .prepare import DATASET_FILE
 
 OOM_ADVICE = ("Out of memory. Lower --batch-size (and raise --grad-accum to keep the effective batch), lower --resolution, "
@@ -226,7 +227,7 @@ def check_inputs(cfg: TrainConfig):
     if not os.path.isdir(cfg.data):
         raise NestedAttentionError(f"Data folder not found: {cfg.data}")
     if not os.path.isfile(record_path):
-        raise NestedAttentionError(f"{cfg.data} is not a prepared training set (no {DATASET_FILE}); run `python -m na_engine.prepare` on your photos first.")
+        raise NestedAttentionError(f"{cfg.data} is not a prepared training set (no {DATASET_FILE}); run `python -m na_engine prepare` on your photos first.")
     with open(record_path) as f:
         record = json.load(f)
     present = [i for i in record.get("items", []) if os.path.isfile(os.path.join(cfg.data, i + ".png"))]
@@ -257,7 +258,7 @@ def train(cfg: TrainConfig) -> str:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     device = accelerator.device
-    frozen_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    frozen_dtype = cli.DTYPES[{"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)]
     base, vision = load_base(cfg.base, cfg.base_config, frozen_dtype), load_vision(cfg.clip_vision, frozen_dtype)
     for module in [base.unet, base.vae, vision.model] + base.text_encoders:
         module.to(device)
@@ -398,34 +399,38 @@ def validate(cfg: TrainConfig, base, vision, adapter: NestedAdapter, ema: Option
         panel.save(os.path.join(folder, f"step{step:07d}_{i}.maps.png"))
 
 
+HELP = {  # the options of python -m na_engine train; their defaults are TrainConfig's
+    "data": "folder written by python -m na_engine prepare",
+    "out": "adapter file to write (.safetensors)",
+    "init_from": "start from this IP-Adapter Plus or Nested Attention checkpoint",
+    "steps": "optimizer steps",
+    "batch_size": "per device",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "AdamW learning rate",
+    "warmup": "steps of linear learning-rate warm-up",
+    "resolution": "training image side; default: the prepared set's",
+    "tokens": "subject tokens of a fresh adapter",
+    "resampler_depth": "resampler layers of a fresh adapter",
+    "mixed_precision": "precision of the frozen models and the autocast",
+    "gradient_checkpointing": "recompute UNet activations in the backward pass (less memory)",
+    "caption_dropout": "fraction of captions emptied, so guidance keeps working",
+    "subject_dropout": "fraction of rows trained without their subject",
+    "ema": "EMA decay, e.g. 0.999; 0 = off",
+    "checkpoint_every": "steps between checkpoints (resumable with --resume)",
+    "resume": "checkpoint folder, or 'latest'",
+    "validate_every": "steps between validation images; 0 = off",
+    "validation_prompts": "a validation prompt holding the class word (repeatable)",
+    "validation_steps": "sampling steps of the validation images",
+    "seed": "seed of data order, augmentation, noise and a fresh adapter",
+    "workers": "data loader processes",
+}
+
+
 def parse(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(prog="python -m na_engine.train", description=__doc__.split("\n")[0])
-    p.add_argument("--base", required=True, help="diffusers folder (SD1.5 or SDXL), or a single-file checkpoint with --base-config")
-    p.add_argument("--base-config", help="local diffusers folder holding the configs of a single-file --base")
-    p.add_argument("--clip-vision", required=True, help="CLIP vision folder or .safetensors file")
-    p.add_argument("--data", required=True, help="folder written by python -m na_engine.prepare")
-    p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
-    p.add_argument("--init-from", help="start from this IP-Adapter Plus or Nested Attention checkpoint")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=4, help="per device")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=0)
-    p.add_argument("--resolution", type=int)
-    p.add_argument("--tokens", type=int, default=16, help="subject tokens of a fresh adapter")
-    p.add_argument("--resampler-depth", type=int, default=4)
-    p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--caption-dropout", type=float, default=0.05)
-    p.add_argument("--subject-dropout", type=float, default=0.05)
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.999; 0 = off")
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--resume", help="checkpoint folder, or 'latest'")
-    p.add_argument("--validate-every", type=int, default=0)
-    p.add_argument("--validation-prompt", action="append", default=[], dest="validation_prompts")
-    p.add_argument("--validation-steps", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p = cli.parser("train", __doc__)
+    cli.add_model_arguments(p)
+    cli.add_config_arguments(p, TrainConfig, HELP, mixed_precision={"choices": ("no", "fp16", "bf16")},
+                             validation_prompts={"flag": "--validation-prompt"})
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -434,6 +439,3 @@ def main(argv=None) -> int:
     print(f"adapter written to {train(parse(argv))}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,8 @@ from na_engine import __main__ as cli
 from na_engine.adapter import random_adapter
 from na_engine.errors import NestedAttentionError
 from na_engine.formats import FORMAT_VERSION, META_KEY, inspect, load_adapter, save_adapter
-from na_engine.layers import TABLES, match_layers
+from na_engine.hosts.comfy_layers import match_layers
+from na_engine.layers import TABLES
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

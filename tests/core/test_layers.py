@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from na_engine.errors import NestedAttentionError
-from na_engine.layers import TABLES, Layer, base_for_layer_count, comfy_unet_layers, describe, match_layers
+from na_engine.hosts.comfy_layers import comfy_unet_layers, match_layers
+from na_engine.layers import TABLES, Layer, base_for_layer_count, describe
 
 SD15_CONFIG = dict(
     sample_size=64,

@@ -32,7 +32,7 @@ def world(tmp_path_factory):
 
 
 def generate(world, *args):
-    cmd = [sys.executable, "-m", "na_engine.standalone.generate", "--base", world["base"], "--adapter", world["adapter"], "--clip-vision", world["vision"],
+    cmd = [sys.executable, "-m", "na_engine", "generate", "--base", world["base"], "--adapter", world["adapter"], "--clip-vision", world["vision"],
            "--steps", "2", "--size", "32", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
 

@@ -51,7 +51,7 @@ def test_caption_without_class_word_names_the_file(tmp_path):
 def test_cli_reports_errors_and_skips(tmp_path):
     src = make_photos(str(tmp_path / "src"), count=1)
     (tmp_path / "src" / "bad.png").write_bytes(b"\x89PNG broken")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "na_engine.standalone.prepare", *a], cwd=REPO, capture_output=True, text=True)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "na_engine", "prepare", *a], cwd=REPO, capture_output=True, text=True)
     ok = run("--src", src, "--out", str(tmp_path / "out"), "--class-word", "dog", "--resolution", "16")
     assert ok.returncode == 0 and "skipped 1" in ok.stdout and "bad.png" in ok.stdout
     bad = run("--src", src, "--out", str(tmp_path / "o2"), "--class-word", "dog", "--template", "a photo")

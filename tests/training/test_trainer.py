@@ -183,8 +183,16 @@ def test_cli_trains_plainly_and_reports_bad_input(world):
     out = str(world["root"] / "cli.safetensors")
     args = ["--base", world["base"], "--clip-vision", world["vision"], "--data", world["data"], "--out", out]
     tiny = ["--steps", "2", "--batch-size", "1", "--tokens", "4", "--resampler-depth", "1", "--mixed-precision", "bf16", "--gradient-checkpointing"]
-    run = subprocess.run([sys.executable, "-m", "na_engine.standalone.train", *args, *tiny], cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "na_engine", "train", *args, *tiny], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert load_adapter(out).config.num_queries == 4
-    bad = subprocess.run([sys.executable, "-m", "na_engine.standalone.train", *args[:4], "--data", "/nonexistent", "--out", out], cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([sys.executable, "-m", "na_engine", "train", *args[:4], "--data", "/nonexistent", "--out", out], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: Data folder not found")
+
+
+def test_cli_defaults_are_the_config_defaults():
+    from na_engine.standalone.train import parse
+
+    required = ["--base", "b", "--clip-vision", "c", "--data", "d", "--out", "o.safetensors"]
+    assert parse(required) == TrainConfig("b", "c", "d", "o.safetensors")
+    assert parse(required + ["--validation-prompt", "x", "--validation-prompt", "y"]).validation_prompts == ["x", "y"]

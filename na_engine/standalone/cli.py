@@ -1,0 +1,62 @@
+"""What the standalone commands share: the model arguments, dtypes, photo files, options from a config.
+
+    python -m na_engine prepare | train | generate | inspect   (na_engine/__main__.py)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Dict, List
+
+import torch
+
+from ..errors import NestedAttentionError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def parser(command: str, doc: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"python -m na_engine {command}", description=doc.split("\n")[0])
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--base, --base-config and --clip-vision, worded once for every command."""
+    p.add_argument("--base", required=True, help="diffusers folder (SD1.5 or SDXL), or a single-file checkpoint with --base-config")
+    p.add_argument("--base-config", help="local diffusers folder holding the configs of a single-file --base")
+    p.add_argument("--clip-vision", required=True, help="CLIP vision folder or .safetensors file")
+
+
+def add_config_arguments(p: argparse.ArgumentParser, config: type, helps: Dict[str, str], **extra: dict) -> None:
+    """One --option per field of the dataclass ``config`` named in ``helps``, its default the dataclass's own.
+
+    ``extra[field]`` adds argparse keywords (``choices``; ``flag`` renames the option)."""
+    for f in dataclasses.fields(config):
+        if f.name not in helps:
+            continue
+        more = dict(extra.get(f.name, {}))
+        flag = more.pop("flag", "--" + f.name.replace("_", "-"))
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if not has_default:
+            kind = dict(required=True)
+        elif isinstance(default, bool):
+            kind = dict(action="store_true")
+        elif isinstance(default, list):
+            kind = dict(action="append", default=default)
+        else:
+            kind = dict(type=str if default is None else type(default), default=default)
+        p.add_argument(flag, dest=f.name, help=helps[f.name], **kind, **more)
+
+
+def photo_files(path: str) -> List[str]:
+    """A photo, or the photos of a folder (subject masks, ``*.mask.png``, left out), sorted."""
+    if os.path.isdir(path):
+        names = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS) and not f.endswith(".mask.png"))
+        files = [os.path.join(path, f) for f in names]
+    else:
+        files = [path] if os.path.isfile(path) else []
+    if not files:
+        raise NestedAttentionError(f"No subject images at {path}.")
+    return files
