@@ -1,23 +1,52 @@
 """Nested Attention engine: pure PyTorch, usable and tested without ComfyUI.
 
-    from na_engine import load_adapter, nested_attention, NestedBinding
+from na_engine import load_adapter, nested_attention, NestedBinding
 """
+
 from .adapter import NestedAdapter, random_adapter
 from .attention import NestedBinding, SubjectMaps, nested_attention, nested_correction, sdpa_attention, subject_maps
+from .binding import Binder, ModelCall, Placement
 from .capture import AttentionCapture, token_legend
 from .errors import NestedAttentionError
 from .formats import inspect, load_adapter, save_adapter
 from .hosts.comfy_layers import comfy_unet_layers, match_layers
-from .layers import TABLES, Layer
 from .hosts.comfy_patch import NestedAttentionPatch, NestedRun, plan_registration
+from .layers import TABLES, Layer
 from .resampler import Resampler, ResamplerConfig
 from .subjects import Subject, SubjectSet, load_subject, save_subject
 from .tokens import find_trigger, word_ids
 
 __all__ = [
-    "AttentionCapture", "Layer", "NestedAdapter", "NestedAttentionError", "NestedAttentionPatch", "NestedBinding",
-    "NestedRun", "Resampler", "ResamplerConfig", "Subject", "SubjectMaps", "SubjectSet", "TABLES",
-    "comfy_unet_layers", "find_trigger", "inspect", "load_adapter", "load_subject", "match_layers",
-    "nested_attention", "nested_correction", "plan_registration", "random_adapter", "save_adapter",
-    "save_subject", "sdpa_attention", "subject_maps", "token_legend", "word_ids",
+    "AttentionCapture",
+    "Binder",
+    "Layer",
+    "ModelCall",
+    "NestedAdapter",
+    "NestedAttentionError",
+    "NestedAttentionPatch",
+    "NestedBinding",
+    "NestedRun",
+    "Placement",
+    "Resampler",
+    "ResamplerConfig",
+    "Subject",
+    "SubjectMaps",
+    "SubjectSet",
+    "TABLES",
+    "comfy_unet_layers",
+    "find_trigger",
+    "inspect",
+    "load_adapter",
+    "load_subject",
+    "match_layers",
+    "nested_attention",
+    "nested_correction",
+    "plan_registration",
+    "random_adapter",
+    "save_adapter",
+    "save_subject",
+    "sdpa_attention",
+    "subject_maps",
+    "token_legend",
+    "word_ids",
 ]

@@ -8,6 +8,7 @@
 Each command's options: python -m na_engine COMMAND --help.  The standalone commands
 load diffusers only when they are run.
 """
+
 import argparse
 import importlib
 import sys

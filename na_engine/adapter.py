@@ -1,4 +1,5 @@
 """A nested adapter: the resampler plus one nested to_k/to_v pair per cross-attention layer."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,10 @@ from .layers import Layer, describe
 from .resampler import Resampler, ResamplerConfig
 
 ENCODER_NAMES = {1024: "CLIP ViT-L/14", 1280: "CLIP ViT-H/14", 1664: "CLIP ViT-bigG/14"}
-FAMILIES = {"nested_attention": "Nested Attention adapter", "ip_adapter_plus": "IP-Adapter Plus (training-free, experimental)"}
+FAMILIES = {
+    "nested_attention": "Nested Attention adapter",
+    "ip_adapter_plus": "IP-Adapter Plus (training-free, experimental)",
+}
 COMBINE_MODES = ("concat", "average")
 
 
@@ -21,7 +25,13 @@ def encoder_name(width: int) -> str:
 
 
 class NestedAdapter(nn.Module):
-    def __init__(self, resampler: ResamplerConfig, layers: Sequence[Layer], family: str = "nested_attention", base: str = "custom"):
+    def __init__(
+        self,
+        resampler: ResamplerConfig,
+        layers: Sequence[Layer],
+        family: str = "nested_attention",
+        base: str = "custom",
+    ):
         super().__init__()
         self.family, self.base, self.layers = family, base, list(layers)
         self.resampler = Resampler(resampler)
@@ -88,7 +98,9 @@ class NestedAdapter(nn.Module):
         return h.hexdigest()[:16]
 
 
-def random_adapter(resampler: ResamplerConfig, layers: Sequence[Layer], seed: int = 0, base: str = "custom") -> NestedAdapter:
+def random_adapter(
+    resampler: ResamplerConfig, layers: Sequence[Layer], seed: int = 0, base: str = "custom"
+) -> NestedAdapter:
     """An adapter with reproducible random weights: for tests, benchmarks and training starts."""
     torch.manual_seed(seed)
     adapter = NestedAdapter(resampler, layers, base=base)

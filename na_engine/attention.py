@@ -30,10 +30,11 @@ Four exact evaluations, none materialising a per-query value tensor:
 
 Memory is O(B*H*N*(T+M)) in all four.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +127,7 @@ class Case:
 
     @property
     def general(self) -> bool:
-        """Only the closed form (and the CPU kernel) can take a strength outside [0, 1], or two subjects on one position."""
+        """Only the closed form and the CPU kernel take a strength outside [0, 1] or two subjects on one position."""
         return any(b.strength > 1 or b.strength < 0 for b in self.bindings) or _overlapping(self.bindings)
 
 
@@ -153,7 +154,9 @@ def choose_method(method: str, case: Case) -> str:
     if method == "auto":
         return next(name for name, applies in AUTO if applies(case))
     if case.training and (method in ("statistics", "cpu_kernel") or (method == "fused" and case.q.requires_grad)):
-        raise ValueError(f"method {method!r} cannot backpropagate here; under autograd use 'closed_form' (or 'auto', which picks it)")
+        raise ValueError(
+            f"method {method!r} cannot backpropagate here; under autograd use 'closed_form' (or 'auto', which picks it)"
+        )
     if method == "cpu_kernel" and not cpu_kernel.usable(case.q):
         raise ValueError("method 'cpu_kernel' needs fp32 CPU tensors and the built kernel (the log says why it is off)")
     if method == "statistics" and not _has_statistics_kernel(case.q):
@@ -182,8 +185,12 @@ def _run_fused(q, k, v, heads, bindings, rows, base_attention):
     return _on_rows(_fused, q, k, v, heads, bindings, rows, base_attention)
 
 
-EVALUATIONS = {"cpu_kernel": _run_cpu_kernel, "closed_form": _run_closed_form, "statistics": _run_statistics,
-               "fused": _run_fused}
+EVALUATIONS = {
+    "cpu_kernel": _run_cpu_kernel,
+    "closed_form": _run_closed_form,
+    "statistics": _run_statistics,
+    "fused": _run_fused,
+}
 
 
 def nested_correction(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding]) -> Tensor:
@@ -219,7 +226,16 @@ def subject_maps(q: Tensor, k: Tensor, heads: int, binding: NestedBinding) -> Su
 # -- internals ---------------------------------------------------------------------------
 
 
-def _on_rows(evaluate, q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding], rows: Tensor, base_attention: AttentionFn) -> Tensor:
+def _on_rows(
+    evaluate,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: int,
+    bindings: Sequence[NestedBinding],
+    rows: Tensor,
+    base_attention: AttentionFn,
+) -> Tensor:
     """``evaluate`` on the bound rows; the other rows are ``base_attention``'s.
 
     The base runs on the whole batch: attention kernels are not batch-invariant (CPU SDPA
@@ -243,7 +259,9 @@ def _has_statistics_kernel(q: Tensor) -> bool:
     return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-def _with_statistics(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding], rows: Optional[Tensor] = None) -> Tensor:
+def _with_statistics(
+    q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding], rows: Optional[Tensor] = None
+) -> Tensor:
     """Plain SDPA and its logsumexp from one kernel call over the whole batch, so rows outside
     ``rows`` are exactly sdpa_attention's; then each bound row gets the closed-form change
     sum_j lam*m*p_j (u - v_j) = [P*softmax(n), -p] @ [V~ ; v_J], with p_j = exp(l_j - lse),
@@ -251,7 +269,9 @@ def _with_statistics(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequ
     b, n, c = q.shape
     d = c // heads
     qh, kh, vh = _split(q, heads), _split(k, heads), _split(v, heads)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, False)  # (B, H, N, d), (B, H, N)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qh, kh, vh, 0.0, False
+    )  # (B, H, N, d), (B, H, N)
     acc = _acc_dtype(q)
     for row in range(b) if rows is None else rows.nonzero()[:, 0].tolist():
         q_row = qh[row]  # (H, N, d), read in place
@@ -264,10 +284,16 @@ def _with_statistics(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequ
             values = torch.cat([bind.values.view(m, heads, d).transpose(0, 1), vh[row, :, j]], 1)
             if m > SMALL_M:  # many tokens: SDPA's kernel computes u(q) faster than explicit softmax
                 keys, values = keys[:, m:], values[:, m:]
-            logits = torch.bmm(q_row, keys.transpose(1, 2).to(q_row.dtype)).to(acc) * d**-0.5  # (H, N, M+J) or (H, N, J)
-            p = torch.exp(logits[..., -j.numel() :] - lse[row][..., None].to(acc)) * _row_gate(bind, row, q)  # (H, N, J)
+            logits = (
+                torch.bmm(q_row, keys.transpose(1, 2).to(q_row.dtype)).to(acc) * d**-0.5
+            )  # (H, N, M+J) or (H, N, J)
+            p = torch.exp(logits[..., -j.numel() :] - lse[row][..., None].to(acc)) * _row_gate(
+                bind, row, q
+            )  # (H, N, J)
             if m > SMALL_M:
-                u = F.scaled_dot_product_attention(q_row, *(x.view(m, heads, d).transpose(0, 1).to(q_row.dtype) for x in (bind.keys, bind.values)))
+                u = F.scaled_dot_product_attention(
+                    q_row, *(x.view(m, heads, d).transpose(0, 1).to(q_row.dtype) for x in (bind.keys, bind.values))
+                )
                 out[row] += (u.to(acc) * p.sum(-1, keepdim=True)).to(out.dtype)
                 coeff = -p
             else:
@@ -405,7 +431,10 @@ def _merge(x: Tensor) -> Tensor:
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding]) -> None:
     b, n, c = q.shape
     if c % heads or k.shape[0] != b or v.shape[:2] != k.shape[:2] or k.shape[2] != c:
-        raise ValueError(f"nested attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} and {heads} heads do not fit together")
+        raise ValueError(
+            f"nested attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} and {heads} heads do not "
+            "fit together"
+        )
     for bind in bindings:
         if bind.keys.shape[-1] != c or bind.values.shape != bind.keys.shape:
             raise ValueError(
@@ -413,6 +442,8 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequenc
                 f"must both be (M, {c}) to match this layer's width {c}"
             )
         if tuple(bind.where.shape) != (b, k.shape[1]):
-            raise ValueError(f"nested attention: trigger mask {tuple(bind.where.shape)} must be (batch, tokens) = {(b, k.shape[1])}")
+            raise ValueError(
+                f"nested attention: trigger mask {tuple(bind.where.shape)} must be (batch, tokens) = {(b, k.shape[1])}"
+            )
         if bind.query_mask is not None and (bind.query_mask.shape[-1] != n or bind.query_mask.shape[0] not in (1, b)):
             raise ValueError(f"nested attention: query mask {tuple(bind.query_mask.shape)} must be (1 or {b}, {n})")

@@ -11,6 +11,7 @@ every cross-attention layer, does the same three things through one ``Binder``:
 The hosts differ only in their protocol: how they learn the call (a model wrapper in
 ComfyUI, a context manager around the UNet call in diffusers) and how they project q/k/v.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -87,7 +88,10 @@ class Binder:
         cache_key = (id(mask), latent_hw, q.shape[1], q.shape[0], str(q.device))
         cached = self._masks.get(cache_key)
         if cached is None or cached[0] is not mask:  # the entry holds its mask, so no other mask reuses its id
-            cached = self._masks[cache_key] = (mask, image_rows(query_mask(mask, latent_hw, q.shape[1]), q.shape[0]).to(q.device))
+            cached = self._masks[cache_key] = (
+                mask,
+                image_rows(query_mask(mask, latent_hw, q.shape[1]), q.shape[0]).to(q.device),
+            )
         return cached[1]
 
 

@@ -5,6 +5,7 @@ probability of the trigger p(q) and the nested softmax over the subject tokens.
 Both are brought to the latent grid and summed; the nested part is weighted by
 p(q), so it shows token choice where the subject actually is.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -49,7 +50,8 @@ class AttentionCapture:
         if not self.outer:
             raise NestedAttentionError(
                 "No attention was captured: the sampler never ran the Nested Attention Patch on its prompt. "
-                "Sample with the MODEL and CONDITIONING outputs of the same Nested Attention Patch node before previewing."
+                "Sample with the MODEL and CONDITIONING outputs of the same Nested Attention Patch node before "
+                "previewing."
             )
         b, h, w, _ = images.shape
         panels = []
@@ -57,7 +59,9 @@ class AttentionCapture:
             outer = _normalise(_resize(self.outer[s], b, h, w))  # (B, 1, H, W)
             tokens = _resize(self.tokens[s], b, h, w)  # (B, M, H, W)
             heat = _heatmap(outer[:, 0])  # (B, H, W, 3)
-            token_colour = torch.einsum("bmhw,mc->bhwc", tokens / tokens.sum(1, keepdim=True).clamp_min(1e-12), palette(tokens.shape[1]))
+            token_colour = torch.einsum(
+                "bmhw,mc->bhwc", tokens / tokens.sum(1, keepdim=True).clamp_min(1e-12), palette(tokens.shape[1])
+            )
             alpha = outer[:, 0, ..., None]
             views = [images * (1 - 0.6 * alpha) + heat * 0.6 * alpha, images * 0.35 + token_colour * 0.65 * alpha]
             legend = self.legends[s] if s < len(self.legends) else None
@@ -76,7 +80,11 @@ def _accumulate(total: Optional[Tensor], new: Tensor) -> Tensor:
     if total is None:
         return new
     if new.shape != total.shape:
-        new = new.mean(0, keepdim=True).expand_as(total) if new.shape[1:] == total.shape[1:] else F.interpolate(new.mean(0, keepdim=True), size=total.shape[-2:]).expand(total.shape[0], -1, -1, -1)
+        new = (
+            new.mean(0, keepdim=True).expand_as(total)
+            if new.shape[1:] == total.shape[1:]
+            else F.interpolate(new.mean(0, keepdim=True), size=total.shape[-2:]).expand(total.shape[0], -1, -1, -1)
+        )
     return total + new
 
 

@@ -10,6 +10,7 @@ and ninja (``pip install ninja``).  Without them, or with NA_CPU_KERNEL=0, ``ava
 is False, the log says why once, and the engine uses its PyTorch paths: the same results,
 slower on CPU.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,7 +45,10 @@ def available() -> bool:
         except Exception as e:  # a compiler or linker message: report it, keep the PyTorch path
             reason = f"building it failed: {_first_error(e)}"
     if reason:
-        log.warning("nested attention: the fast CPU kernel is off (%s); using the PyTorch path, same results, slower on CPU", reason)
+        log.warning(
+            "nested attention: the fast CPU kernel is off (%s); using the PyTorch path, same results, slower on CPU",
+            reason,
+        )
     return reason is None
 
 
@@ -72,10 +76,20 @@ def nested_attention_cpu(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: 
         values[:, :, s : s + m, :d] = bind.values.float().reshape(m, heads, d).transpose(0, 1)
         bias[s : s + m] = 0
         trigger[i, :, :t] = bind.where.cpu()
-        gate[i] = bind.strength if bind.query_mask is None else bind.strength * bind.query_mask.float().cpu().expand(b, n)
+        gate[i] = (
+            bind.strength if bind.query_mask is None else bind.strength * bind.query_mask.float().cpu().expand(b, n)
+        )
     out = torch.ops.nested_attention.forward(
-        q if q.stride(-1) == 1 else q.contiguous(), keys_t, values, bias, text,
-        torch.tensor(starts, dtype=torch.long), torch.tensor(ends, dtype=torch.long), trigger, gate, QUERY_BLOCK,
+        q if q.stride(-1) == 1 else q.contiguous(),
+        keys_t,
+        values,
+        bias,
+        text,
+        torch.tensor(starts, dtype=torch.long),
+        torch.tensor(ends, dtype=torch.long),
+        trigger,
+        gate,
+        QUERY_BLOCK,
     )  # (B, N, H*dv)
     return out if dv == d else out.view(b, n, heads, dv)[..., :d].reshape(b, n, c)
 

@@ -1,4 +1,5 @@
 """The one exception type users see: a sentence saying what was wrong and what to do."""
+
 import functools
 import sys
 

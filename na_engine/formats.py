@@ -13,6 +13,7 @@ its layout, ``convert`` turns it into an adapter.  Supporting a new release (for
 example the official NestedAttentionEncoder checkpoint, whose key names we have
 not seen) means writing one KeyMap and adding it to KEY_MAPS.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,14 @@ from .resampler import ResamplerConfig
 
 FORMAT_VERSION = 1
 META_KEY = "nested_attention"
-RESAMPLER_KEYS = ("latents", "proj_in.weight", "proj_out.weight", "norm_out.weight", "layers.0.0.to_q.weight", "layers.0.1.1.weight")
+RESAMPLER_KEYS = (
+    "latents",
+    "proj_in.weight",
+    "proj_out.weight",
+    "norm_out.weight",
+    "layers.0.0.to_q.weight",
+    "layers.0.1.1.weight",
+)
 
 
 @dataclass(frozen=True)
@@ -59,9 +67,13 @@ def read_state_dict(path: str) -> Tuple[Dict[str, Tensor], dict]:
             return sd, json.loads(meta[META_KEY]) if META_KEY in meta else {}
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign files: say which file and why
-        raise NestedAttentionError(f"Could not read {os.path.basename(path)} as an adapter: {type(e).__name__}: {e}") from e
+        raise NestedAttentionError(
+            f"Could not read {os.path.basename(path)} as an adapter: {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(obj, dict):
-        raise NestedAttentionError(f"{os.path.basename(path)} holds a {type(obj).__name__}, not a dictionary of weights.")
+        raise NestedAttentionError(
+            f"{os.path.basename(path)} holds a {type(obj).__name__}, not a dictionary of weights."
+        )
     return _flatten(obj), {}
 
 
@@ -105,14 +117,24 @@ def _is_ours(sd: Dict[str, Tensor], meta: dict) -> bool:
 def _convert_ours(sd: Dict[str, Tensor], meta: dict, name: str) -> NestedAdapter:
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise NestedAttentionError(f"{name} is Nested Attention format version {version}; this version of the extension reads version {FORMAT_VERSION}. Update the extension.")
+        raise NestedAttentionError(
+            f"{name} is Nested Attention format version {version}; this version of the extension reads version "
+            f"{FORMAT_VERSION}. Update the extension."
+        )
     try:
         layers = [Layer.from_json(i, item) for i, item in enumerate(meta["layers"])]
         config = ResamplerConfig(**meta["resampler"])
     except (KeyError, TypeError, ValueError) as e:
-        raise NestedAttentionError(f"{name}: its Nested Attention metadata is incomplete or damaged ({type(e).__name__}: {e}).") from e
+        raise NestedAttentionError(
+            f"{name}: its Nested Attention metadata is incomplete or damaged ({type(e).__name__}: {e})."
+        ) from e
     adapter = _empty_adapter(config, layers, "nested_attention", meta.get("base", "custom"))
-    _load_into(adapter, _strip(sd, "resampler."), [_pair(sd, f"layers.{i}.to_k.weight", f"layers.{i}.to_v.weight", name) for i in range(len(layers))], name)
+    _load_into(
+        adapter,
+        _strip(sd, "resampler."),
+        [_pair(sd, f"layers.{i}.to_k.weight", f"layers.{i}.to_v.weight", name) for i in range(len(layers))],
+        name,
+    )
     return adapter
 
 
@@ -160,7 +182,8 @@ def load_adapter(path: str) -> NestedAdapter:
     if key_map is None:
         raise NestedAttentionError(
             f"{name} is neither a Nested Attention adapter nor an IP-Adapter Plus checkpoint "
-            f"(first keys: {', '.join(list(sd)[:5]) or 'none'}). Run `python -m na_engine inspect {name}` for a summary."
+            f"(first keys: {', '.join(list(sd)[:5]) or 'none'}). Run `python -m na_engine inspect {name}` for a "
+            "summary."
         )
     return key_map.convert(sd, meta, name).eval()
 
@@ -186,7 +209,9 @@ def _empty_adapter(config: ResamplerConfig, layers: List[Layer], family: str, ba
         return NestedAdapter(config, layers, family, base)
 
 
-def _load_into(adapter: NestedAdapter, resampler_sd: Dict[str, Tensor], kv: List[Tuple[Tensor, Tensor]], name: str) -> None:
+def _load_into(
+    adapter: NestedAdapter, resampler_sd: Dict[str, Tensor], kv: List[Tuple[Tensor, Tensor]], name: str
+) -> None:
     """Give the adapter the file's weights (as fp32), turning any shape disagreement into a
     sentence that names both sides."""
     _check_resampler_keys(resampler_sd, name)
@@ -197,7 +222,9 @@ def _load_into(adapter: NestedAdapter, resampler_sd: Dict[str, Tensor], kv: List
         _check(name, f"resampler {key}", resampler_sd[key].shape, value.shape)
         weights[f"resampler.{key}"] = resampler_sd[key]
     if len(kv) != len(adapter.layers):
-        raise NestedAttentionError(f"{name} has nested projections for {len(kv)} layers but its table lists {len(adapter.layers)}.")
+        raise NestedAttentionError(
+            f"{name} has nested projections for {len(kv)} layers but its table lists {len(adapter.layers)}."
+        )
     for i, ((wk, wv), layer) in enumerate(zip(kv, adapter.layers)):
         for weight, target, what in ((wk, adapter.to_k[i], "to_k"), (wv, adapter.to_v[i], "to_v")):
             _check(name, f"layer {i} ({layer.diffusers}) {what}", weight.shape, target.weight.shape)
@@ -208,12 +235,17 @@ def _load_into(adapter: NestedAdapter, resampler_sd: Dict[str, Tensor], kv: List
 def _check_resampler_keys(resampler_sd: Dict[str, Tensor], name: str) -> None:
     missing = [k for k in RESAMPLER_KEYS if k not in resampler_sd]
     if missing:
-        raise NestedAttentionError(f"{name}: the resampler lacks {', '.join(missing)}; the file is incomplete or not an adapter.")
+        raise NestedAttentionError(
+            f"{name}: the resampler lacks {', '.join(missing)}; the file is incomplete or not an adapter."
+        )
 
 
 def _check(name: str, what: str, got, want) -> None:
     if tuple(got) != tuple(want):
-        raise NestedAttentionError(f"{name}: {what} has shape {tuple(got)}, expected {tuple(want)}. The file does not match its own description.")
+        raise NestedAttentionError(
+            f"{name}: {what} has shape {tuple(got)}, expected {tuple(want)}. The file does not match its own "
+            "description."
+        )
 
 
 # -- inspection --------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ blocks, then the mid block), which is also IP-Adapter's numbering
 (``ip_adapter.{2*index+1}.to_k_ip``).  The same layer in ComfyUI is the attn2
 replace key ``(block, block_id, block_index)``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,14 +44,29 @@ def unet_layers(base_width: int, levels: Sequence[Tuple[int, int]], n_levels: in
     for lvl, depth in levels:
         for a in range(2):
             for t in range(depth):
-                down.append((f"down_blocks.{lvl}.attentions.{a}.transformer_blocks.{t}.attn2", ("input", 1 + 3 * lvl + a, t), width[lvl]))
+                down.append(
+                    (
+                        f"down_blocks.{lvl}.attentions.{a}.transformer_blocks.{t}.attn2",
+                        ("input", 1 + 3 * lvl + a, t),
+                        width[lvl],
+                    )
+                )
         u = n_levels - 1 - lvl
         for a in range(3):
             for t in range(depth):
-                up.append((u, f"up_blocks.{u}.attentions.{a}.transformer_blocks.{t}.attn2", ("output", 3 * u + a, t), width[lvl]))
+                up.append(
+                    (
+                        u,
+                        f"up_blocks.{u}.attentions.{a}.transformer_blocks.{t}.attn2",
+                        ("output", 3 * u + a, t),
+                        width[lvl],
+                    )
+                )
     up = [item[1:] for item in sorted(up, key=lambda item: item[0])]
     top = max(lvl for lvl, _ in levels)
-    mid = [(f"mid_block.attentions.0.transformer_blocks.{t}.attn2", ("middle", 0, t), width[top]) for t in range(mid_depth)]
+    mid = [
+        (f"mid_block.attentions.0.transformer_blocks.{t}.attn2", ("middle", 0, t), width[top]) for t in range(mid_depth)
+    ]
     return [Layer(i, name, key, w) for i, (name, key, w) in enumerate(down + up + mid)]
 
 
@@ -70,14 +86,25 @@ def diffusers_layers(config: Mapping) -> List[Layer]:
     for lvl, kind in enumerate(downs):
         first = 1 + sum(p + 1 for p in per_block[:lvl])
         if "CrossAttn" in kind:
-            down += [(f"down_blocks.{lvl}.attentions.{a}.transformer_blocks.{t}.attn2", ("input", first + a, t), widths[lvl]) for a in range(per_block[lvl]) for t in range(depth[lvl])]
+            down += [
+                (f"down_blocks.{lvl}.attentions.{a}.transformer_blocks.{t}.attn2", ("input", first + a, t), widths[lvl])
+                for a in range(per_block[lvl])
+                for t in range(depth[lvl])
+            ]
     for u, kind in enumerate(ups):
         first, lvl = sum(p + 1 for p in per_block[::-1][:u]), n - 1 - u
         if "CrossAttn" in kind:
-            up += [(f"up_blocks.{u}.attentions.{a}.transformer_blocks.{t}.attn2", ("output", first + a, t), widths[lvl]) for a in range(per_block[lvl] + 1) for t in range(up_depth[u])]
+            up += [
+                (f"up_blocks.{u}.attentions.{a}.transformer_blocks.{t}.attn2", ("output", first + a, t), widths[lvl])
+                for a in range(per_block[lvl] + 1)
+                for t in range(up_depth[u])
+            ]
     mid = []
     if "CrossAttn" in (config.get("mid_block_type", "UNetMidBlock2DCrossAttn") or ""):
-        mid = [(f"mid_block.attentions.0.transformer_blocks.{t}.attn2", ("middle", 0, t), widths[-1]) for t in range(depth[-1])]
+        mid = [
+            (f"mid_block.attentions.0.transformer_blocks.{t}.attn2", ("middle", 0, t), widths[-1])
+            for t in range(depth[-1])
+        ]
     return [Layer(i, name, key, w) for i, (name, key, w) in enumerate(down + up + mid)]
 
 

@@ -1,9 +1,9 @@
 """Region masks in image space -> per-query weights at each layer's token grid."""
+
 from __future__ import annotations
 
 from typing import Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -36,4 +36,6 @@ def upsample(maps: Tensor, latent_hw: Tuple[int, int]) -> Tensor:
     b, n = maps.shape[:2]
     grid = token_grid(latent_hw, n)
     x = maps.reshape(b, n, -1).transpose(1, 2).reshape(b, -1, *grid).float()
-    return x if grid == tuple(latent_hw) else F.interpolate(x, size=tuple(latent_hw), mode="bilinear", align_corners=False)
+    return (
+        x if grid == tuple(latent_hw) else F.interpolate(x, size=tuple(latent_hw), mode="bilinear", align_corners=False)
+    )

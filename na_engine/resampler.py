@@ -4,9 +4,11 @@ Parameter names and shapes follow IP-Adapter Plus's image projection, so its
 ``image_proj`` weights load unchanged:
 
     latents (1, M, dim); proj_in (dim, E); proj_out (D, dim); norm_out (D)
-    layers.i.0: norm1, norm2 (dim); to_q (heads*dim_head, dim); to_kv (2*heads*dim_head, dim); to_out (dim, heads*dim_head)
+    layers.i.0: norm1, norm2 (dim); to_q (heads*dim_head, dim); to_kv (2*heads*dim_head, dim);
+               to_out (dim, heads*dim_head)
     layers.i.1: 0 = LayerNorm(dim), 1 = Linear(dim, ff_mult*dim), 3 = Linear(ff_mult*dim, dim)
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

@@ -1,4 +1,5 @@
 """Subjects: encoded reference photos bound to a trigger word, and sets of them."""
+
 from __future__ import annotations
 
 import json
@@ -54,7 +55,9 @@ class SubjectSet(Tuple[Subject, ...]):
         for s in subjects:
             key = s.trigger.strip().lower()
             if not key:
-                raise NestedAttentionError("A subject has an empty trigger word; give it a word of the prompt such as 'person' or 'dog'.")
+                raise NestedAttentionError(
+                    "A subject has an empty trigger word; give it a word of the prompt such as 'person' or 'dog'."
+                )
             if key in seen:
                 raise NestedAttentionError(
                     f"Two subjects use the trigger word {s.trigger!r}. Each subject needs its own word "
@@ -96,7 +99,10 @@ def read_subject_file(path: str) -> Tuple[Dict[str, Tensor], dict]:
     except Exception as e:
         raise NestedAttentionError(f"Could not read subject file {os.path.basename(path)}: {e}") from e
     if meta.get("format") != SUBJECT_FORMAT or "tokens" not in tensors:
-        raise NestedAttentionError(f"{os.path.basename(path)} is not a saved Nested Attention subject (save one with the Save Nested Subject node).")
+        raise NestedAttentionError(
+            f"{os.path.basename(path)} is not a saved Nested Attention subject (save one with the Save Nested "
+            "Subject node)."
+        )
     return tensors, meta
 
 
@@ -111,8 +117,17 @@ def load_subject(path: str, load_adapter_named: Callable[[str], NestedAdapter]) 
         )
     tokens = tensors["tokens"]
     if tokens.shape[-1] != adapter.config.output_dim:
-        raise NestedAttentionError(f"{os.path.basename(path)} holds tokens of width {tokens.shape[-1]}, but {meta['adapter_name']} uses {adapter.config.output_dim}.")
+        raise NestedAttentionError(
+            f"{os.path.basename(path)} holds tokens of width {tokens.shape[-1]}, but {meta['adapter_name']} uses "
+            f"{adapter.config.output_dim}."
+        )
     return Subject(
-        tokens, adapter, meta["trigger"], float(meta["strength"]), None,
-        tensors.get("token_attention"), tensors.get("reference"), dict(meta.get("source", {})),
+        tokens,
+        adapter,
+        meta["trigger"],
+        float(meta["strength"]),
+        None,
+        tensors.get("token_attention"),
+        tensors.get("reference"),
+        dict(meta.get("source", {})),
     )

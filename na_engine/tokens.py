@@ -5,6 +5,7 @@ each chunk starting with BOS; the text encoder concatenates the chunks, so a
 token at position p of chunk c sits at c*77 + p in the context.  The trigger
 is found as its BPE id sequence, wherever it occurs and whatever its weight.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,7 +31,9 @@ def word_ids(tokenized_chunk: Sequence) -> List[int]:
 def find_trigger(chunks: Sequence[Sequence], trigger_ids: Sequence[int], trigger: str, prompt: str) -> List[int]:
     """Every context position of every occurrence of the trigger's ids (all its BPE tokens)."""
     if not trigger_ids:
-        raise NestedAttentionError(f"The trigger word {trigger!r} has no tokens; give a word such as 'person', 'dog' or 'bottle'.")
+        raise NestedAttentionError(
+            f"The trigger word {trigger!r} has no tokens; give a word such as 'person', 'dog' or 'bottle'."
+        )
     n = len(trigger_ids)
     positions: List[int] = []
     offset = 0
@@ -43,8 +46,9 @@ def find_trigger(chunks: Sequence[Sequence], trigger_ids: Sequence[int], trigger
     if not positions:
         words = " ".join(re.findall(r"[\w']+", prompt.lower()))
         raise NestedAttentionError(
-            f"The trigger word {trigger!r} is not in the prompt. The prompt's words are: \"{words}\". "
-            f"Write {trigger!r} in the prompt where the subject should appear, e.g. \"a photo of a {trigger} on a beach\"."
+            f'The trigger word {trigger!r} is not in the prompt. The prompt\'s words are: "{words}". '
+            f'Write {trigger!r} in the prompt where the subject should appear, e.g. "a photo of a {trigger} on a '
+            'beach".'
         )
     return positions
 

@@ -1,4 +1,5 @@
 """ComfyUI node classes; each module is one concern and only translates ComfyUI types to engine calls."""
+
 from .apply import NestedAttentionApply
 from .combine import NestedMultiSubjectCombine
 from .encoder import NestedSubjectEncoder

@@ -1,6 +1,17 @@
 import comfy.ldm.modules.attention as comfy_attention
 
-from ..na_engine import AttentionCapture, NestedAttentionError, NestedAttentionPatch, NestedRun, comfy_unet_layers, find_trigger, match_layers, plan_registration, token_legend, word_ids
+from ..na_engine import (
+    AttentionCapture,
+    NestedAttentionError,
+    NestedAttentionPatch,
+    NestedRun,
+    comfy_unet_layers,
+    find_trigger,
+    match_layers,
+    plan_registration,
+    token_legend,
+    word_ids,
+)
 
 
 class NestedAttentionApply:
@@ -10,11 +21,50 @@ class NestedAttentionApply:
             "required": {
                 "model": ("MODEL", {"tooltip": "The base model (SD1.5 or SDXL family, LoRAs welcome)."}),
                 "clip": ("CLIP", {"tooltip": "The text encoder of the same checkpoint; the prompt is encoded here."}),
-                "subjects": ("NESTED_SUBJECTS", {"tooltip": "From Nested Subject Encoder, Multi-Subject Combine or Load Nested Subject."}),
-                "text": ("STRING", {"multiline": True, "default": "a photo of a person", "tooltip": "The positive prompt. It must contain each subject's trigger word where that subject should appear."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05, "tooltip": "1.0 is the paper's formula; lower keeps more of the plain word, above 1 exaggerates the subject."}),
-                "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of sampling after which the subject is applied."}),
-                "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Fraction of sampling after which the subject is no longer applied."}),
+                "subjects": (
+                    "NESTED_SUBJECTS",
+                    {"tooltip": "From Nested Subject Encoder, Multi-Subject Combine or Load Nested Subject."},
+                ),
+                "text": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "a photo of a person",
+                        "tooltip": "The positive prompt. It must contain each subject's trigger word where that "
+                        "subject should appear.",
+                    },
+                ),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 3.0,
+                        "step": 0.05,
+                        "tooltip": "1.0 is the paper's formula; lower keeps more of the plain word, above 1 "
+                        "exaggerates the subject.",
+                    },
+                ),
+                "start_at": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Fraction of sampling after which the subject is applied.",
+                    },
+                ),
+                "end_at": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Fraction of sampling after which the subject is no longer applied.",
+                    },
+                ),
             },
             "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
@@ -35,17 +85,30 @@ class NestedAttentionApply:
         if not subjects:
             raise NestedAttentionError("No subjects given; connect a Nested Subject Encoder.")
         if start_at > end_at:
-            raise NestedAttentionError(f"start_at ({start_at}) is after end_at ({end_at}); the subject would never be applied.")
+            raise NestedAttentionError(
+                f"start_at ({start_at}) is after end_at ({end_at}); the subject would never be applied."
+            )
         tokens = clip.tokenize(text)
-        positions = [find_trigger(_chunks(tokens), word_ids(_chunks(clip.tokenize(s.trigger))[0]), s.trigger, text) for s in subjects]
+        positions = [
+            find_trigger(_chunks(tokens), word_ids(_chunks(clip.tokenize(s.trigger))[0]), s.trigger, text)
+            for s in subjects
+        ]
         cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
 
         model_layers = comfy_unet_layers(model.model.diffusion_model)
         for s in subjects:
             match_layers(s.adapter.layers, model_layers, repr(getattr(s.adapter, "name", "The adapter")))
-        sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") else model.model.model_sampling
+        sampling = (
+            model.get_model_object("model_sampling")
+            if hasattr(model, "get_model_object")
+            else model.model.model_sampling
+        )
         sigmas = (float(sampling.percent_to_sigma(start_at)), float(sampling.percent_to_sigma(end_at)))
-        capture = AttentionCapture([_legend(s) for s in subjects]) if _consumed(prompt, unique_id, self.CAPTURE_OUTPUT) else None
+        capture = (
+            AttentionCapture([_legend(s) for s in subjects])
+            if _consumed(prompt, unique_id, self.CAPTURE_OUTPUT)
+            else None
+        )
         run = NestedRun(subjects, positions, cond.cpu(), strength, sigmas, comfy_attention.optimized_attention, capture)
 
         patched = model.clone()

@@ -20,7 +20,9 @@ class NestedMultiSubjectCombine:
     RETURN_NAMES = ("subjects",)
     FUNCTION = "combine"
     CATEGORY = "nested_attention"
-    DESCRIPTION = "Puts several subjects, possibly from different adapters, into one set, each with an optional region mask."
+    DESCRIPTION = (
+        "Puts several subjects, possibly from different adapters, into one set, each with an optional region mask."
+    )
 
     def combine(self, **inputs):
         merged = []

@@ -6,7 +6,13 @@ class NestedAttentionLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "adapter_name": (adapter_files(), {"tooltip": "A Nested Attention adapter from models/nested_attention, or an IP-Adapter Plus / Plus-Face checkpoint from models/ipadapter (training-free mode, experimental)."}),
+                "adapter_name": (
+                    adapter_files(),
+                    {
+                        "tooltip": "A Nested Attention adapter from models/nested_attention, or an IP-Adapter Plus / "
+                        "Plus-Face checkpoint from models/ipadapter (training-free mode, experimental)."
+                    },
+                ),
             }
         }
 

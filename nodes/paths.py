@@ -1,5 +1,6 @@
 """Model folders: models/nested_attention and models/ipadapter for adapters, models/nested_subjects
 for saved subjects.  Folders added through extra_model_paths.yaml are kept."""
+
 import os
 
 import folder_paths

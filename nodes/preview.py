@@ -17,11 +17,17 @@ class NestedAttentionMapPreview(comfy_nodes.PreviewImage):
 
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("maps",)
-    OUTPUT_TOOLTIPS = ("Per subject and image: where the trigger attends | which subject token each pixel draws from | the reference coloured by token.",)
+    OUTPUT_TOOLTIPS = (
+        "Per subject and image: where the trigger attends | which subject token each pixel draws from | the "
+        "reference coloured by token.",
+    )
     FUNCTION = "preview"
     OUTPUT_NODE = True
     CATEGORY = "nested_attention"
-    DESCRIPTION = "Shows the paper's two views: the trigger's attention map and the colour-coded nested token map, summed over steps and layers."
+    DESCRIPTION = (
+        "Shows the paper's two views: the trigger's attention map and the colour-coded nested token map, "
+        "summed over steps and layers."
+    )
 
     def preview(self, capture, image):
         if capture is None:

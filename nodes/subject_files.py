@@ -12,7 +12,13 @@ class NestedSubjectSave:
         return {
             "required": {
                 "subjects": ("NESTED_SUBJECTS", {"tooltip": "Encoded subjects to keep for later graphs."}),
-                "name": ("STRING", {"default": "my_subject", "tooltip": "File name in models/nested_subjects; existing files are never overwritten."}),
+                "name": (
+                    "STRING",
+                    {
+                        "default": "my_subject",
+                        "tooltip": "File name in models/nested_subjects; existing files are never overwritten.",
+                    },
+                ),
             }
         }
 
@@ -36,7 +42,14 @@ class NestedSubjectSave:
 class NestedSubjectLoad:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"subject_file": (folder_paths.get_filename_list(SUBJECT_FOLDER), {"tooltip": "A subject saved by Save Nested Subject, in models/nested_subjects."})}}
+        return {
+            "required": {
+                "subject_file": (
+                    folder_paths.get_filename_list(SUBJECT_FOLDER),
+                    {"tooltip": "A subject saved by Save Nested Subject, in models/nested_subjects."},
+                )
+            }
+        }
 
     RETURN_TYPES = ("NESTED_SUBJECTS",)
     RETURN_NAMES = ("subjects",)
@@ -47,7 +60,9 @@ class NestedSubjectLoad:
     def load(self, subject_file):
         path = folder_paths.get_full_path(SUBJECT_FOLDER, subject_file)
         if path is None:
-            raise NestedAttentionError(f"Subject file {subject_file!r} is not in {', '.join(folder_paths.get_folder_paths(SUBJECT_FOLDER))}.")
+            raise NestedAttentionError(
+                f"Subject file {subject_file!r} is not in {', '.join(folder_paths.get_folder_paths(SUBJECT_FOLDER))}."
+            )
         subject = load_subject(path, load_named_adapter)
         return (SubjectSet([subject.with_(source={**subject.source, "adapter": subject.adapter.name})]),)
 

@@ -11,6 +11,7 @@ Variants, timed side by side in one run (interleaved, median of repeats):
 Peak extra memory is measured per variant in a fresh subprocess (Linux): the rise of the
 peak resident set size above the resident size with the inputs built, over one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,11 @@ def materialised(q, k, v, heads, nk, nv, where):
     d = c // heads
     qh, kh, vh = (x.view(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))
     p = torch.softmax(qh @ kh.transpose(-1, -2) * d**-0.5, dim=-1)  # (B, H, N, T)
-    u = F.scaled_dot_product_attention(qh, nk.view(1, -1, heads, d).transpose(1, 2).expand(b, -1, -1, -1), nv.view(1, -1, heads, d).transpose(1, 2).expand(b, -1, -1, -1))
+    u = F.scaled_dot_product_attention(
+        qh,
+        nk.view(1, -1, heads, d).transpose(1, 2).expand(b, -1, -1, -1),
+        nv.view(1, -1, heads, d).transpose(1, 2).expand(b, -1, -1, -1),
+    )
     values = vh[:, :, None].expand(-1, -1, n, -1, -1).clone()  # (B, H, N, T, d)
     rows, cols = where.nonzero(as_tuple=True)
     values[rows, :, :, cols] = u[rows]
@@ -104,7 +109,7 @@ def peak_extra_bytes(name: str, shape: Tuple[int, int, int, int], threads: int) 
 def rss(field: str) -> int:
     """VmRSS (now) or VmHWM (peak since the last reset) of this process, in bytes."""
     with open("/proc/self/status") as f:
-        line = next(l for l in f if l.startswith(field + ":"))
+        line = next(row for row in f if row.startswith(field + ":"))
     return int(line.split()[1]) * 1024
 
 
@@ -114,7 +119,9 @@ def reset_peak_rss() -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python scripts/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python scripts/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="only N=4096, T=77, M=16")

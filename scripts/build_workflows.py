@@ -7,10 +7,11 @@ descriptions below, so node ids, link ids, slots and the layout always agree.
 
 Sockets and widgets per node type are listed in SPECS (INPUT_TYPES order: required, then
 optional; sockets are link inputs, widgets are the values in widgets_values). KSampler's seed is
-followed by the frontend's "control_after_generate" value. tests/test_workflows_server.py checks
+followed by the frontend's "control_after_generate" value. tests/server/test_workflows_server.py checks
 every node against a live server's /object_info and runs every file.
 Test-sized settings (small images, 3 steps); each Note says what to use for real.
 """
+
 import json
 import os
 import sys
@@ -26,8 +27,10 @@ SPECS = {
     "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "CLIPTextEncode": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
     "EmptyLatentImage": ([], [("LATENT", "LATENT")]),
-    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                  ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
+    "KSampler": (
+        [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
+        [("LATENT", "LATENT")],
+    ),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
     "VAEEncode": ([("pixels", "IMAGE"), ("vae", "VAE")], [("LATENT", "LATENT")]),
     "SaveImage": ([("images", "IMAGE")], []),
@@ -36,14 +39,27 @@ SPECS = {
     "ImageScaleBy": ([("image", "IMAGE")], [("IMAGE", "IMAGE")]),
     "SetLatentNoiseMask": ([("samples", "LATENT"), ("mask", "MASK")], [("LATENT", "LATENT")]),
     "NestedAttentionLoader": ([], [("adapter", "NESTED_ADAPTER")]),
-    "NestedSubjectEncoder": ([("adapter", "NESTED_ADAPTER"), ("clip_vision", "CLIP_VISION"), ("image", "IMAGE"),
-                              ("mask", "MASK")], [("subjects", "NESTED_SUBJECTS")]),
-    "NestedMultiSubjectCombine": ([("subjects_1", "NESTED_SUBJECTS"), ("subjects_2", "NESTED_SUBJECTS"),
-                                   ("subjects_3", "NESTED_SUBJECTS"), ("subjects_4", "NESTED_SUBJECTS"),
-                                   ("mask_1", "MASK"), ("mask_2", "MASK"), ("mask_3", "MASK"), ("mask_4", "MASK")],
-                                  [("subjects", "NESTED_SUBJECTS")]),
-    "NestedAttentionApply": ([("model", "MODEL"), ("clip", "CLIP"), ("subjects", "NESTED_SUBJECTS")],
-                             [("model", "MODEL"), ("positive", "CONDITIONING"), ("capture", "NESTED_CAPTURE")]),
+    "NestedSubjectEncoder": (
+        [("adapter", "NESTED_ADAPTER"), ("clip_vision", "CLIP_VISION"), ("image", "IMAGE"), ("mask", "MASK")],
+        [("subjects", "NESTED_SUBJECTS")],
+    ),
+    "NestedMultiSubjectCombine": (
+        [
+            ("subjects_1", "NESTED_SUBJECTS"),
+            ("subjects_2", "NESTED_SUBJECTS"),
+            ("subjects_3", "NESTED_SUBJECTS"),
+            ("subjects_4", "NESTED_SUBJECTS"),
+            ("mask_1", "MASK"),
+            ("mask_2", "MASK"),
+            ("mask_3", "MASK"),
+            ("mask_4", "MASK"),
+        ],
+        [("subjects", "NESTED_SUBJECTS")],
+    ),
+    "NestedAttentionApply": (
+        [("model", "MODEL"), ("clip", "CLIP"), ("subjects", "NESTED_SUBJECTS")],
+        [("model", "MODEL"), ("positive", "CONDITIONING"), ("capture", "NESTED_CAPTURE")],
+    ),
     "NestedAttentionMapPreview": ([("capture", "NESTED_CAPTURE"), ("image", "IMAGE")], [("maps", "IMAGE")]),
 }
 TALL = {"LoadImage": 330, "Note": 340, "NestedAttentionMapPreview": 300, "SaveImage": 290}
@@ -57,10 +73,12 @@ NA_PET = "nested_attention_sdxl_pet.safetensors"
 IP_PLUS = "ip-adapter-plus_sd15.safetensors"
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
 
-KNOBS = ("Knobs: trigger_word = an ordinary word of the prompt that stands for the subject (it must "
-         "appear in the Patch's text); strength = 1.0 is the paper's formula (lower keeps more of the "
-         "plain word, above 1 exaggerates the subject); start_at / end_at = the fraction of sampling "
-         "during which the subject is applied.")
+KNOBS = (
+    "Knobs: trigger_word = an ordinary word of the prompt that stands for the subject (it must "
+    "appear in the Patch's text); strength = 1.0 is the paper's formula (lower keeps more of the "
+    "plain word, above 1 exaggerates the subject); start_at / end_at = the fraction of sampling "
+    "during which the subject is applied."
+)
 
 
 class Graph:
@@ -68,13 +86,17 @@ class Graph:
         self.nodes, self.links = [], []
 
     def node(self, type_, widgets=(), inputs=None, title=None):
-        n = {"id": len(self.nodes) + 1, "type": type_, "widgets": list(widgets), "inputs": dict(inputs or {}),
-             "title": title}
+        n = {
+            "id": len(self.nodes) + 1,
+            "type": type_,
+            "widgets": list(widgets),
+            "inputs": dict(inputs or {}),
+            "title": title,
+        }
         self.nodes.append(n)
         return n
 
     def build(self):
-        by_id = {n["id"]: n for n in self.nodes}
         # depth = longest path from a source; order = topological
         depth = {}
 
@@ -109,8 +131,9 @@ class Graph:
         for rank, n in sorted(enumerate(order), key=lambda rn: rn[1]["type"] == "Note"):
             ins, outs = SPECS[n["type"]]
             n_widgets = len(n["widgets"])
-            h = TALL.get(n["type"]) or (30 + 22 * max(len(ins), len(outs), 1) + 26 * n_widgets
-                                        + (90 if n["type"] in MULTILINE else 0))
+            h = TALL.get(n["type"]) or (
+                30 + 22 * max(len(ins), len(outs), 1) + 26 * n_widgets + (90 if n["type"] in MULTILINE else 0)
+            )
             w = 330 if n["type"] == "Note" else 320
             col = col_of[n["id"]]
             if n in notes:
@@ -118,9 +141,15 @@ class Graph:
             y = col_y.get(col, 0)
             col_y[col] = y + h + 40
             node = {
-                "id": n["id"], "type": n["type"], "pos": [40 + col * 370, 40 + y], "size": [w, h],
-                "flags": {}, "order": rank, "mode": 0,
-                "inputs": [], "outputs": [],
+                "id": n["id"],
+                "type": n["type"],
+                "pos": [40 + col * 370, 40 + y],
+                "size": [w, h],
+                "flags": {},
+                "order": rank,
+                "mode": 0,
+                "inputs": [],
+                "outputs": [],
                 "properties": {"Node name for S&R": n["type"]},
                 "widgets_values": n["widgets"],
             }
@@ -128,8 +157,10 @@ class Graph:
                 node["title"] = n["title"]
             link_of = {links[i][4]: links[i][0] for i in range(len(links)) if links[i][3] == n["id"]}
             node["inputs"] = [{"name": name, "type": typ, "link": link_of.get(i)} for i, (name, typ) in enumerate(ins)]
-            node["outputs"] = [{"name": name, "type": typ, "links": out_links[n["id"]].get(i, []), "slot_index": i}
-                               for i, (name, typ) in enumerate(outs)]
+            node["outputs"] = [
+                {"name": name, "type": typ, "links": out_links[n["id"]].get(i, []), "slot_index": i}
+                for i, (name, typ) in enumerate(outs)
+            ]
             if n["type"] == "Note":
                 del node["properties"]["Node name for S&R"]
                 node["color"], node["bgcolor"] = "#432", "#653"
@@ -139,8 +170,14 @@ class Graph:
         height = max(x["pos"][1] + x["size"][1] for x in nodes) + 40
         scale = round(min(1.0, 1460 / width, 800 / height), 2)
         return {
-            "last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": scale, "offset": [10, 10]}}, "version": 0.4,
+            "last_node_id": len(nodes),
+            "last_link_id": len(links),
+            "nodes": nodes,
+            "links": links,
+            "groups": [],
+            "config": {},
+            "extra": {"ds": {"scale": scale, "offset": [10, 10]}},
+            "version": 0.4,
         }
 
 
@@ -151,38 +188,61 @@ def note(g, text):
     return g.node("Note", [text])
 
 
-def single_subject(g, prompt, trigger="person", adapter=NA_PERSON, image="subject_person.png", seed=42,
-              width=1024, height=1024, ckpt=SDXL):
+def single_subject(
+    g,
+    prompt,
+    trigger="person",
+    adapter=NA_PERSON,
+    image="subject_person.png",
+    seed=42,
+    width=1024,
+    height=1024,
+    ckpt=SDXL,
+):
     """checkpoint + CLIP vision + photo + adapter + encoder + patch + negative + sampler + decode."""
     ck = g.node("CheckpointLoaderSimple", [ckpt])
     cv = g.node("CLIPVisionLoader", [VIT_H])
     img = g.node("LoadImage", [image, "image"])
     ad = g.node("NestedAttentionLoader", [adapter])
-    enc = g.node("NestedSubjectEncoder", [trigger, "center", "concat"],
-                 {"adapter": (ad, 0), "clip_vision": (cv, 0), "image": (img, 0)})
-    patch = g.node("NestedAttentionApply", [prompt, 1.0, 0.0, 1.0],
-                   {"model": (ck, 0), "clip": (ck, 1), "subjects": (enc, 0)})
+    enc = g.node(
+        "NestedSubjectEncoder",
+        [trigger, "center", "concat"],
+        {"adapter": (ad, 0), "clip_vision": (cv, 0), "image": (img, 0)},
+    )
+    patch = g.node(
+        "NestedAttentionApply", [prompt, 1.0, 0.0, 1.0], {"model": (ck, 0), "clip": (ck, 1), "subjects": (enc, 0)}
+    )
     neg = g.node("CLIPTextEncode", [NEGATIVE], {"clip": (ck, 1)})
     lat = g.node("EmptyLatentImage", [width, height, 1])
-    ks = g.node("KSampler", [seed, "fixed", STEPS, 6.0, "dpmpp_2m", "karras", 1.0],
-                {"model": (patch, 0), "positive": (patch, 1), "negative": (neg, 0), "latent_image": (lat, 0)})
+    ks = g.node(
+        "KSampler",
+        [seed, "fixed", STEPS, 6.0, "dpmpp_2m", "karras", 1.0],
+        {"model": (patch, 0), "positive": (patch, 1), "negative": (neg, 0), "latent_image": (lat, 0)},
+    )
     dec = g.node("VAEDecode", [], {"samples": (ks, 0), "vae": (ck, 2)})
     return {"ckpt": ck, "clip_vision": cv, "patch": patch, "neg": neg, "decode": dec}
 
 
-SDXL_FILES = ("Models (random-weight placeholders are generated by tests / scripts/demo.sh):\n"
-              "- models/checkpoints/%s (any SDXL checkpoint; rename the widget)\n"
-              "- models/clip_vision/%s (CLIP ViT-H/14 image encoder)\n" % (SDXL, VIT_H))
-REAL = ("Settings are for real images (1024x1024, %d steps). The test suite and the placeholder demo run a "
-        "copy shrunk to 128x128 and 3 steps." % STEPS)
+SDXL_FILES = (
+    "Models (random-weight placeholders are generated by tests / scripts/demo.sh):\n"
+    "- models/checkpoints/%s (any SDXL checkpoint; rename the widget)\n"
+    "- models/clip_vision/%s (CLIP ViT-H/14 image encoder)\n" % (SDXL, VIT_H)
+)
+REAL = (
+    "Settings are for real images (1024x1024, %d steps). The test suite and the placeholder demo run a "
+    "copy shrunk to 128x128 and 3 steps." % STEPS
+)
 
 
 def wf01():
     g = Graph()
-    note(g, "01 Single subject (SDXL)\n\n" + SDXL_FILES
-         + "- models/nested_attention/%s (a Nested Attention adapter for your SDXL checkpoint)\n"
-           "Input image: input/subject_person.png (a photo of the person).\n\n" % NA_PERSON
-         + KNOBS + "\n\n" + REAL)
+    note(
+        g,
+        "01 Single subject (SDXL)\n\n"
+        + SDXL_FILES
+        + "- models/nested_attention/%s (a Nested Attention adapter for your SDXL checkpoint)\n"
+        "Input image: input/subject_person.png (a photo of the person).\n\n" % NA_PERSON + KNOBS + "\n\n" + REAL,
+    )
     b = single_subject(g, "a photo of a person as an astronaut on the moon, detailed, cinematic light")
     g.node("SaveImage", ["na_01_single"], {"images": (b["decode"], 0)})
     return g
@@ -190,14 +250,21 @@ def wf01():
 
 def wf02():
     g = Graph()
-    note(g, "02 Two subjects: a man and his dog (SDXL)\n\n" + SDXL_FILES
-         + "- models/nested_attention/%s (a face/person adapter)\n"
-           "- models/nested_attention/%s (a pet adapter)\n"
-           "Input images: input/subject_person.png and input/subject_dog.png.\n\n"
-           "Each subject gets its own trigger word (man, dog) and a region mask (left / right half, "
-           "made with SolidMask + MaskComposite; masks of any size are resized to the image). Multi-Subject "
-           "Combine puts both into one set; the prompt must name both trigger words.\n\n" % (NA_PERSON, NA_PET)
-         + KNOBS + "\n\n" + REAL)
+    note(
+        g,
+        "02 Two subjects: a man and his dog (SDXL)\n\n"
+        + SDXL_FILES
+        + "- models/nested_attention/%s (a face/person adapter)\n"
+        "- models/nested_attention/%s (a pet adapter)\n"
+        "Input images: input/subject_person.png and input/subject_dog.png.\n\n"
+        "Each subject gets its own trigger word (man, dog) and a region mask (left / right half, "
+        "made with SolidMask + MaskComposite; masks of any size are resized to the image). Multi-Subject "
+        "Combine puts both into one set; the prompt must name both trigger words.\n\n"
+        % (NA_PERSON, NA_PET)
+        + KNOBS
+        + "\n\n"
+        + REAL,
+    )
     ck = g.node("CheckpointLoaderSimple", [SDXL])
     cv = g.node("CLIPVisionLoader", [VIT_H])
     man_img = g.node("LoadImage", ["subject_person.png", "image"])
@@ -207,19 +274,36 @@ def wf02():
     empty = g.node("SolidMask", [0.0, 1024, 1024])
     half = g.node("SolidMask", [1.0, 512, 1024])
     left = g.node("MaskComposite", [0, 0, "add"], {"destination": (empty, 0), "source": (half, 0)}, title="Left half")
-    right = g.node("MaskComposite", [512, 0, "add"], {"destination": (empty, 0), "source": (half, 0)}, title="Right half")
-    man = g.node("NestedSubjectEncoder", ["man", "center", "concat"],
-                 {"adapter": (man_ad, 0), "clip_vision": (cv, 0), "image": (man_img, 0)})
-    dog = g.node("NestedSubjectEncoder", ["dog", "center", "concat"],
-                 {"adapter": (dog_ad, 0), "clip_vision": (cv, 0), "image": (dog_img, 0)})
-    both = g.node("NestedMultiSubjectCombine", [], {"subjects_1": (man, 0), "subjects_2": (dog, 0),
-                                                    "mask_1": (left, 0), "mask_2": (right, 0)})
-    patch = g.node("NestedAttentionApply", ["a photo of a man and his dog sitting on a park bench, sunny day",
-                                            1.0, 0.0, 1.0], {"model": (ck, 0), "clip": (ck, 1), "subjects": (both, 0)})
+    right = g.node(
+        "MaskComposite", [512, 0, "add"], {"destination": (empty, 0), "source": (half, 0)}, title="Right half"
+    )
+    man = g.node(
+        "NestedSubjectEncoder",
+        ["man", "center", "concat"],
+        {"adapter": (man_ad, 0), "clip_vision": (cv, 0), "image": (man_img, 0)},
+    )
+    dog = g.node(
+        "NestedSubjectEncoder",
+        ["dog", "center", "concat"],
+        {"adapter": (dog_ad, 0), "clip_vision": (cv, 0), "image": (dog_img, 0)},
+    )
+    both = g.node(
+        "NestedMultiSubjectCombine",
+        [],
+        {"subjects_1": (man, 0), "subjects_2": (dog, 0), "mask_1": (left, 0), "mask_2": (right, 0)},
+    )
+    patch = g.node(
+        "NestedAttentionApply",
+        ["a photo of a man and his dog sitting on a park bench, sunny day", 1.0, 0.0, 1.0],
+        {"model": (ck, 0), "clip": (ck, 1), "subjects": (both, 0)},
+    )
     neg = g.node("CLIPTextEncode", [NEGATIVE], {"clip": (ck, 1)})
     lat = g.node("EmptyLatentImage", [1024, 1024, 1])
-    ks = g.node("KSampler", [7, "fixed", STEPS, 6.0, "dpmpp_2m", "karras", 1.0],
-                {"model": (patch, 0), "positive": (patch, 1), "negative": (neg, 0), "latent_image": (lat, 0)})
+    ks = g.node(
+        "KSampler",
+        [7, "fixed", STEPS, 6.0, "dpmpp_2m", "karras", 1.0],
+        {"model": (patch, 0), "positive": (patch, 1), "negative": (neg, 0), "latent_image": (lat, 0)},
+    )
     dec = g.node("VAEDecode", [], {"samples": (ks, 0), "vae": (ck, 2)})
     g.node("SaveImage", ["na_02_two_subjects"], {"images": (dec, 0)})
     return g
@@ -227,41 +311,66 @@ def wf02():
 
 def wf03():
     g = Graph()
-    note(g, "03 IP-Adapter Plus bridge (SD1.5) - EXPERIMENTAL, training-free\n\n"
-            "No Nested Attention training needed: the IP-Adapter Plus Resampler gives the subject tokens and each "
-            "layer's to_k_ip / to_v_ip become the nested keys / values. Identity is weaker than with a trained "
-            "adapter; try strength 0.6-1.0.\n\nModels:\n"
-            "- models/checkpoints/%s (any SD1.5 checkpoint)\n"
-            "- models/ipadapter/%s (IP-Adapter Plus or Plus-Face for SD1.5)\n"
-            "- models/clip_vision/%s (CLIP ViT-H/14, the encoder IP-Adapter Plus SD1.5 uses)\n"
-            "Input image: input/subject_person.png.\n\n" % (SD15, IP_PLUS, VIT_H)
-         + KNOBS + "\n\nSettings are for real images (512x512, %d steps); the tests run a copy shrunk to 64x64, 3 steps." % STEPS)
-    b = single_subject(g, "a portrait photo of a person in a garden, soft light", adapter=IP_PLUS, ckpt=SD15,
-                  width=512, height=512, seed=3)
+    note(
+        g,
+        "03 IP-Adapter Plus bridge (SD1.5) - EXPERIMENTAL, training-free\n\n"
+        "No Nested Attention training needed: the IP-Adapter Plus Resampler gives the subject tokens and each "
+        "layer's to_k_ip / to_v_ip become the nested keys / values. Identity is weaker than with a trained "
+        "adapter; try strength 0.6-1.0.\n\nModels:\n"
+        "- models/checkpoints/%s (any SD1.5 checkpoint)\n"
+        "- models/ipadapter/%s (IP-Adapter Plus or Plus-Face for SD1.5)\n"
+        "- models/clip_vision/%s (CLIP ViT-H/14, the encoder IP-Adapter Plus SD1.5 uses)\n"
+        "Input image: input/subject_person.png.\n\n"
+        % (SD15, IP_PLUS, VIT_H)
+        + KNOBS
+        + "\n\nSettings are for real images (512x512, %d steps); the tests run a copy shrunk to 64x64, 3 steps."
+        % STEPS,
+    )
+    b = single_subject(
+        g,
+        "a portrait photo of a person in a garden, soft light",
+        adapter=IP_PLUS,
+        ckpt=SD15,
+        width=512,
+        height=512,
+        seed=3,
+    )
     g.node("SaveImage", ["na_03_ipadapter_bridge"], {"images": (b["decode"], 0)})
     return g
 
 
 def wf04():
     g = Graph()
-    note(g, "04 Chain: generate, upscale, inpaint with the subject (SDXL)\n\n" + SDXL_FILES
-         + "- models/nested_attention/%s\nInput image: input/subject_person.png.\n\n"
-           "Pass 1 generates the subject; ImageScaleBy upscales 2x (core, no upscale model); pass 2 re-samples "
-           "only the masked face region (SetLatentNoiseMask, denoise 0.6) with the same patched model and "
-           "prompt, so the subject is refined there. Both images are saved.\n\n" % NA_PERSON
-         + KNOBS + "\n\n" + REAL + " The inpaint mask is in 1024x1024 units and is resized to the image.")
+    note(
+        g,
+        "04 Chain: generate, upscale, inpaint with the subject (SDXL)\n\n"
+        + SDXL_FILES
+        + "- models/nested_attention/%s\nInput image: input/subject_person.png.\n\n"
+        "Pass 1 generates the subject; ImageScaleBy upscales 2x (core, no upscale model); pass 2 re-samples "
+        "only the masked face region (SetLatentNoiseMask, denoise 0.6) with the same patched model and "
+        "prompt, so the subject is refined there. Both images are saved.\n\n"
+        % NA_PERSON
+        + KNOBS
+        + "\n\n"
+        + REAL
+        + " The inpaint mask is in 1024x1024 units and is resized to the image.",
+    )
     b = single_subject(g, "a photo of a person reading a book in a cafe", seed=11)
     g.node("SaveImage", ["na_04_chain_base"], {"images": (b["decode"], 0)})
     up = g.node("ImageScaleBy", ["bilinear", 2.0], {"image": (b["decode"], 0)})
     enc = g.node("VAEEncode", [], {"pixels": (up, 0), "vae": (b["ckpt"], 2)})
     empty = g.node("SolidMask", [0.0, 1024, 1024])
     square = g.node("SolidMask", [1.0, 512, 512])
-    region = g.node("MaskComposite", [256, 128, "add"], {"destination": (empty, 0), "source": (square, 0)},
-                    title="Inpaint region")
+    region = g.node(
+        "MaskComposite", [256, 128, "add"], {"destination": (empty, 0), "source": (square, 0)}, title="Inpaint region"
+    )
     masked = g.node("SetLatentNoiseMask", [], {"samples": (enc, 0), "mask": (region, 0)})
-    ks = g.node("KSampler", [12, "fixed", STEPS, 6.0, "dpmpp_2m", "karras", 0.6],
-                {"model": (b["patch"], 0), "positive": (b["patch"], 1), "negative": (b["neg"], 0),
-                 "latent_image": (masked, 0)}, title="KSampler (inpaint)")
+    ks = g.node(
+        "KSampler",
+        [12, "fixed", STEPS, 6.0, "dpmpp_2m", "karras", 0.6],
+        {"model": (b["patch"], 0), "positive": (b["patch"], 1), "negative": (b["neg"], 0), "latent_image": (masked, 0)},
+        title="KSampler (inpaint)",
+    )
     dec = g.node("VAEDecode", [], {"samples": (ks, 0), "vae": (b["ckpt"], 2)})
     g.node("SaveImage", ["na_04_chain_inpaint"], {"images": (dec, 0)})
     return g
@@ -269,12 +378,19 @@ def wf04():
 
 def wf05():
     g = Graph()
-    note(g, "05 Attention map preview (SDXL)\n\n" + SDXL_FILES
-         + "- models/nested_attention/%s\nInput image: input/subject_person.png.\n\n"
-           "Attention Map Preview takes the Patch's capture output and the decoded image. Per subject it shows "
-           "where the trigger word attends | which subject token each pixel draws from | the reference photo "
-           "coloured by token. Maps are recorded only while a preview is connected.\n\n" % NA_PERSON
-         + KNOBS + "\n\n" + REAL)
+    note(
+        g,
+        "05 Attention map preview (SDXL)\n\n"
+        + SDXL_FILES
+        + "- models/nested_attention/%s\nInput image: input/subject_person.png.\n\n"
+        "Attention Map Preview takes the Patch's capture output and the decoded image. Per subject it shows "
+        "where the trigger word attends | which subject token each pixel draws from | the reference photo "
+        "coloured by token. Maps are recorded only while a preview is connected.\n\n"
+        % NA_PERSON
+        + KNOBS
+        + "\n\n"
+        + REAL,
+    )
     b = single_subject(g, "a photo of a person wearing a red scarf in the snow", seed=5)
     g.node("SaveImage", ["na_05_attention"], {"images": (b["decode"], 0)})
     g.node("NestedAttentionMapPreview", [], {"capture": (b["patch"], 2), "image": (b["decode"], 0)})

@@ -1,4 +1,5 @@
 """The demo behind scripts/demo.sh (run that; it sets up the environment first)."""
+
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ PLACEHOLDER = {fm.SDXL_CKPT: fm.SDXL_NAME, fm.VIT_H: fm.CLIP_VISION_NAMES["h"]}
 
 def banner(lines):
     bar = "!" * 78
-    print("\n".join(["", bar, bar] + ["!!  " + l for l in lines] + [bar, bar, ""]), flush=True)
+    print("\n".join(["", bar, bar] + ["!!  " + line for line in lines] + [bar, bar, ""]), flush=True)
 
 
 def real_files(comfy, needed):
@@ -59,11 +60,15 @@ def main():
         print("[demo] using your model files: " + ", ".join(found.values()))
         models_dir, workflows = os.path.join(work, "models"), [WF01, WF05]
     else:
-        banner(["PLACEHOLDER MODELS: RANDOM WEIGHTS. THE IMAGES WILL BE NOISE.",
-                "Not found in %s:" % comfy] + ["    " + m for m in missing] +
-               ["Generating random-weight stand-ins with the real layouts (first time: ~1 min,",
+        banner(
+            ["PLACEHOLDER MODELS: RANDOM WEIGHTS. THE IMAGES WILL BE NOISE.", "Not found in %s:" % comfy]
+            + ["    " + m for m in missing]
+            + [
+                "Generating random-weight stand-ins with the real layouts (first time: ~1 min,",
                 "~3.5 GB in %s) so the graph runs end to end." % os.path.join(cache, "models"),
-                "For real images put the files above there (see the Note in workflow 01)."])
+                "For real images put the files above there (see the Note in workflow 01).",
+            ]
+        )
         models_dir = os.environ.get("NA_MODELS_DIR") or os.path.join(cache, "models")
         t0 = time.time()
         fm.comfy_harness.import_comfy()

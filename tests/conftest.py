@@ -4,6 +4,7 @@ Tests that need ComfyUI take the `comfy` fixture (or call require_comfy()); they
 with a clear reason only when no ComfyUI tree is found at all. CI always has one
 (.ci/run sources scripts/setup_env.sh, which provides the 2024 copy / COMFYUI_PATH).
 """
+
 import os
 import sys
 
@@ -47,6 +48,7 @@ def comfy():
 @pytest.fixture(scope="session")
 def comfy_nodes(comfy):
     import nodes
+
     return nodes
 
 

@@ -1,4 +1,5 @@
 """Reference photos as ComfyUI passes them, (B, H, W, C) floats in 0..1, made ready for CLIP vision."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -22,7 +23,10 @@ def prepare_references(images: Tensor, mask: Optional[Tensor] = None, crop: str 
     """
     if images is None or images.ndim != 4 or images.shape[0] == 0:
         shape = None if images is None else tuple(images.shape)
-        raise NestedAttentionError(f"The reference image batch is empty or malformed (shape {shape}); connect one or more photos of the subject, e.g. from Load Image.")
+        raise NestedAttentionError(
+            f"The reference image batch is empty or malformed (shape {shape}); connect one or more photos of the "
+            "subject, e.g. from Load Image."
+        )
     if crop not in CROP_MODES:
         raise NestedAttentionError(f"crop must be one of {CROP_MODES}, not {crop!r}")
     images = to_rgb(images)
@@ -32,7 +36,9 @@ def prepare_references(images: Tensor, mask: Optional[Tensor] = None, crop: str 
     if crop == "pad":
         images = pad_square(images)
     if crop in ("pad", "squash"):
-        images = F.interpolate(images.movedim(-1, 1), size=(size, size), mode="bicubic", antialias=True, align_corners=False).movedim(1, -1)
+        images = F.interpolate(
+            images.movedim(-1, 1), size=(size, size), mode="bicubic", antialias=True, align_corners=False
+        ).movedim(1, -1)
     return images.clamp(0, 1)
 
 
@@ -54,7 +60,9 @@ def resize_mask(mask: Tensor, h: int, w: int, batch: int) -> Tensor:
     if m.ndim == 2:
         m = m[None]
     if m.ndim != 3 or m.shape[0] not in (1, batch):
-        raise NestedAttentionError(f"The subject mask has shape {tuple(mask.shape)}; expected one mask, or one per reference photo ({batch}).")
+        raise NestedAttentionError(
+            f"The subject mask has shape {tuple(mask.shape)}; expected one mask, or one per reference photo ({batch})."
+        )
     if m.shape[1:] != (h, w):
         m = F.interpolate(m[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
     return m.expand(batch, -1, -1).clamp(0, 1)
@@ -73,5 +81,10 @@ def thumbnail(image: Tensor, size: int = 224) -> Tensor:
     """(H, W, 3) -> (size', size', 3) with the long side at ``size``, for previews."""
     h, w, _ = image.shape
     scale = size / max(h, w)
-    out = F.interpolate(image.movedim(-1, 0)[None], size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear", align_corners=False)
+    out = F.interpolate(
+        image.movedim(-1, 0)[None],
+        size=(max(1, round(h * scale)), max(1, round(w * scale))),
+        mode="bilinear",
+        align_corners=False,
+    )
     return out[0].movedim(0, -1).clamp(0, 1)

@@ -1,4 +1,5 @@
 """The ComfyUI half of the layer table: the attn2 layers of a ComfyUI UNetModel, checked against an adapter's."""
+
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
@@ -16,7 +17,11 @@ def comfy_unet_layers(diffusion_model: torch.nn.Module) -> List[Tuple[ComfyKey, 
     when it looks up attn2 replaces; the middle block's key is ("middle", 0, i).
     """
     found = []
-    groups = [("input", getattr(diffusion_model, "input_blocks", [])), ("middle", [getattr(diffusion_model, "middle_block", [])]), ("output", getattr(diffusion_model, "output_blocks", []))]
+    groups = [
+        ("input", getattr(diffusion_model, "input_blocks", [])),
+        ("middle", [getattr(diffusion_model, "middle_block", [])]),
+        ("output", getattr(diffusion_model, "output_blocks", [])),
+    ]
     for block, modules in groups:
         for block_id, module in enumerate(modules):
             for sub in module.modules():
@@ -27,7 +32,9 @@ def comfy_unet_layers(diffusion_model: torch.nn.Module) -> List[Tuple[ComfyKey, 
     return found
 
 
-def match_layers(adapter_layers: Sequence[Layer], model_layers: Sequence[Tuple[ComfyKey, int]], adapter_name: str = "the adapter") -> None:
+def match_layers(
+    adapter_layers: Sequence[Layer], model_layers: Sequence[Tuple[ComfyKey, int]], adapter_name: str = "the adapter"
+) -> None:
     """Raise, naming both sides, unless every model layer has an adapter layer of its width."""
     have = {key: width for key, width in model_layers}
     want = {layer.comfy: layer.width for layer in adapter_layers}

@@ -12,6 +12,7 @@ A conditioning dict never reaches the layers, so the wrapper finds the batch row
 whose context is exactly this prompt's (ComfyUI may tile a context to a common
 length) and passes their trigger positions down in transformer_options.
 """
+
 from __future__ import annotations
 
 import copy
@@ -181,7 +182,9 @@ def _layer_key(extra_options: dict) -> tuple:
     return (block[0], block[1], extra_options.get("block_index", 0)) if block is not None else ("", 0, 0)
 
 
-def plan_registration(existing: Dict[tuple, Callable], layers: Sequence[tuple]) -> List[Tuple[tuple, tuple, Optional[Callable]]]:
+def plan_registration(
+    existing: Dict[tuple, Callable], layers: Sequence[tuple]
+) -> List[Tuple[tuple, tuple, Optional[Callable]]]:
     """For each (block, id, index) layer: the key to register under and the replace to stack on.
 
     ComfyUI looks up (block, id, index) first, then (block, id).  Where a replace is

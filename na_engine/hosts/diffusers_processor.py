@@ -14,6 +14,7 @@ the adapter's to_k/to_v) pass it on to the resampler and the nested projections.
 
 No diffusers import: a processor is any callable with the signature below.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,12 +64,22 @@ class NestedAttnProcessor:
     def __init__(self, processors: NestedProcessors, layer: Layer):
         self.processors, self.layer = processors, layer
 
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
-                 attention_mask: Optional[Tensor] = None, temb=None, **kwargs) -> Tensor:
-        plain = attention_mask is None and hidden_states.ndim == 3 and attn.group_norm is None and attn.spatial_norm is None
+    def __call__(
+        self,
+        attn,
+        hidden_states: Tensor,
+        encoder_hidden_states: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        temb=None,
+        **kwargs,
+    ) -> Tensor:
+        plain = (
+            attention_mask is None and hidden_states.ndim == 3 and attn.group_norm is None and attn.spatial_norm is None
+        )
         if not plain:
             raise NestedAttentionError(
-                "Nested Attention processors support plain cross-attention only (no attention mask, group or spatial norm)."
+                "Nested Attention processors support plain cross-attention only (no attention mask, group or spatial "
+                "norm)."
             )
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if attn.norm_cross:
@@ -112,7 +123,9 @@ def install(unet, layers: Sequence[Layer]) -> NestedProcessors:
     A UNet that has them already (a trainer's, whose validation generates) keeps them."""
     processors = dict(unet.attn_processors)
     ours = {id(p.processors): p.processors for p in processors.values() if isinstance(p, NestedAttnProcessor)}
-    if len(ours) == 1 and all(isinstance(processors.get(layer.diffusers + ".processor"), NestedAttnProcessor) for layer in layers):
+    if len(ours) == 1 and all(
+        isinstance(processors.get(layer.diffusers + ".processor"), NestedAttnProcessor) for layer in layers
+    ):
         return next(iter(ours.values()))
     shared = NestedProcessors()
     for layer in layers:

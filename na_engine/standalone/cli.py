@@ -1,7 +1,8 @@
 """What the standalone commands share: the model arguments, dtypes, photo files, options from a config.
 
-    python -m na_engine prepare | train | generate | inspect   (na_engine/__main__.py)
+python -m na_engine prepare | train | generate | inspect   (na_engine/__main__.py)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,9 @@ def parser(command: str, doc: str) -> argparse.ArgumentParser:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--base, --base-config and --clip-vision, worded once for every command."""
-    p.add_argument("--base", required=True, help="diffusers folder (SD1.5 or SDXL), or a single-file checkpoint with --base-config")
+    p.add_argument(
+        "--base", required=True, help="diffusers folder (SD1.5 or SDXL), or a single-file checkpoint with --base-config"
+    )
     p.add_argument("--base-config", help="local diffusers folder holding the configs of a single-file --base")
     p.add_argument("--clip-vision", required=True, help="CLIP vision folder or .safetensors file")
 

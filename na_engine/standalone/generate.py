@@ -2,16 +2,17 @@
 
 One run:   --prompt "a photo of a bottle on a desk" --subject ref1.jpg --trigger bottle --seed 1 2
 Catalogue: --batch jobs.csv (columns prompt, subject, trigger, seed; subject = image or folder of images)
-           --batch jobs.json ({"prompts": [...], "subjects": [{"name", "images", "trigger"}], "seeds": [...]}: every combination)
+           --batch jobs.json ({"prompts": [...], "subjects": [{"name", "images", "trigger"}], "seeds": [...]}):
+           every combination
 Each image is written to --out with, unless --no-maps, its attention-map panel:
 [where the trigger attends | which subject token each pixel draws from | the reference coloured by token].
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import os
-import sys
 from dataclasses import dataclass
 from typing import List, Sequence
 
@@ -19,11 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..capture import AttentionCapture, token_legend
 from ..adapter import NestedAdapter
 from ..binding import ModelCall, Placement
-from ..hosts.diffusers_processor import install
+from ..capture import AttentionCapture, token_legend
 from ..errors import NestedAttentionError, command_line
+from ..hosts.diffusers_processor import install
 from ..subjects import Subject
 from ..tokens import has_word
 from . import cli
@@ -53,8 +54,9 @@ class NestedGenerator:
         if base.is_xl:
             self.pipe = StableDiffusionXLPipeline(base.vae, te[0], te[1], tok[0], tok[1], base.unet, scheduler)
         else:
-            self.pipe = StableDiffusionPipeline(base.vae, te[0], tok[0], base.unet, scheduler, None, None,
-                                                requires_safety_checker=False)
+            self.pipe = StableDiffusionPipeline(
+                base.vae, te[0], tok[0], base.unet, scheduler, None, None, requires_safety_checker=False
+            )
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
 
@@ -62,7 +64,9 @@ class NestedGenerator:
     def encode(self, images: Sequence, trigger: str, combine: str = "concat") -> Subject:
         """PIL photos of one subject -> the subject, as the ComfyUI encode node makes it."""
         tokens, weights = self.adapter.encode(image_features(self.vision, images, self.device), combine)
-        reference = torch.from_numpy(np.array(images[0].convert("RGB").resize((256, 256)))).float() / 255  # (256, 256, 3)
+        reference = (
+            torch.from_numpy(np.array(images[0].convert("RGB").resize((256, 256)))).float() / 255
+        )  # (256, 256, 3)
         attention = weights.float().cpu() if len(images) == 1 else None  # the maps' legend colours one photo
         return Subject(tokens, self.adapter, trigger, token_attention=attention, reference=reference)
 
@@ -73,11 +77,23 @@ class NestedGenerator:
 
         vae = self.base.vae
         pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample[0]  # (3, size, size) in [-1, 1]
-        return Image.fromarray(((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+        return Image.fromarray(
+            ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        )
 
     @torch.no_grad()
-    def __call__(self, prompt: str, subject: Subject, seed: int, steps: int = 30, cfg: float = 7.0,
-                 size: int = 512, negative: str = "", strength: float = 1.0, maps: bool = True):
+    def __call__(
+        self,
+        prompt: str,
+        subject: Subject,
+        seed: int,
+        steps: int = 30,
+        cfg: float = 7.0,
+        size: int = 512,
+        negative: str = "",
+        strength: float = 1.0,
+        maps: bool = True,
+    ):
         """-> (image, maps panel or None), PIL images."""
         from PIL import Image
 
@@ -89,8 +105,16 @@ class NestedGenerator:
         call = ModelCall([Placement(subject, where, strength)], (size // self.pipe.vae_scale_factor,) * 2, capture)
         with self.processors.bound(call):
             generator = torch.Generator("cpu").manual_seed(seed)
-            latents = self.pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg,
-                                height=size, width=size, generator=generator, output_type="latent").images  # (1, 4, h, w)
+            latents = self.pipe(
+                prompt,
+                negative_prompt=negative,
+                num_inference_steps=steps,
+                guidance_scale=cfg,
+                height=size,
+                width=size,
+                generator=generator,
+                output_type="latent",
+            ).images  # (1, 4, h, w)
         image = self.decode(latents)
         panel = None
         if maps:
@@ -112,23 +136,62 @@ def read_jobs(path: str) -> List[Job]:
             rows = list(csv.DictReader(f))
         missing = {"prompt", "subject", "trigger"} - set(rows[0] if rows else {})
         if not rows or missing:
-            raise NestedAttentionError(f"{os.path.basename(path)} needs a header with prompt, subject, trigger (and optionally seed, negative); missing: {', '.join(sorted(missing)) or 'rows'}.")
-        return [Job(r["prompt"], cli.photo_files(_rel(base, r["subject"])), r["trigger"], int(r.get("seed") or 0),
-                    os.path.splitext(os.path.basename(r["subject"].rstrip("/")))[0], r.get("negative") or "") for r in rows]
+            raise NestedAttentionError(
+                f"{os.path.basename(path)} needs a header with prompt, subject, trigger (and optionally seed, "
+                f"negative); missing: {', '.join(sorted(missing)) or 'rows'}."
+            )
+        return [
+            Job(
+                r["prompt"],
+                cli.photo_files(_rel(base, r["subject"])),
+                r["trigger"],
+                int(r.get("seed") or 0),
+                os.path.splitext(os.path.basename(r["subject"].rstrip("/")))[0],
+                r.get("negative") or "",
+            )
+            for r in rows
+        ]
     with open(path) as f:
         spec = json.load(f)
     try:
-        subjects = [(s["name"], cli.photo_files(_rel(base, s["images"])) if isinstance(s["images"], str) else [_rel(base, p) for p in s["images"]], s["trigger"]) for s in spec["subjects"]]
-        return [Job(p, imgs, trig, int(seed), name, spec.get("negative", "")) for name, imgs, trig in subjects for p in spec["prompts"] for seed in spec.get("seeds", [0])]
+        subjects = [
+            (
+                s["name"],
+                cli.photo_files(_rel(base, s["images"]))
+                if isinstance(s["images"], str)
+                else [_rel(base, p) for p in s["images"]],
+                s["trigger"],
+            )
+            for s in spec["subjects"]
+        ]
+        return [
+            Job(p, imgs, trig, int(seed), name, spec.get("negative", ""))
+            for name, imgs, trig in subjects
+            for p in spec["prompts"]
+            for seed in spec.get("seeds", [0])
+        ]
     except (KeyError, TypeError) as e:
-        raise NestedAttentionError(f"{os.path.basename(path)} must be {{\"prompts\": [...], \"subjects\": [{{\"name\", \"images\", \"trigger\"}}], \"seeds\": [...]}}; {e!r} is missing or wrong.") from e
+        raise NestedAttentionError(
+            f"{os.path.basename(path)} must be "
+            f'{{"prompts": [...], "subjects": [{{"name", "images", "trigger"}}], "seeds": [...]}}; '
+            f"{e!r} is missing or wrong."
+        ) from e
 
 
 def _rel(base: str, path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(base, path)
 
 
-def run_jobs(generator: NestedGenerator, jobs: Sequence[Job], out: str, steps: int, cfg: float, size: int, strength: float, maps: bool) -> List[str]:
+def run_jobs(
+    generator: NestedGenerator,
+    jobs: Sequence[Job],
+    out: str,
+    steps: int,
+    cfg: float,
+    size: int,
+    strength: float,
+    maps: bool,
+) -> List[str]:
     os.makedirs(out, exist_ok=True)
     cache = {}
     written = []
@@ -163,7 +226,9 @@ def _open(path: str):
 def main(argv=None) -> int:
     p = cli.parser("generate", __doc__)
     cli.add_model_arguments(p)
-    p.add_argument("--adapter", required=True, help="Nested Attention adapter (.safetensors) or IP-Adapter Plus checkpoint")
+    p.add_argument(
+        "--adapter", required=True, help="Nested Attention adapter (.safetensors) or IP-Adapter Plus checkpoint"
+    )
     p.add_argument("--subject", nargs="*", default=[], help="reference photo(s) or a folder of them")
     p.add_argument("--trigger", help="the prompt word the subject binds to")
     p.add_argument("--prompt", nargs="*", default=[])
@@ -190,9 +255,18 @@ def generate(args) -> List[str]:
     jobs = read_jobs(args.batch) if args.batch else _jobs_from_args(args)
     for job in jobs:  # the tokenizer checks again, exactly, once it is loaded
         if not has_word(job.prompt, job.trigger):
-            raise NestedAttentionError(f"The trigger word {job.trigger!r} is not in the prompt {job.prompt!r}. Write it where the subject should appear.")
+            raise NestedAttentionError(
+                f"The trigger word {job.trigger!r} is not in the prompt {job.prompt!r}. Write it where the subject "
+                "should appear."
+            )
     adapter = load_adapter(args.adapter)
-    check_match(unet_config(args.base, args.base_config), clip_vision_width(args.clip_vision), adapter, args.base, args.clip_vision)
+    check_match(
+        unet_config(args.base, args.base_config),
+        clip_vision_width(args.clip_vision),
+        adapter,
+        args.base,
+        args.clip_vision,
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = cli.DTYPES.get(args.dtype, torch.float16 if device == "cuda" else torch.float32)
     base, vision = load_base(args.base, args.base_config, dtype), load_vision(args.clip_vision, dtype)
@@ -208,4 +282,3 @@ def _jobs_from_args(args) -> List[Job]:
     images = [f for s in args.subject for f in cli.photo_files(s)]
     name = os.path.splitext(os.path.basename(args.subject[0].rstrip("/")))[0]
     return [Job(p, images, args.trigger, seed, name, args.negative) for p in args.prompt for seed in args.seed]
-

@@ -4,6 +4,7 @@ diffusers and transformers are imported inside the functions, so ``import na_eng
 never pulls them in.  A base is a diffusers folder (SD1.5 or SDXL layout) or a
 single-file checkpoint with ``config`` naming a local diffusers folder for its configs.
 """
+
 from __future__ import annotations
 
 import json
@@ -82,7 +83,9 @@ def clip_vision_width(path: str) -> int:
     return int(_vision_file_weights(path)["vision_model.embeddings.patch_embedding.weight"].shape[0])
 
 
-def check_match(unet_cfg: dict, vision_width: int, adapter: Optional[NestedAdapter], base: str, clip_vision: str) -> None:
+def check_match(
+    unet_cfg: dict, vision_width: int, adapter: Optional[NestedAdapter], base: str, clip_vision: str
+) -> None:
     """An adapter must fit both the base's cross-attention layers and the CLIP vision width."""
     if adapter is None:
         return
@@ -91,11 +94,15 @@ def check_match(unet_cfg: dict, vision_width: int, adapter: Optional[NestedAdapt
     if theirs != [(layer.comfy, layer.width) for layer in layers]:
         from ..layers import describe
 
-        raise NestedAttentionError(f"The adapter is made for {describe(adapter.layers)}, but the base {base} has {describe(layers)}.")
+        raise NestedAttentionError(
+            f"The adapter is made for {describe(adapter.layers)}, but the base {base} has {describe(layers)}."
+        )
     if adapter.config.embedding_dim != vision_width:
         raise NestedAttentionError(
-            f"The adapter reads {encoder_name(adapter.config.embedding_dim)} features (width {adapter.config.embedding_dim}), "
-            f"but the CLIP vision model {clip_vision} gives width {vision_width}. Pass the CLIP vision model the adapter was made with."
+            f"The adapter reads {encoder_name(adapter.config.embedding_dim)} features (width "
+            f"{adapter.config.embedding_dim}), "
+            f"but the CLIP vision model {clip_vision} gives width {vision_width}. Pass the CLIP vision model the "
+            "adapter was made with."
         )
 
 
@@ -103,7 +110,9 @@ def fresh_config(unet_cfg: dict, vision_width: int, tokens: int = 16, depth: int
     """A new adapter's resampler: reads the CLIP vision width, writes tokens of the base's context width."""
     ctx = int(unet_cfg["cross_attention_dim"])
     heads = max(1, ctx // 64)
-    return ResamplerConfig(dim=ctx, depth=depth, dim_head=64, heads=heads, num_queries=tokens, embedding_dim=vision_width, output_dim=ctx)
+    return ResamplerConfig(
+        dim=ctx, depth=depth, dim_head=64, heads=heads, num_queries=tokens, embedding_dim=vision_width, output_dim=ctx
+    )
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -132,7 +141,9 @@ def load_base(path: str, config: Optional[str] = None, dtype: torch.dtype = torc
         encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype)]
         tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")]
         if is_xl:
-            encoders.append(CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", torch_dtype=dtype))
+            encoders.append(
+                CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", torch_dtype=dtype)
+            )
             tokenizers.append(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"))
         scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     for module in [unet, vae] + encoders:
@@ -156,9 +167,13 @@ def load_vision(path: str, dtype: torch.dtype = torch.float32) -> Vision:
         side = int(round((positions - 1) ** 0.5)) * patch.shape[-1]
         depth = len({k.split(".")[3] for k in sd if k.startswith("vision_model.encoder.layers.")})
         cfg = CLIPVisionConfig(
-            hidden_size=width, intermediate_size=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0], num_hidden_layers=depth,
+            hidden_size=width,
+            intermediate_size=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+            num_hidden_layers=depth,
             num_attention_heads={768: 12, 1024: 16, 1280: 16, 1664: 16}.get(width, max(1, width // 64)),
-            image_size=side, patch_size=patch.shape[-1], projection_dim=sd["visual_projection.weight"].shape[0],
+            image_size=side,
+            patch_size=patch.shape[-1],
+            projection_dim=sd["visual_projection.weight"].shape[0],
             hidden_act="quick_gelu" if width in (768, 1024) else "gelu",  # OpenAI ViT-B/L vs OpenCLIP ViT-H/bigG
         )
         model = CLIPVisionModelWithProjection(cfg)
@@ -185,7 +200,8 @@ def _vision_file_weights(path: str) -> dict:
         raise NestedAttentionError(f"Could not read {os.path.basename(path)} as a CLIP vision model: {e}") from e
     if "vision_model.embeddings.patch_embedding.weight" not in sd or "visual_projection.weight" not in sd:
         raise NestedAttentionError(
-            f"{os.path.basename(path)} is not a CLIP vision model in transformers layout (vision_model.*, visual_projection.*). "
+            f"{os.path.basename(path)} is not a CLIP vision model in transformers layout (vision_model.*, "
+            "visual_projection.*). "
             "Pass a transformers CLIP vision folder, or a file such as ComfyUI's clip_vision models."
         )
     return sd
@@ -196,7 +212,12 @@ def _vision_file_weights(path: str) -> dict:
 
 def tokenize(base: Base, prompts: Sequence[str]) -> List[Tensor]:
     """Per tokenizer, the padded ids (B, 77)."""
-    return [tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids for tok in base.tokenizers]
+    return [
+        tok(
+            list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        for tok in base.tokenizers
+    ]
 
 
 @torch.no_grad()
@@ -210,7 +231,9 @@ def encode_prompts(base: Base, prompts: Sequence[str], resolution: int, device) 
         out = encoder(tok_ids.to(device), output_hidden_states=True)
         states.append(out.hidden_states[-2])
         pooled = out[0]  # the second encoder's projected pooled output
-    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device).repeat(len(prompts), 1)
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device).repeat(
+        len(prompts), 1
+    )
     return torch.cat(states, -1), {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}
 
 

@@ -6,12 +6,11 @@ Output folder layout, read by python -m na_engine train:
     <name>.mask.png   the subject mask, same square (only with --masks)
     dataset.json      {"class_word", "resolution", "items": [names], "skipped": [{"file", "reason"}]}
 """
+
 from __future__ import annotations
 
 import json
 import os
-import re
-import sys
 from typing import List, Optional, Tuple
 
 from ..errors import NestedAttentionError, command_line
@@ -36,13 +35,25 @@ def square(image, resolution: int, mode: str, fill):
     return image.resize((resolution, resolution), resample)
 
 
-def prepare(src: str, out: str, class_word: str, resolution: int = 512, mode: str = "crop", template: str = "a photo of a {class}",
-            keep_captions: bool = False, masks: Optional[str] = None) -> dict:
+def prepare(
+    src: str,
+    out: str,
+    class_word: str,
+    resolution: int = 512,
+    mode: str = "crop",
+    template: str = "a photo of a {class}",
+    keep_captions: bool = False,
+    masks: Optional[str] = None,
+) -> dict:
     """Write the training set; returns the dataset record (also saved as dataset.json)."""
     if not class_word.strip():
-        raise NestedAttentionError("--class-word is required: the word that names the subject's kind, e.g. 'bottle', 'dog' or 'person'.")
+        raise NestedAttentionError(
+            "--class-word is required: the word that names the subject's kind, e.g. 'bottle', 'dog' or 'person'."
+        )
     if "{class}" not in template:
-        raise NestedAttentionError(f"The caption template {template!r} has no {{class}} placeholder for the class word.")
+        raise NestedAttentionError(
+            f"The caption template {template!r} has no {{class}} placeholder for the class word."
+        )
     if mode not in ("crop", "pad"):
         raise NestedAttentionError(f"--mode must be 'crop' or 'pad', not {mode!r}.")
     if not os.path.isdir(src):
@@ -67,7 +78,10 @@ def prepare(src: str, out: str, class_word: str, resolution: int = 512, mode: st
             f.write(_caption(src, name, class_word, template, keep_captions))
         items.append(name)
     if not items:
-        raise NestedAttentionError(f"None of the {len(files)} images in {src} could be read: " + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped))
+        raise NestedAttentionError(
+            f"None of the {len(files)} images in {src} could be read: "
+            + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped)
+        )
     record = {"class_word": class_word, "resolution": resolution, "items": items, "skipped": skipped}
     with open(os.path.join(out, DATASET_FILE), "w") as f:
         json.dump(record, f, indent=1)
@@ -80,8 +94,14 @@ def _check_captions(src: str, files: List[str], class_word: str, template: str, 
         name = os.path.splitext(file)[0]
         caption = _caption(src, name, class_word, template, keep)
         if not has_word(caption, class_word):
-            where = os.path.join(src, name + ".txt") if keep and os.path.isfile(os.path.join(src, name + ".txt")) else "the template"
-            raise NestedAttentionError(f"The caption of {file} ({where}: {caption!r}) does not contain the class word {class_word!r}.")
+            where = (
+                os.path.join(src, name + ".txt")
+                if keep and os.path.isfile(os.path.join(src, name + ".txt"))
+                else "the template"
+            )
+            raise NestedAttentionError(
+                f"The caption of {file} ({where}: {caption!r}) does not contain the class word {class_word!r}."
+            )
 
 
 def _caption(src: str, name: str, class_word: str, template: str, keep: bool) -> str:
@@ -95,7 +115,9 @@ def _caption(src: str, name: str, class_word: str, template: str, keep: bool) ->
 def _mask_path(masks: Optional[str], name: str) -> Optional[str]:
     if masks is None:
         return None
-    found = [os.path.join(masks, name + ext) for ext in cli.IMAGE_EXTS if os.path.isfile(os.path.join(masks, name + ext))]
+    found = [
+        os.path.join(masks, name + ext) for ext in cli.IMAGE_EXTS if os.path.isfile(os.path.join(masks, name + ext))
+    ]
     return found[0] if found else ""
 
 
@@ -128,17 +150,20 @@ def main(argv=None) -> int:
     p.add_argument("--src", required=True, help="folder of subject photos (optionally <name>.txt captions beside them)")
     p.add_argument("--out", required=True, help="training set folder to write")
     p.add_argument("--class-word", required=True, help="the word for the subject's kind: bottle, dog, person...")
-    p.add_argument("--template", default="a photo of a {class}", help="caption template; {class} becomes the class word")
+    p.add_argument(
+        "--template", default="a photo of a {class}", help="caption template; {class} becomes the class word"
+    )
     p.add_argument("--keep-captions", action="store_true", help="use <name>.txt beside each photo where present")
     p.add_argument("--masks", help="folder of subject masks named like the photos (white = subject)")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--mode", default="crop", choices=("crop", "pad"))
     args = p.parse_args(argv)
-    record = prepare(args.src, args.out, args.class_word, args.resolution, args.mode, args.template, args.keep_captions, args.masks)
+    record = prepare(
+        args.src, args.out, args.class_word, args.resolution, args.mode, args.template, args.keep_captions, args.masks
+    )
     print(f"prepared {len(record['items'])} images in {args.out}")
     if record["skipped"]:
         print(f"skipped {len(record['skipped'])}:")
         for s in record["skipped"]:
             print(f"  {s['file']}: {s['reason']}")
     return 0
-

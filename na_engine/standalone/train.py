@@ -6,16 +6,15 @@ frozen; the resampler and the per-layer nested K/V train on the noise-prediction
 Every row's reference is an augmented subject crop of its own target image, bound
 to the class word of its caption; caption and subject dropout keep guidance working.
 """
+
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import csv
 import json
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -26,14 +25,16 @@ from torch import Tensor, nn
 
 from ..adapter import NestedAdapter
 from ..binding import ModelCall, Placement
-from ..hosts.diffusers_processor import install
 from ..errors import NestedAttentionError, command_line
+from ..hosts.diffusers_processor import install
 from ..subjects import Subject
 from . import cli
 from .prepare import DATASET_FILE
 
-OOM_ADVICE = ("Out of memory. Lower --batch-size (and raise --grad-accum to keep the effective batch), lower --resolution, "
-              "turn on --gradient-checkpointing, or use --mixed-precision bf16 (or fp16).")
+OOM_ADVICE = (
+    "Out of memory. Lower --batch-size (and raise --grad-accum to keep the effective batch), lower --resolution, "
+    "turn on --gradient-checkpointing, or use --mixed-precision bf16 (or fp16)."
+)
 
 
 @dataclass
@@ -152,8 +153,11 @@ def step_batches(n: int, batch: int, start: int, stop: int, seed: int, rank: int
 
 
 def collate(items: Sequence[dict]) -> dict:
-    return {"target": torch.stack([i["target"] for i in items]), "reference": torch.stack([i["reference"] for i in items]),
-            "caption": [i["caption"] for i in items]}
+    return {
+        "target": torch.stack([i["target"] for i in items]),
+        "reference": torch.stack([i["reference"] for i in items]),
+        "caption": [i["caption"] for i in items],
+    }
 
 
 # -- model --------------------------------------------------------------------------------
@@ -168,13 +172,17 @@ class NestedDenoiser(nn.Module):
         self.__dict__["unet"] = unet  # frozen, not a submodule: DDP ignores it
         self.__dict__["processors"] = install(unet, adapter.layers)
 
-    def forward(self, noisy: Tensor, timesteps: Tensor, context: Tensor, added: Optional[dict], features: Tensor,
-                where: Tensor) -> Tensor:
-        """noisy (B, 4, h, w); context (B, T, C); features (B, P, E); where (B, T) bool -> predicted noise (B, 4, h, w)."""
+    def forward(
+        self, noisy: Tensor, timesteps: Tensor, context: Tensor, added: Optional[dict], features: Tensor, where: Tensor
+    ) -> Tensor:
+        """noisy (B, 4, h, w); context (B, T, C); features (B, P, E); where (B, T) bool -> noise (B, 4, h, w)."""
         tokens = self.adapter.resampler(features)  # (B, M, D)
         rows = torch.eye(len(where), dtype=torch.bool, device=where.device)  # row i binds subject i only
-        placements = [Placement(Subject(tokens[i], self.adapter, self.trigger), where & rows[i][:, None])
-                      for i in range(len(where)) if bool(where[i].any())]
+        placements = [
+            Placement(Subject(tokens[i], self.adapter, self.trigger), where & rows[i][:, None])
+            for i in range(len(where))
+            if bool(where[i].any())
+        ]
         with self.processors.bound(ModelCall(placements, tuple(noisy.shape[-2:]))):
             pred = self.unet(noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
         # A batch that dropout left without any subject still backpropagates (to zero), as every DDP rank must.
@@ -205,7 +213,7 @@ class EMA:
 
 
 def init_nested_from_unet(adapter: NestedAdapter, unet) -> None:
-    """Start each nested K/V at its layer's text K/V projection, as IP-Adapter does: the tokens live in the context space."""
+    """Start each nested K/V at its layer's text K/V projection, as IP-Adapter does (tokens live in context space)."""
     modules = dict(unet.named_modules())
     with torch.no_grad():
         for layer in adapter.layers:
@@ -219,7 +227,9 @@ def init_nested_from_unet(adapter: NestedAdapter, unet) -> None:
 
 
 def check_inputs(cfg: TrainConfig):
-    """Everything that can be checked from files and configs, before any weights load. Returns (record, unet config, vision width, init adapter)."""
+    """Everything that can be checked from files and configs, before any weights load.
+
+    Returns (record, unet config, vision width, init adapter)."""
     from ..formats import load_adapter
     from .models import check_match, clip_vision_width, unet_config
 
@@ -227,12 +237,17 @@ def check_inputs(cfg: TrainConfig):
     if not os.path.isdir(cfg.data):
         raise NestedAttentionError(f"Data folder not found: {cfg.data}")
     if not os.path.isfile(record_path):
-        raise NestedAttentionError(f"{cfg.data} is not a prepared training set (no {DATASET_FILE}); run `python -m na_engine prepare` on your photos first.")
+        raise NestedAttentionError(
+            f"{cfg.data} is not a prepared training set (no {DATASET_FILE}); run `python -m na_engine prepare` on "
+            "your photos first."
+        )
     with open(record_path) as f:
         record = json.load(f)
     present = [i for i in record.get("items", []) if os.path.isfile(os.path.join(cfg.data, i + ".png"))]
     if not present:
-        raise NestedAttentionError(f"The data folder {cfg.data} is empty: none of its {len(record.get('items', []))} listed images are there.")
+        raise NestedAttentionError(
+            f"The data folder {cfg.data} is empty: none of its {len(record.get('items', []))} listed images are there."
+        )
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise NestedAttentionError(f"--mixed-precision must be no, fp16 or bf16, not {cfg.mixed_precision!r}.")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -255,8 +270,11 @@ def train(cfg: TrainConfig) -> str:
     from .models import adapter_for, encode_prompts, fresh_config, load_base, load_vision, pixel_features, trigger_where
 
     record, unet_cfg, width, init = check_inputs(cfg)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
     device = accelerator.device
     frozen_dtype = cli.DTYPES[{"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)]
     base, vision = load_base(cfg.base, cfg.base_config, frozen_dtype), load_vision(cfg.clip_vision, frozen_dtype)
@@ -280,7 +298,15 @@ def train(cfg: TrainConfig) -> str:
     start = _resume(accelerator, cfg) if cfg.resume else 0
     resolution = cfg.resolution or int(record["resolution"])
     data = TrainSet(cfg.data, resolution, vision.processor, cfg.seed)
-    batches = step_batches(len(data), cfg.batch_size, start * cfg.grad_accum, cfg.steps * cfg.grad_accum, cfg.seed, accelerator.process_index, cfg.fixed_batch)
+    batches = step_batches(
+        len(data),
+        cfg.batch_size,
+        start * cfg.grad_accum,
+        cfg.steps * cfg.grad_accum,
+        cfg.seed,
+        accelerator.process_index,
+        cfg.fixed_batch,
+    )
     loader = torch.utils.data.DataLoader(data, batch_sampler=list(batches), collate_fn=collate, num_workers=cfg.workers)
     noise_schedule = base.scheduler
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -289,20 +315,28 @@ def train(cfg: TrainConfig) -> str:
     step, losses, t0 = start, [], time.time()
     try:
         for micro, batch in enumerate(loader, start=start * cfg.grad_accum):
-            g = torch.Generator().manual_seed(cfg.seed * 31 + accelerator.process_index * 7 + (0 if cfg.fixed_batch else micro))
+            g = torch.Generator().manual_seed(
+                cfg.seed * 31 + accelerator.process_index * 7 + (0 if cfg.fixed_batch else micro)
+            )
             b = len(batch["caption"])
             drop_caption = torch.rand(b, generator=g) < cfg.caption_dropout
             drop_subject = torch.rand(b, generator=g) < cfg.subject_dropout
             captions = ["" if d else c for d, c in zip(drop_caption.tolist(), batch["caption"])]
             with torch.no_grad():
-                latents = base.vae.encode(batch["target"].to(device)).latent_dist.sample(g) * base.vae.config.scaling_factor  # (B, 4, R/8, R/8)
+                latents = (
+                    base.vae.encode(batch["target"].to(device)).latent_dist.sample(g) * base.vae.config.scaling_factor
+                )  # (B, 4, R/8, R/8)
                 context, added = encode_prompts(base, captions, resolution, device)
                 features = pixel_features(vision, batch["reference"], device).float()  # (B, P, E)
             where = trigger_where(base, captions, data.class_word, required=False) & ~drop_subject[:, None]  # (B, T)
             noise = torch.randn(latents.shape, generator=g).to(device)
             timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (b,), generator=g).to(device)
             noisy = noise_schedule.add_noise(latents, noise, timesteps).to(frozen_dtype)
-            target = noise if noise_schedule.config.prediction_type == "epsilon" else noise_schedule.get_velocity(latents, noise, timesteps)
+            target = (
+                noise
+                if noise_schedule.config.prediction_type == "epsilon"
+                else noise_schedule.get_velocity(latents, noise, timesteps)
+            )
             sync = (micro + 1) % cfg.grad_accum == 0
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 with accelerator.autocast():
@@ -330,7 +364,9 @@ def train(cfg: TrainConfig) -> str:
                 validate(cfg, base, vision, adapter, ema, data, step, device)
     except RuntimeError as e:
         if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
-            raise NestedAttentionError(f"{OOM_ADVICE} ({e.__class__.__name__} at step {step}, batch {cfg.batch_size}, resolution {resolution})") from e
+            raise NestedAttentionError(
+                f"{OOM_ADVICE} ({e.__class__.__name__} at step {step}, batch {cfg.batch_size}, resolution {resolution})"
+            ) from e
         raise
     finally:
         bar.close()
@@ -367,7 +403,11 @@ def _checkpoint(accelerator, cfg: TrainConfig, step: int) -> None:
 def _resume(accelerator, cfg: TrainConfig) -> int:
     folder = cfg.resume
     if folder == "latest":
-        found = sorted(d for d in os.listdir(cfg.run_dir) if d.startswith("checkpoint-")) if os.path.isdir(cfg.run_dir) else []
+        found = (
+            sorted(d for d in os.listdir(cfg.run_dir) if d.startswith("checkpoint-"))
+            if os.path.isdir(cfg.run_dir)
+            else []
+        )
         if not found:
             raise NestedAttentionError(f"--resume latest: no checkpoint in {cfg.run_dir}.")
         folder = os.path.join(cfg.run_dir, found[-1])
@@ -376,18 +416,24 @@ def _resume(accelerator, cfg: TrainConfig) -> int:
     with open(os.path.join(folder, "trainer.json")) as f:
         meta = json.load(f)
     if (meta["batch_size"], meta["grad_accum"]) != (cfg.batch_size, cfg.grad_accum):
-        raise NestedAttentionError(f"{folder} was made with --batch-size {meta['batch_size']} --grad-accum {meta['grad_accum']}; resume with the same values.")
+        raise NestedAttentionError(
+            f"{folder} was made with --batch-size {meta['batch_size']} --grad-accum {meta['grad_accum']}; resume "
+            "with the same values."
+        )
     accelerator.load_state(folder)
     return int(meta["step"])
 
 
 @torch.no_grad()
-def validate(cfg: TrainConfig, base, vision, adapter: NestedAdapter, ema: Optional[EMA], data: TrainSet, step: int,
-             device) -> None:
+def validate(
+    cfg: TrainConfig, base, vision, adapter: NestedAdapter, ema: Optional[EMA], data: TrainSet, step: int, device
+) -> None:
     """Images and attention-map panels for the validation prompts, with the first training subject."""
     from .generate import NestedGenerator
 
-    generator = NestedGenerator(base, vision, ema.copy_to(copy.deepcopy(adapter)) if ema is not None else adapter, device)
+    generator = NestedGenerator(
+        base, vision, ema.copy_to(copy.deepcopy(adapter)) if ema is not None else adapter, device
+    )
     image, mask = data.load(0)
     subject = generator.encode([subject_crop(image, mask)], data.class_word)
     prompts = cfg.validation_prompts or [f"a photo of a {data.class_word}"]
@@ -429,8 +475,13 @@ HELP = {  # the options of python -m na_engine train; their defaults are TrainCo
 def parse(argv=None) -> TrainConfig:
     p = cli.parser("train", __doc__)
     cli.add_model_arguments(p)
-    cli.add_config_arguments(p, TrainConfig, HELP, mixed_precision={"choices": ("no", "fp16", "bf16")},
-                             validation_prompts={"flag": "--validation-prompt"})
+    cli.add_config_arguments(
+        p,
+        TrainConfig,
+        HELP,
+        mixed_precision={"choices": ("no", "fp16", "bf16")},
+        validation_prompts={"flag": "--validation-prompt"},
+    )
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -438,4 +489,3 @@ def parse(argv=None) -> TrainConfig:
 def main(argv=None) -> int:
     print(f"adapter written to {train(parse(argv))}")
     return 0
-

@@ -1,8 +1,8 @@
 """The generated model files load through ComfyUI's STOCK loader functions (in-process)."""
+
 import os
 
 import pytest
-
 from conftest import require_comfy
 
 torch = pytest.importorskip("torch")
@@ -10,7 +10,8 @@ torch = pytest.importorskip("torch")
 
 def _models_dir():
     return os.environ.get("NA_MODELS_DIR") or os.path.join(
-        os.environ.get("NA_CACHE") or os.path.expanduser("~/.cache/nested-attention"), "models")
+        os.environ.get("NA_CACHE") or os.path.expanduser("~/.cache/nested-attention"), "models"
+    )
 
 
 def _attn2_keys(diffusion_model):
@@ -28,17 +29,20 @@ def _attn2_keys(diffusion_model):
 def _load_ckpt(path):
     import comfy.sd
     import folder_paths
+
     with torch.inference_mode():  # as the server runs nodes; 2024's CLIP init needs grad off
-        out = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True,
-                                                    embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        out = comfy.sd.load_checkpoint_guess_config(
+            path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings")
+        )
     return out[0], out[1], out[2]
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_checkpoint_file_is_detected(kind):
     require_comfy()
-    import fixtures_models as fm
     import comfy.model_base
+    import fixtures_models as fm
+
     path = fm.populate(_models_dir(), (kind,))[kind]
     model, clip, vae = _load_ckpt(path)
     assert model is not None and clip is not None and vae is not None
@@ -56,8 +60,9 @@ def test_checkpoint_file_is_detected(kind):
 
 def test_clip_vision_file_loads():
     require_comfy()
-    import fixtures_models as fm
     import comfy.clip_vision
+    import fixtures_models as fm
+
     path = fm.populate(_models_dir(), ("vitl",))["vitl"]
     with torch.inference_mode():
         cv = comfy.clip_vision.load(path)

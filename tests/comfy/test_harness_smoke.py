@@ -1,4 +1,5 @@
 """In-process smoke tests of the harness: tiny random models through ComfyUI's real nodes."""
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -26,6 +27,7 @@ def test_tiny_sd15_pipeline(comfy_nodes, tiny_sd15, tiny_clip, tiny_vae):
 
 def test_tiny_sdxl_attn2_replace_fires_on_all_70_keys(comfy, comfy_nodes, tiny_sdxl, tiny_sdxl_clip):
     from comfy.ldm.modules.attention import optimized_attention
+
     nodes = comfy_nodes
     fired = {}
 
@@ -56,7 +58,9 @@ def test_tiny_clip_vision_encode(comfy_nodes, tiny_clip_vision):
     assert out["image_embeds"].shape == (1, 32)
     assert out["penultimate_hidden_states"].shape == (1, 257, 64)
     assert torch.isfinite(out["image_embeds"]).all()
-    enc = comfy_nodes.CLIPVisionEncode().encode(tiny_clip_vision, img, "center")[0] \
-        if "crop" in comfy_nodes.CLIPVisionEncode.INPUT_TYPES()["required"] \
+    enc = (
+        comfy_nodes.CLIPVisionEncode().encode(tiny_clip_vision, img, "center")[0]
+        if "crop" in comfy_nodes.CLIPVisionEncode.INPUT_TYPES()["required"]
         else comfy_nodes.CLIPVisionEncode().encode(tiny_clip_vision, img)[0]
+    )
     assert enc["image_embeds"].shape == (1, 32)

@@ -1,9 +1,9 @@
 """The nodes inside a real ComfyUI (COMFYUI_PATH or the 2024 copy), on tiny random-weight models."""
+
 import logging
 
 import pytest
 import torch
-
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +17,13 @@ def engine(pack):
 
 
 def adapter_for(engine, model, clip_width=64, token_dim=64, queries=4, seed=0):
-    layers = [engine.Layer(i, f"layer{i}", key, w) for i, (key, w) in enumerate(engine.comfy_unet_layers(model.model.diffusion_model))]
-    config = engine.ResamplerConfig(dim=64, depth=1, dim_head=32, heads=2, num_queries=queries, embedding_dim=clip_width, output_dim=token_dim)
+    layers = [
+        engine.Layer(i, f"layer{i}", key, w)
+        for i, (key, w) in enumerate(engine.comfy_unet_layers(model.model.diffusion_model))
+    ]
+    config = engine.ResamplerConfig(
+        dim=64, depth=1, dim_head=32, heads=2, num_queries=queries, embedding_dim=clip_width, output_dim=token_dim
+    )
     adapter = engine.random_adapter(config, layers, seed=seed)
     adapter.name = "tiny_adapter.safetensors"
     return adapter
@@ -132,7 +137,9 @@ def test_exact_formula_on_prompt_rows_only(pack, engine, tiny_sd15, tiny_clip, t
     layer = subjects[0].adapter.layer_index(key + (0,) if len(key) == 2 else key)
     nk, nv = subjects[0].adapter.nested_kv(layer, subjects[0].tokens)
     binding = engine.NestedBinding(nk.double(), nv.double(), where)
-    want = engine.nested_attention(q[rows].double(), k[rows].double(), v[rows].double(), heads, [binding], method="closed_form")
+    want = engine.nested_attention(
+        q[rows].double(), k[rows].double(), v[rows].double(), heads, [binding], method="closed_form"
+    )
     assert len(dog) == 2
     torch.testing.assert_close(out[rows].double(), want, atol=1e-4, rtol=1e-4)
 
@@ -152,9 +159,18 @@ def test_every_row_bound_takes_the_cpu_kernel(pack, engine, tiny_sd15, tiny_clip
     layer = subjects[0].adapter.layer_index(key + (0,) if len(key) == 2 else key)
     nk, nv = subjects[0].adapter.nested_kv(layer, subjects[0].tokens)
     kernel = engine.nested_attention(q, k, v, xo["n_heads"], [engine.NestedBinding(nk, nv, where)], method="cpu_kernel")
-    statistics = engine.nested_attention(q, k, v, xo["n_heads"], [engine.NestedBinding(nk, nv, where)], method="statistics")
+    statistics = engine.nested_attention(
+        q, k, v, xo["n_heads"], [engine.NestedBinding(nk, nv, where)], method="statistics"
+    )
     assert q.shape[0] == 2 and torch.equal(out, kernel) and not torch.equal(out, statistics)
-    want = engine.nested_attention(q.double(), k.double(), v.double(), xo["n_heads"], [engine.NestedBinding(nk.double(), nv.double(), where)], method="closed_form")
+    want = engine.nested_attention(
+        q.double(),
+        k.double(),
+        v.double(),
+        xo["n_heads"],
+        [engine.NestedBinding(nk.double(), nv.double(), where)],
+        method="closed_form",
+    )
     torch.testing.assert_close(out.double(), want, atol=1e-4, rtol=1e-4)
 
 
@@ -168,7 +184,10 @@ def test_base_model_and_negative_unchanged(pack, engine, tiny_sd15, tiny_clip, t
     assert torch.equal(sample(tiny_sd15, pos_plain, neg), before)
     assert not torch.equal(patched, before)
     # the same patched model with a prompt of its own is untouched: its rows are not ours
-    assert torch.equal(sample(model, encode_text(tiny_clip, "a photo of a cat"), neg), sample(tiny_sd15, encode_text(tiny_clip, "a photo of a cat"), neg))
+    assert torch.equal(
+        sample(model, encode_text(tiny_clip, "a photo of a cat"), neg),
+        sample(tiny_sd15, encode_text(tiny_clip, "a photo of a cat"), neg),
+    )
     # strength 0 is the plain model
     zero, pos0, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog", strength=0.0)
     torch.testing.assert_close(sample(zero, pos0, neg), before)
@@ -207,7 +226,9 @@ def test_controlnet_after(pack, engine, comfy, tiny_sd15, tiny_clip, tiny_clip_v
 
     subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
     model, pos, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
-    controlled = nodes.ControlNetApply().apply_controlnet(pos, comfy.tiny_controlnet(), torch.rand(1, 64, 64, 3), 0.8)[0]
+    controlled = nodes.ControlNetApply().apply_controlnet(pos, comfy.tiny_controlnet(), torch.rand(1, 64, 64, 3), 0.8)[
+        0
+    ]
     neg = encode_text(tiny_clip, "")
     out = sample(model, controlled, neg)
     assert set(run_of(model).fired) == {key for key, _ in engine.comfy_unet_layers(tiny_sd15.model.diffusion_model)}
@@ -276,17 +297,21 @@ def test_stacks_with_ipadapter_style_replace_in_both_orders(pack, engine, tiny_s
     keys = [k for k, _ in engine.comfy_unet_layers(tiny_sd15.model.diffusion_model)]
 
     first = tiny_sd15.clone()
-    for block, number, index in keys:  # registered the way IPAdapter_plus does for SD1.5: 2-tuple keys
-        first.set_model_attn2_replace(IPAdapterLikeReplace(ip_term, sigma_start=1e9, sigma_end=0.0, tag="before"), block, number)
+    for block, number, _ in keys:  # registered the way IPAdapter_plus does for SD1.5: 2-tuple keys
+        first.set_model_attn2_replace(
+            IPAdapterLikeReplace(ip_term, sigma_start=1e9, sigma_end=0.0, tag="before"), block, number
+        )
     model_a, pos_a, _ = apply(pack, first, tiny_clip, subjects, "a photo of a dog")
     out_a = sample(model_a, pos_a, neg)
 
     model_b, pos_b, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
-    for key, replace in list(patches(model_b).items()):  # what IPAdapter_plus does when the key exists
+    for replace in list(patches(model_b).values()):  # what IPAdapter_plus does when the key exists
         replace.add(ip_term, sigma_start=1e9, sigma_end=0.0, tag="after")
     out_b = sample(model_b, pos_b, neg)
 
-    assert IP_CALLS["before"] == IP_CALLS["after"] > 0 and len(run_of(model_a).fired) == len(keys) == len(run_of(model_b).fired)
+    assert IP_CALLS["before"] == IP_CALLS["after"] > 0 and len(run_of(model_a).fired) == len(keys) == len(
+        run_of(model_b).fired
+    )
     torch.testing.assert_close(out_a, out_b, atol=1e-3, rtol=1e-3)  # fused vs closed form, through 2 steps
     nested_only, pos_c, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
     assert not torch.allclose(out_a, sample(nested_only, pos_c, neg))
@@ -327,7 +352,9 @@ def test_multi_subject_from_two_adapters_with_masks(pack, engine, tiny_sd15, tin
     pet = encode(pack, adapter_for(engine, tiny_sd15, queries=6, seed=2), tiny_clip_vision, "dog")
     left, right = torch.zeros(1, 30, 50), torch.zeros(1, 30, 50)
     left[..., :25], right[..., 25:] = 1, 1
-    both = node(pack, "NestedMultiSubjectCombine").combine(subjects_1=face, subjects_2=pet, mask_1=left, mask_2=right)[0]
+    both = node(pack, "NestedMultiSubjectCombine").combine(subjects_1=face, subjects_2=pet, mask_1=left, mask_2=right)[
+        0
+    ]
     assert [s.trigger for s in both] == ["man", "dog"] and both[1].mask is not None
     model, pos, _ = apply(pack, tiny_sd15, tiny_clip, both, "a man walking his dog")
     out = sample(model, pos, encode_text(tiny_clip, ""))
@@ -347,14 +374,22 @@ def test_bad_inputs_get_clear_errors(pack, engine, tiny_sd15, tiny_sdxl, tiny_cl
     sd15_adapter = engine.random_adapter(engine.ResamplerConfig(num_queries=4, depth=1), engine.TABLES["sd15"])
     with pytest.raises(err, match=r"SD1.5 \(16 layers.*this model has"):
         apply(pack, tiny_sdxl, tiny_clip, engine.SubjectSet([subjects[0].with_(adapter=sd15_adapter)]), "a dog")
-    vit_h = engine.random_adapter(engine.ResamplerConfig(dim=64, depth=1, dim_head=32, heads=2, num_queries=4, embedding_dim=1280, output_dim=64), adapter.layers)
+    vit_h = engine.random_adapter(
+        engine.ResamplerConfig(dim=64, depth=1, dim_head=32, heads=2, num_queries=4, embedding_dim=1280, output_dim=64),
+        adapter.layers,
+    )
     with pytest.raises(err, match=r"CLIP ViT-H/14 features \(width 1280\).*width 64"):
         encode(pack, vit_h, tiny_clip_vision, "dog")
     with pytest.raises(err, match="empty"):
         encode(pack, adapter, tiny_clip_vision, "dog", images=torch.zeros(0, 32, 32, 3))
     # convertible inputs are converted, not refused
     assert encode(pack, adapter, tiny_clip_vision, "dog", images=torch.rand(1, 40, 40, 1))[0].tokens.shape[0] == 4
-    assert encode(pack, adapter, tiny_clip_vision, "dog", images=torch.rand(2, 40, 40, 4), combine="average")[0].tokens.shape[0] == 4
+    assert (
+        encode(pack, adapter, tiny_clip_vision, "dog", images=torch.rand(2, 40, 40, 4), combine="average")[
+            0
+        ].tokens.shape[0]
+        == 4
+    )
     assert encode(pack, adapter, tiny_clip_vision, "dog", mask=torch.ones(1, 13, 7), crop="pad")[0].tokens.shape[0] == 8
     with pytest.raises(err, match="start_at"):
         apply(pack, tiny_sd15, tiny_clip, subjects, "a dog", start_at=0.8, end_at=0.2)

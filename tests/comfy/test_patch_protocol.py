@@ -1,11 +1,12 @@
 """na_engine.hosts.comfy_patch: the attn2 replace and model wrapper, driven the way ComfyUI drives them (no ComfyUI)."""
+
 import copy
 import logging
 
 import pytest
 import torch
-
 from engine_builders import TINY_RESAMPLER, reference_nested, tiny_layers
+
 from na_engine.adapter import random_adapter
 from na_engine.attention import NestedBinding, nested_attention, nested_correction, sdpa_attention
 from na_engine.capture import AttentionCapture, token_legend
@@ -47,7 +48,14 @@ class FakeUNet:
         for key in MODEL_KEYS:
             q, k, v = self.qkv(key, x, c_crossattn)
             heads = WIDTH[key] // HEAD_DIM
-            extra = {**options, "n_heads": heads, "block": key[:2], "block_index": key[2], "sigmas": t, "cond_or_uncond": options.get("cond_or_uncond", [])}
+            extra = {
+                **options,
+                "n_heads": heads,
+                "block": key[:2],
+                "block_index": key[2],
+                "sigmas": t,
+                "cond_or_uncond": options.get("cond_or_uncond", []),
+            }
             patch = self.replace.get(key) or self.replace.get(key[:2])
             outputs[key] = patch(q, k, v, extra) if patch is not None else sdpa_attention(q, k, v, heads)
             self.seen.append(extra)
@@ -101,7 +109,12 @@ def call(unet, run, sigma=5.0, batch=None, x=None, seed=3, previous=None):
     ctx = ctx if batch is None else batch
     b = ctx.shape[0]
     x = torch.randn(b, 4, *LATENT, generator=torch.Generator().manual_seed(seed)) if x is None else x
-    args = {"input": x, "timestep": torch.full((b,), sigma), "c": {"c_crossattn": ctx, "transformer_options": {"cond_or_uncond": [1, 0, 0, 0][:b]}}, "cond_or_uncond": [1, 0, 0, 0][:b]}
+    args = {
+        "input": x,
+        "timestep": torch.full((b,), sigma),
+        "c": {"c_crossattn": ctx, "transformer_options": {"cond_or_uncond": [1, 0, 0, 0][:b]}},
+        "cond_or_uncond": [1, 0, 0, 0][:b],
+    }
     return run.wrapper(previous)(unet.apply_model, args), x, ctx
 
 
@@ -262,7 +275,9 @@ class ForeignReplace:
 
 def ip_callback(seed):
     g = torch.Generator().manual_seed(seed)
-    ip_tokens = {key: (torch.randn(4, WIDTH[key], generator=g), torch.randn(4, WIDTH[key], generator=g)) for key in MODEL_KEYS}
+    ip_tokens = {
+        key: (torch.randn(4, WIDTH[key], generator=g), torch.randn(4, WIDTH[key], generator=g)) for key in MODEL_KEYS
+    }
     calls = []
 
     def callback(out, q, k, v, extra_options, weight=1.0, **kwargs):
@@ -270,7 +285,9 @@ def ip_callback(seed):
         ik, iv = ip_tokens[key]
         b = q.shape[0]
         calls.append(key)
-        return weight * sdpa_attention(q, ik[None].expand(b, -1, -1), iv[None].expand(b, -1, -1), extra_options["n_heads"])
+        return weight * sdpa_attention(
+            q, ik[None].expand(b, -1, -1), iv[None].expand(b, -1, -1), extra_options["n_heads"]
+        )
 
     callback.calls = calls
     return callback
@@ -285,7 +302,7 @@ def _stacked(adapter, order, sigma=5.0, ip_range=(10.0, 0.0)):
     kwargs = dict(weight=0.7, sigma_start=ip_range[0], sigma_end=ip_range[1])
     if order == "ip_first":
         existing = {}
-        for layer, key, _ in plan_registration({}, MODEL_KEYS):  # IPAdapter registers SD1.5-like short keys too
+        for _, key, _ in plan_registration({}, MODEL_KEYS):  # IPAdapter registers SD1.5-like short keys too
             existing[key] = ForeignReplace(callback, **kwargs)
         register(unet, run, existing)
     else:
@@ -311,7 +328,9 @@ def test_stacking_both_orders(adapter, sigma, ip_on):
         heads = WIDTH[key] // HEAD_DIM
         expected = sdpa_attention(q, k, v, heads)
         if ip_on:
-            expected = expected + ip(None, q, k, v, {"block": key[:2], "block_index": key[2], "n_heads": heads}, weight=0.7)
+            expected = expected + ip(
+                None, q, k, v, {"block": key[:2], "block_index": key[2], "n_heads": heads}, weight=0.7
+            )
         if key != EXTRA:
             expected = expected + nested_correction(q, k, v, heads, expected_bindings(adapter, subjects, key, 4))
         assert torch.allclose(first[key], second[key], atol=2e-5), key
@@ -338,7 +357,12 @@ def test_two_runs_stack(adapter):
         unet.replace[key] = NestedAttentionPatch(run2, layer, previous)
     _, ctx = contexts()
     x = torch.randn(4, 4, *LATENT, generator=torch.Generator().manual_seed(3))
-    args = {"input": x, "timestep": torch.full((4,), 5.0), "c": {"c_crossattn": ctx, "transformer_options": {}}, "cond_or_uncond": [1, 0, 0, 0]}
+    args = {
+        "input": x,
+        "timestep": torch.full((4,), 5.0),
+        "c": {"c_crossattn": ctx, "transformer_options": {}},
+        "cond_or_uncond": [1, 0, 0, 0],
+    }
     outputs = run2.wrapper(run1.wrapper())(unet.apply_model, args)
     assert set(unet.seen[-1][ROWS_KEY]) == {run1.uid, run2.uid}
     key = ("input", 1, 0)
@@ -351,7 +375,12 @@ def test_wrapper_chains_previous_and_leaves_args(adapter):
     ours, ctx = contexts()
     run = NestedRun(make_subjects(adapter), POSITIONS, ours, sigma_range=(10.0, 1.0))
     options = {"cond_or_uncond": [1, 0, 0, 0], "other": 1}
-    args = {"input": torch.zeros(4, 4, *LATENT), "timestep": torch.full((4,), 5.0), "c": {"c_crossattn": ctx, "transformer_options": options}, "cond_or_uncond": [1, 0, 0, 0]}
+    args = {
+        "input": torch.zeros(4, 4, *LATENT),
+        "timestep": torch.full((4,), 5.0),
+        "c": {"c_crossattn": ctx, "transformer_options": options},
+        "cond_or_uncond": [1, 0, 0, 0],
+    }
     seen = {}
 
     def previous(apply_model, a):
@@ -360,7 +389,10 @@ def test_wrapper_chains_previous_and_leaves_args(adapter):
 
     assert run.wrapper(previous)(None, args) == "from previous"
     bound = seen["c"]["transformer_options"][ROWS_KEY][run.uid]
-    assert bound.latent_hw == LATENT and [p.where.any(-1).tolist() for p in bound.placements] == [[False, True, False, True]] * 2
+    assert (
+        bound.latent_hw == LATENT
+        and [p.where.any(-1).tolist() for p in bound.placements] == [[False, True, False, True]] * 2
+    )
     assert seen["c"]["transformer_options"]["other"] == 1
     assert ROWS_KEY not in options and ROWS_KEY not in args["c"]["transformer_options"]  # caller's dicts untouched
 

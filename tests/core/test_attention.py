@@ -1,15 +1,23 @@
 """na_engine.attention: the nested attention op against a brute-force per-query reference."""
+
 import math
 import os
 import time
 
 import pytest
 import torch
+from engine_builders import make_binding, merge_heads, random_qkv, reference_nested, reference_plain, split_heads
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from engine_builders import make_binding, merge_heads, random_qkv, reference_nested, reference_plain, split_heads
-from na_engine.attention import METHODS, NestedBinding, nested_attention, nested_correction, sdpa_attention, subject_maps
+from na_engine.attention import (
+    METHODS,
+    NestedBinding,
+    nested_attention,
+    nested_correction,
+    sdpa_attention,
+    subject_maps,
+)
 
 EXACT_METHODS = [m for m in METHODS if m != "auto"]  # fused, cpu_kernel, statistics, closed_form
 TORCH_METHODS = [m for m in EXACT_METHODS if m != "cpu_kernel"]  # the ones that also take fp64, fp16 and bf16
@@ -27,7 +35,9 @@ def fixed_seed(test):
 def both_paths(q, k, v, heads, bindings, base_attention=sdpa_attention, **kw):
     """Every method that takes these inputs: the C++ kernel takes fp32 only."""
     methods = EXACT_METHODS if q.dtype == torch.float32 else TORCH_METHODS
-    return {m: nested_attention(q, k, v, heads, bindings, base_attention=base_attention, method=m, **kw) for m in methods}
+    return {
+        m: nested_attention(q, k, v, heads, bindings, base_attention=base_attention, method=m, **kw) for m in methods
+    }
 
 
 def assert_close64(out, ref, tol=FP32_TOL, what=""):
@@ -300,7 +310,9 @@ def test_property_matches_reference(problem):
     q, k, v, heads, binds = problem
     ref = reference_nested(q, k, v, heads, binds)
     plain = sdpa_attention(q, k, v, heads)
-    untouched = ~torch.stack([bd.where.any(-1) for bd in binds if bd.strength != 0] or [torch.zeros(q.shape[0], dtype=torch.bool)]).any(0)
+    untouched = ~torch.stack(
+        [bd.where.any(-1) for bd in binds if bd.strength != 0] or [torch.zeros(q.shape[0], dtype=torch.bool)]
+    ).any(0)
     for cf, out in both_paths(q, k, v, heads, binds).items():
         assert out.shape == q.shape
         assert_close64(out, ref, tol=2e-5, what=f"method={cf}")
@@ -323,7 +335,10 @@ def test_property_correction_plus_base(problem):
 
 def test_nested_correction_plus_base_equals_nested_attention():
     q, k, v = random_qkv(2, 9, 30, 3, 4, seed=31)
-    binds = [make_binding(2, 30, 12, 4, {0: [1, 2], 1: [29]}, strength=0.9), make_binding(2, 30, 12, 2, {1: [7]}, strength=1.7, seed=4)]
+    binds = [
+        make_binding(2, 30, 12, 4, {0: [1, 2], 1: [29]}, strength=0.9),
+        make_binding(2, 30, 12, 2, {1: [7]}, strength=1.7, seed=4),
+    ]
     corr = nested_correction(q, k, v, 3, binds)
     assert corr.shape == q.shape
     assert torch.allclose(sdpa_attention(q, k, v, 3) + corr, nested_attention(q, k, v, 3, binds), atol=1e-5)
@@ -337,7 +352,12 @@ def test_subject_maps():
     q, k, v = random_qkv(b, n, t, heads, d, seed=41)
     bind = make_binding(b, t, heads * d, m, {0: [3, 4], 2: [7]})
     maps = subject_maps(q, k, heads, bind)
-    assert maps.outer.shape == (b, n) and maps.token.shape == (b, n) and maps.weights.shape == (b, n, m) and maps.entropy.shape == (b, n)
+    assert (
+        maps.outer.shape == (b, n)
+        and maps.token.shape == (b, n)
+        and maps.weights.shape == (b, n, m)
+        and maps.entropy.shape == (b, n)
+    )
     qh, kh = split_heads(q.double(), heads), split_heads(k.double(), heads)
     p = torch.softmax(qh @ kh.transpose(-1, -2) / d**0.5, -1)
     expected_outer = torch.stack([p[row][..., bind.where[row]].sum(-1).mean(0) for row in range(b)])
@@ -396,7 +416,7 @@ def test_memory_never_materialises_per_query_values():
     logits = b * heads * n * (t + m) * 4
     for method in EXACT_METHODS:
         start = time.perf_counter()
-        biggest = _largest_allocation(lambda: nested_attention(q, k, v, heads, [bind], method=method))
+        biggest = _largest_allocation(lambda method=method: nested_attention(q, k, v, heads, [bind], method=method))
         elapsed = time.perf_counter() - start
         assert 0 < biggest < per_query_values / 8, f"method={method}: an allocation of {biggest / 2**20:.0f} MiB"
         assert biggest <= 2 * logits, f"method={method}: {biggest / 2**20:.0f} MiB vs logits {logits / 2**20:.0f} MiB"

@@ -1,12 +1,13 @@
 """na_engine.cpu_kernel: the C++ CPU kernel against the fp64 per-query reference, at the head
 widths and context lengths of real models, and the dispatch and fallback around it."""
+
 import logging
 import os
 
 import pytest
 import torch
-
 from engine_builders import make_binding, random_qkv, reference_nested
+
 from na_engine import cpu_kernel
 from na_engine.attention import nested_attention
 
@@ -54,9 +55,13 @@ def test_auto_takes_the_kernel_only_when_every_row_is_bound():
     q, k, v = random_qkv(2, 100, 77, 2, 64, seed=4)
     every_row = make_binding(2, 77, 128, 16, {0: [4], 1: [7]})
     one_row = make_binding(2, 77, 128, 16, {0: [4]})
-    assert torch.equal(nested_attention(q, k, v, 2, [every_row]), cpu_kernel.nested_attention_cpu(q, k, v, 2, [every_row]))
+    assert torch.equal(
+        nested_attention(q, k, v, 2, [every_row]), cpu_kernel.nested_attention_cpu(q, k, v, 2, [every_row])
+    )
     # with CFG's unbound negative row the base runs on the whole batch anyway: SDPA's statistics are cheaper
-    assert torch.equal(nested_attention(q, k, v, 2, [one_row]), nested_attention(q, k, v, 2, [one_row], method="statistics"))
+    assert torch.equal(
+        nested_attention(q, k, v, 2, [one_row]), nested_attention(q, k, v, 2, [one_row], method="statistics")
+    )
 
 
 def test_auto_falls_back_when_the_kernel_is_unusable(monkeypatch):
@@ -104,7 +109,10 @@ def test_unavailable_kernel_says_why_once(monkeypatch, caplog):
 
 def test_failed_build_is_reported_by_its_first_compiler_error(monkeypatch, caplog):
     def failing_build():
-        raise RuntimeError("Error building extension 'x':\n[1/2] c++ -c nested.cpp\nnested.cpp:3:1: error: 'v8' does not name a type\nninja: build stopped")
+        raise RuntimeError(
+            "Error building extension 'x':\n[1/2] c++ -c nested.cpp\nnested.cpp:3:1: error: 'v8' does not name a "
+            "type\nninja: build stopped"
+        )
 
     monkeypatch.setattr(cpu_kernel, "_unsupported", lambda: None)
     monkeypatch.setattr(cpu_kernel, "_build", failing_build)
@@ -123,7 +131,16 @@ def test_raw_op_checks_its_inputs():
     if not cpu_kernel.available():
         pytest.skip("kernel not built")
     q = torch.zeros(1, 4, 8, dtype=torch.float64)
-    args = (torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8), torch.zeros(8), 8, torch.zeros(0, dtype=torch.long),
-            torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, 8), torch.zeros(0, 1, 4), 96)
+    args = (
+        torch.zeros(1, 1, 8, 8),
+        torch.zeros(1, 1, 8, 8),
+        torch.zeros(8),
+        8,
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, 1, 8),
+        torch.zeros(0, 1, 4),
+        96,
+    )
     with pytest.raises(RuntimeError, match="fp32 CPU tensors only"):
         torch.ops.nested_attention.forward(q, *args)

@@ -1,4 +1,5 @@
 """na_engine.formats: our adapter format, IP-Adapter Plus checkpoints at real shapes, errors, inspect CLI."""
+
 import argparse
 import json
 import os
@@ -8,10 +9,10 @@ import sys
 
 import pytest
 import torch
+from engine_builders import SD15_PLUS, SDXL_PLUS_VITH, TINY_RESAMPLER, flatten_parts, ip_adapter_plus_parts, tiny_layers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine_builders import SD15_PLUS, SDXL_PLUS_VITH, TINY_RESAMPLER, flatten_parts, ip_adapter_plus_parts, tiny_layers
 from na_engine import __main__ as cli
 from na_engine.adapter import random_adapter
 from na_engine.errors import NestedAttentionError
@@ -124,7 +125,9 @@ def test_our_format_missing_layer_is_clear_error(tmp_path):
 
 
 def test_our_format_wrong_width_names_layer(tmp_path):
-    path = saved_then_edited(tmp_path, lambda sd, meta: sd.update({"layers.1.to_k.weight": torch.zeros(48, TINY_RESAMPLER.output_dim)}))
+    path = saved_then_edited(
+        tmp_path, lambda sd, meta: sd.update({"layers.1.to_k.weight": torch.zeros(48, TINY_RESAMPLER.output_dim)})
+    )
     with pytest.raises(NestedAttentionError) as err:
         load_adapter(path)
     assert "layer 1" in str(err.value) and "custom.1.attn2" in str(err.value)
@@ -211,14 +214,20 @@ def test_sdxl_plus_vit_h(tmp_path):
     assert "SDXL (70 layers" in adapter.describe()
     # SD1.5 <-> SDXL: the layer tables refuse each other, naming both
     with pytest.raises(NestedAttentionError) as err:
-        match_layers(adapter.layers, [(layer.comfy, layer.width) for layer in TABLES["sd15"]], "ip-adapter-plus_sdxl_vit-h.safetensors")
+        match_layers(
+            adapter.layers,
+            [(layer.comfy, layer.width) for layer in TABLES["sd15"]],
+            "ip-adapter-plus_sdxl_vit-h.safetensors",
+        )
     assert "SDXL (70 layers" in str(err.value) and "SD1.5 (16 layers" in str(err.value)
 
 
 def test_sd15_adapter_against_sdxl_model(sd15_file, sd15_adapter):
     adapter = sd15_adapter
     with pytest.raises(NestedAttentionError) as err:
-        match_layers(adapter.layers, [(layer.comfy, layer.width) for layer in TABLES["sdxl"]], os.path.basename(sd15_file))
+        match_layers(
+            adapter.layers, [(layer.comfy, layer.width) for layer in TABLES["sdxl"]], os.path.basename(sd15_file)
+        )
     msg = str(err.value)
     assert "ip-adapter-plus_sd15.safetensors" in msg and "SD1.5" in msg and "SDXL" in msg
 
@@ -241,7 +250,9 @@ def test_vit_l_features_into_vit_h_resampler(sd15_adapter):
 
 def _small_plus(base="sd15"):
     """An IP-Adapter Plus state dict with the real layer count/widths but a tiny resampler."""
-    cfg = TINY_RESAMPLER.__class__(dim=64, depth=1, dim_head=64, heads=1, num_queries=4, embedding_dim=1280, output_dim=32)
+    cfg = TINY_RESAMPLER.__class__(
+        dim=64, depth=1, dim_head=64, heads=1, num_queries=4, embedding_dim=1280, output_dim=32
+    )
     return flatten_parts(ip_adapter_plus_parts(base, cfg, dtype=torch.float32))
 
 
@@ -254,12 +265,23 @@ def test_small_plus_loads(tmp_path):
 
 def test_plain_ip_adapter_is_refused(tmp_path):
     sd = {k: v for k, v in _small_plus().items() if k.startswith("ip_adapter.")}
-    sd.update({"image_proj.proj.weight": torch.zeros(4 * 32, 1024), "image_proj.proj.bias": torch.zeros(128), "image_proj.norm.weight": torch.ones(32), "image_proj.norm.bias": torch.zeros(32)})
+    sd.update(
+        {
+            "image_proj.proj.weight": torch.zeros(4 * 32, 1024),
+            "image_proj.proj.bias": torch.zeros(128),
+            "image_proj.norm.weight": torch.ones(32),
+            "image_proj.norm.bias": torch.zeros(32),
+        }
+    )
     path = str(tmp_path / "ip-adapter_sd15.safetensors")
     save_file(sd, path)
     with pytest.raises(NestedAttentionError) as err:
         load_adapter(path)
-    assert "plain (non-Plus)" in str(err.value) and "ip-adapter_sd15.safetensors" in str(err.value) and "Plus" in str(err.value)
+    assert (
+        "plain (non-Plus)" in str(err.value)
+        and "ip-adapter_sd15.safetensors" in str(err.value)
+        and "Plus" in str(err.value)
+    )
     assert "could not be loaded" in inspect(path)
 
 
@@ -303,7 +325,9 @@ def test_truncated_safetensors(tmp_path, sd15_file):
 def test_pickle_with_code_is_refused(tmp_path):
     """weights_only: a pickle that would run code is refused with our error."""
     path = str(tmp_path / "evil.bin")
-    torch.save({"image_proj": {"latents": torch.zeros(1)}, "hook": argparse.Namespace(x=1)}, path)  # a non-allowlisted global
+    torch.save(
+        {"image_proj": {"latents": torch.zeros(1)}, "hook": argparse.Namespace(x=1)}, path
+    )  # a non-allowlisted global
     with pytest.raises(NestedAttentionError, match="evil.bin"):
         load_adapter(path)
 
@@ -328,7 +352,13 @@ def test_wrong_width_layer_names_the_layer(tmp_path):
     with pytest.raises(NestedAttentionError) as err:
         load_adapter(path)
     msg = str(err.value)
-    assert "layer 2" in msg and "down_blocks.1.attentions.0" in msg and "to_k" in msg and "(320, 32)" in msg and "(640, 32)" in msg
+    assert (
+        "layer 2" in msg
+        and "down_blocks.1.attentions.0" in msg
+        and "to_k" in msg
+        and "(320, 32)" in msg
+        and "(640, 32)" in msg
+    )
     assert "size mismatch" not in msg
     assert "layer 2" in inspect(path)
 
@@ -360,7 +390,9 @@ def test_resampler_shape_inconsistent(tmp_path):
     assert "size mismatch" not in str(err.value) and "inconsistent.safetensors" in str(err.value)
 
 
-@pytest.mark.parametrize("key", ["norm_out.weight", "proj_in.weight", "layers.0.0.to_q.weight", "layers.0.1.1.weight", "proj_out.weight"])
+@pytest.mark.parametrize(
+    "key", ["norm_out.weight", "proj_in.weight", "layers.0.0.to_q.weight", "layers.0.1.1.weight", "proj_out.weight"]
+)
 def test_resampler_missing_key(tmp_path, key):
     sd = _small_plus()
     del sd["image_proj." + key]
@@ -386,7 +418,10 @@ def test_inspect_ip_adapter(sd15_file):
 
 def test_inspect_unknown_lists_keys(tmp_path, capsys):
     path = str(tmp_path / "mystery.safetensors")
-    save_file({"encoder.blocks.0.w": torch.zeros(2, 3), "encoder.blocks.1.w": torch.zeros(2, 3), "head.bias": torch.zeros(5)}, path)
+    save_file(
+        {"encoder.blocks.0.w": torch.zeros(2, 3), "encoder.blocks.1.w": torch.zeros(2, 3), "head.bias": torch.zeros(5)},
+        path,
+    )
     assert cli.main(["inspect", path]) == 0
     out = capsys.readouterr().out
     assert "family: unknown" in out
@@ -419,11 +454,17 @@ def test_cli_subprocess(tmp_path):
         "    except SystemExit as e:\n"
         "        print('exit', e.code, flush=True)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, mine, mystery, missing], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script, mine, mystery, missing], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     sections = dict(part.split("\n", 1) for part in result.stdout.split("=== ")[1:])
     ours, unknown, gone = sections[mine], sections[mystery], sections[missing]
     assert "family: nested_attention" in ours and "base: custom" in ours and "cross-attention layers: 4" in ours
-    assert "tokens per image: 4 of width 16" in ours and "layers.*.to_k.weight" in ours and "resampler.latents (1, 4, 32)" in ours
+    assert (
+        "tokens per image: 4 of width 16" in ours
+        and "layers.*.to_k.weight" in ours
+        and "resampler.latents (1, 4, 32)" in ours
+    )
     assert "exit 0" in ours
     assert "family: unknown" in unknown and "encoder.blocks.*.w (2, 3)" in unknown and "exit 0" in unknown
     assert "exit 2" in gone

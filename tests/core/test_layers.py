@@ -1,4 +1,5 @@
 """na_engine.layers: the canonical SD1.5/SDXL cross-attention tables, checked against real diffusers UNets."""
+
 import warnings
 
 import pytest
@@ -197,7 +198,20 @@ class _ComfyUNet(nn.Module):
 
 
 def comfy_like_sd15():
-    inputs = [(None, 0), (320, 1), (320, 1), (None, 0), (640, 1), (640, 1), (None, 0), (1280, 1), (1280, 1), (None, 0), (None, 0), (None, 0)]
+    inputs = [
+        (None, 0),
+        (320, 1),
+        (320, 1),
+        (None, 0),
+        (640, 1),
+        (640, 1),
+        (None, 0),
+        (1280, 1),
+        (1280, 1),
+        (None, 0),
+        (None, 0),
+        (None, 0),
+    ]
     outputs = [(None, 0)] * 3 + [(1280, 1)] * 3 + [(640, 1)] * 3 + [(320, 1)] * 3
     return _ComfyUNet(inputs, (1280, 1), outputs, 768)
 

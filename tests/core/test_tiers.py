@@ -1,5 +1,6 @@
 """The engine's tiers: the core imports neither hosts/ nor standalone/, hosts never import standalone/,
 inference never imports training code, and nothing in na_engine imports ComfyUI."""
+
 import ast
 import os
 
@@ -50,7 +51,9 @@ def test_inference_imports_no_training_code(name):
 
 def test_nothing_in_the_engine_imports_comfy():
     paths = [os.path.join(d, f) for d, _, files in os.walk(ENGINE) for f in files if f.endswith(".py")]
-    bad = {p: n for p in paths for n in imported(p) if n == "comfy" or n.startswith(("comfy.", "folder_paths", "nodes"))}
+    bad = {
+        p: n for p in paths for n in imported(p) if n == "comfy" or n.startswith(("comfy.", "folder_paths", "nodes"))
+    }
     assert not bad
 
 

@@ -1,12 +1,13 @@
 """na_engine.tokens, na_engine.subjects and na_engine.masks."""
+
 import json
 
 import pytest
 import torch
+from engine_builders import TINY_RESAMPLER, tiny_layers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine_builders import TINY_RESAMPLER, tiny_layers
 from na_engine.adapter import random_adapter
 from na_engine.errors import NestedAttentionError
 from na_engine.masks import query_mask, token_grid, upsample
@@ -236,7 +237,7 @@ def test_token_grid_odd_latent():
 
 @pytest.mark.parametrize("mask_hw", [(13, 17), (104, 136), (7, 3), (1, 1), (512, 300)])
 def test_query_mask_any_size(mask_hw):
-    for n, grid in ((13 * 17, (13, 17)), (7 * 9, (7, 9)), (4 * 5, (4, 5))):
+    for n in (13 * 17, 7 * 9, 4 * 5):  # the tokens of three UNet levels of a 13x17 latent
         ones = query_mask(torch.ones(mask_hw), (13, 17), n)
         assert ones.shape == (1, n) and torch.allclose(ones, torch.ones(1, n))
         zeros = query_mask(torch.zeros(2, *mask_hw), (13, 17), n)

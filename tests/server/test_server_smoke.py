@@ -2,11 +2,11 @@
 
 Models are generated once into $NA_CACHE/models (or NA_MODELS_DIR) and reused.
 """
+
 import os
 import struct
 
 import pytest
-
 from conftest import require_comfy
 
 pytestmark = pytest.mark.server
@@ -18,8 +18,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def models_dir():
     require_comfy()
     import fixtures_models
+
     d = os.environ.get("NA_MODELS_DIR") or os.path.join(
-        os.environ.get("NA_CACHE") or os.path.expanduser("~/.cache/nested-attention"), "models")
+        os.environ.get("NA_CACHE") or os.path.expanduser("~/.cache/nested-attention"), "models"
+    )
     fixtures_models.populate(d, ("sd15",))
     return d
 
@@ -27,6 +29,7 @@ def models_dir():
 @pytest.fixture(scope="module")
 def server(models_dir):
     from comfy_server import ComfyServer
+
     srv = ComfyServer(models_dir)
     srv.start()
     yield srv
@@ -42,8 +45,7 @@ def _png_size(path):
 
 def test_server_lists_core_nodes_and_checkpoint(server):
     info = server.object_info()
-    for name in ("CheckpointLoaderSimple", "CLIPTextEncode", "KSampler", "VAEDecode", "SaveImage",
-                 "CLIPVisionLoader"):
+    for name in ("CheckpointLoaderSimple", "CLIPTextEncode", "KSampler", "VAEDecode", "SaveImage", "CLIPVisionLoader"):
         assert name in info
     ckpts = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
     assert "na_tiny_sd15.safetensors" in ckpts
@@ -53,14 +55,17 @@ def test_pack_imports_in_server(server):
     if not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(HERE)), "__init__.py")):
         pytest.skip("the pack has no __init__.py yet")
     from comfy_server import PACK_NAME
-    bad = [l for l in server.log_tail(2000).splitlines() if "IMPORT FAILED" in l and PACK_NAME in l]
+
+    bad = [row for row in server.log_tail(2000).splitlines() if "IMPORT FAILED" in row and PACK_NAME in row]
     assert not bad, server.log_tail(200)
 
 
 def test_core_workflow_via_comfy_cli(server):
     res = server.run_workflow(os.path.join(HERE, "workflows_core_smoke.json"))
-    assert res["returncode"] == 0 and res["status"] == "completed", \
-        "%s\n--- server log ---\n%s" % (res["raw"][-4000:], server.log_tail())
+    assert res["returncode"] == 0 and res["status"] == "completed", "%s\n--- server log ---\n%s" % (
+        res["raw"][-4000:],
+        server.log_tail(),
+    )
     assert len(res["outputs"]) == 1, res
     assert os.path.basename(res["outputs"][0]).startswith("na_core_smoke")
     assert _png_size(res["outputs"][0]) == (64, 64)

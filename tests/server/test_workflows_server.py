@@ -5,8 +5,9 @@ with COMFYUI_PATH=<current ComfyUI>). Models are random-weight files with the re
 workflows use (tests/fixtures_models.py: populate_workflows), generated once into
 $NA_CACHE/models (or NA_MODELS_DIR) and reused; the input photos go into the server's input dir.
 The SDXL file here is the KOALA_700M-shaped fixture (22 cross-attention layers); the real 70-layer
-SDXL table is covered in-process (tests/test_nodes_inprocess.py).
+SDXL table is covered in-process (tests/comfy/test_nodes_inprocess.py).
 """
+
 import copy
 import glob
 import json
@@ -15,7 +16,6 @@ import struct
 import time
 
 import pytest
-
 from conftest import require_comfy
 
 pytestmark = pytest.mark.server
@@ -23,8 +23,15 @@ pytestmark = pytest.mark.server
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
-OUR_NODES = ("NestedAttentionLoader", "NestedSubjectEncoder", "NestedMultiSubjectCombine", "NestedAttentionApply",
-             "NestedAttentionMapPreview", "NestedSubjectSave", "NestedSubjectLoad")
+OUR_NODES = (
+    "NestedAttentionLoader",
+    "NestedSubjectEncoder",
+    "NestedMultiSubjectCombine",
+    "NestedAttentionApply",
+    "NestedAttentionMapPreview",
+    "NestedSubjectSave",
+    "NestedSubjectLoad",
+)
 # workflow -> {SaveImage filename_prefix: (number of images, (width, height))}, run test-sized (1/8)
 EXPECTED = {
     "01_single_subject_sdxl.json": {"na_01_single": (1, (128, 128))},
@@ -38,13 +45,15 @@ TIMES = {}
 
 def _models_dir():
     return os.environ.get("NA_MODELS_DIR") or os.path.join(
-        os.environ.get("NA_CACHE") or os.path.expanduser("~/.cache/nested-attention"), "models")
+        os.environ.get("NA_CACHE") or os.path.expanduser("~/.cache/nested-attention"), "models"
+    )
 
 
 @pytest.fixture(scope="module")
 def models_dir():
     require_comfy()
     import fixtures_models
+
     t0 = time.time()
     fixtures_models.populate_workflows(_models_dir(), WORKFLOWS)
     TIMES["fixtures"] = time.time() - t0
@@ -55,6 +64,7 @@ def models_dir():
 def server(models_dir):
     import fixtures_models
     from comfy_server import ComfyServer
+
     t0 = time.time()
     # fp32 text/vision encoders: about 2x faster than ComfyUI's fp16 default on CPU
     srv = ComfyServer(models_dir, extra_args=["--fp32-text-enc"])
@@ -77,19 +87,27 @@ def _history_images(srv, prompt_id):
     """[(node class, image dict)] of a finished prompt, from /history."""
     entry = srv.get("/history/%s" % prompt_id)[prompt_id]
     prompt = entry["prompt"][2]
-    return [(prompt[node]["class_type"], img) for node, out in entry["outputs"].items() for img in out.get("images", [])]
+    return [
+        (prompt[node]["class_type"], img) for node, out in entry["outputs"].items() for img in out.get("images", [])
+    ]
 
 
 def _run(srv, path):
     res = srv.run_workflow(path)
-    assert res["returncode"] == 0 and res["status"] == "completed", \
-        "%s\n--- server log ---\n%s" % (res["raw"][-4000:], srv.log_tail())
+    assert res["returncode"] == 0 and res["status"] == "completed", "%s\n--- server log ---\n%s" % (
+        res["raw"][-4000:],
+        srv.log_tail(),
+    )
     return res
 
 
 def _widget_inputs(spec):
-    return [name for section in ("required", "optional") for name, s in spec["input"].get(section, {}).items()
-            if isinstance(s[0], list) or s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")]
+    return [
+        name
+        for section in ("required", "optional")
+        for name, s in spec["input"].get(section, {}).items()
+        if isinstance(s[0], list) or s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+    ]
 
 
 def test_server_lists_our_nodes(server):
@@ -112,7 +130,9 @@ def test_workflow_nodes_match_server_schemas(server):
                 continue
             spec = info[n["type"]]
             widgets = _widget_inputs(spec)
-            sockets = [name for s in ("required", "optional") for name in spec["input"].get(s, {}) if name not in widgets]
+            sockets = [
+                name for s in ("required", "optional") for name in spec["input"].get(s, {}) if name not in widgets
+            ]
             assert [i["name"] for i in n["inputs"]] == sockets, (path, n["type"])
             extra = ("seed" in widgets) + (n["type"] == "LoadImage")  # control_after_generate, upload
             assert len(n["widgets_values"]) == len(widgets) + extra, (path, n["type"], n["widgets_values"])

@@ -8,6 +8,7 @@ Only API that exists in both is used; version differences are handled here, nowh
 All builders give random weights: comfy.ops layers skip init (torch.empty), so we fill them.
 Outputs are noise, but every tensor path of the real nodes runs.
 """
+
 import atexit
 import importlib.util
 import json
@@ -45,9 +46,12 @@ def import_comfy():
     if loaded is not None and not os.path.abspath(getattr(loaded, "__file__", "") or "").startswith(root):
         raise RuntimeError("a module named 'nodes' (%s) was imported before ComfyUI's" % loaded)
     import comfy.cli_args
+
     comfy.cli_args.args.cpu = True  # else model_management asserts CUDA at import
     import comfy.model_management  # noqa: F401
+
     import nodes  # noqa: F401  (ComfyUI's nodes.py)
+
     return root
 
 
@@ -57,8 +61,9 @@ def import_pack(name=PACK_NAME):
     import_comfy()
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "__init__.py"),
-                                                  submodule_search_locations=[REPO])
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(REPO, "__init__.py"), submodule_search_locations=[REPO]
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     try:
@@ -74,6 +79,7 @@ def comfy_version():
     root = import_comfy()
     try:
         import comfyui_version
+
         return comfyui_version.__version__
     except ImportError:
         return "2024" if not os.path.exists(os.path.join(root, "comfy_api")) else "unknown"
@@ -98,6 +104,7 @@ def randomize_(module, seed=0, out_gain=0.5):
     """Deterministic init: biases 0, 1-D weights (norms) 1, embeddings N(0, 0.02),
     matrices N(0, 1/fan_in). Output projections are scaled by out_gain to keep deep stacks finite."""
     import torch
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(module.named_parameters(), key=lambda x: x[0]):
@@ -117,17 +124,27 @@ def randomize_(module, seed=0, out_gain=0.5):
 
 
 def _patcher(model):
-    import torch
     import comfy.model_patcher
+    import torch
+
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
 # ----------------------------------------------------------------------------- diffusion models
 
+
 def _unet_base(**kw):
-    cfg = dict(image_size=32, in_channels=4, out_channels=4, use_spatial_transformer=True, legacy=False,
-               use_checkpoint=False, use_temporal_resblock=False, use_temporal_attention=False)
+    cfg = dict(
+        image_size=32,
+        in_channels=4,
+        out_channels=4,
+        use_spatial_transformer=True,
+        legacy=False,
+        use_checkpoint=False,
+        use_temporal_resblock=False,
+        use_temporal_attention=False,
+    )
     cfg.update(kw)
     return cfg
 
@@ -135,6 +152,7 @@ def _unet_base(**kw):
 def _sd_style_model(seed, **unet):
     """ModelPatcher of an SD1.x-style EPS UNet (2 heads, conv proj_in) with random weights."""
     import torch
+
     import_comfy()
     import comfy.latent_formats
     import comfy.model_base
@@ -155,27 +173,42 @@ def _sd_style_model(seed, **unet):
 def sd15_layout_model(context_dim=64, seed=0):
     """SD1.5's exact block layout (4 levels, 2 res blocks each, attention at levels 0-2, so the
     16 real attn2 keys) at tiny widths 32/64/128/128."""
-    return _sd_style_model(seed, model_channels=32, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
-                           transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-                           transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-                           transformer_depth_middle=1, context_dim=context_dim)
+    return _sd_style_model(
+        seed,
+        model_channels=32,
+        num_res_blocks=[2, 2, 2, 2],
+        channel_mult=[1, 2, 4, 4],
+        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        transformer_depth_middle=1,
+        context_dim=context_dim,
+    )
 
 
 def tiny_sd15_model(context_dim=64, seed=0):
     """A tiny SD1.x-style UNet: 2 levels (32/64 ch), 2 heads, conv proj_in,
     attn2 at ("input",1), ("input",3), ("middle",0), ("output",0..3): 7 layers, one transformer each."""
-    return _sd_style_model(seed, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
-                           transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
-                           transformer_depth_middle=1, context_dim=context_dim)
+    return _sd_style_model(
+        seed,
+        model_channels=32,
+        num_res_blocks=[1, 1],
+        channel_mult=[1, 2],
+        transformer_depth=[1, 1],
+        transformer_depth_output=[1, 1, 1, 1],
+        transformer_depth_middle=1,
+        context_dim=context_dim,
+    )
 
 
 # Real SDXL attn2 layout: input 4,5 depth 2; input 7,8 depth 10; middle depth 10;
 # output 0,1,2 depth 10; output 3,4,5 depth 2  -> 70 layers (comfyui.md section 2).
-SDXL_ATTN2_KEYS = ([("input", b, i) for b in (4, 5) for i in range(2)]
-                   + [("input", b, i) for b in (7, 8) for i in range(10)]
-                   + [("middle", 0, i) for i in range(10)]
-                   + [("output", b, i) for b in (0, 1, 2) for i in range(10)]
-                   + [("output", b, i) for b in (3, 4, 5) for i in range(2)])
+SDXL_ATTN2_KEYS = (
+    [("input", b, i) for b in (4, 5) for i in range(2)]
+    + [("input", b, i) for b in (7, 8) for i in range(10)]
+    + [("middle", 0, i) for i in range(10)]
+    + [("output", b, i) for b in (0, 1, 2) for i in range(10)]
+    + [("output", b, i) for b in (3, 4, 5) for i in range(2)]
+)
 
 
 def tiny_sdxl_like_model(context_dim=128, pooled_dim=64, seed=0):
@@ -184,13 +217,24 @@ def tiny_sdxl_like_model(context_dim=128, pooled_dim=64, seed=0):
     adm: SDXL.encode_adm = cat(pooled_output, 6 size embeddings x 256) -> pooled_dim + 1536.
     Pair with tiny_sdxl_clip() (context 128 = l 64 + g 64, pooled 64)."""
     import torch
+
     import_comfy()
     import comfy.supported_models
-    cfg = comfy.supported_models.SDXL(_unet_base(
-        model_channels=32, num_res_blocks=[2, 2, 2], channel_mult=[1, 1, 2],  # GroupNorm(32) needs 32k
-        transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
-        transformer_depth_middle=10, context_dim=context_dim, use_linear_in_transformer=True,
-        num_classes="sequential", adm_in_channels=pooled_dim + 6 * 256))
+
+    cfg = comfy.supported_models.SDXL(
+        _unet_base(
+            model_channels=32,
+            num_res_blocks=[2, 2, 2],
+            channel_mult=[1, 1, 2],  # GroupNorm(32) needs 32k
+            transformer_depth=[0, 0, 2, 2, 10, 10],
+            transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+            transformer_depth_middle=10,
+            context_dim=context_dim,
+            use_linear_in_transformer=True,
+            num_classes="sequential",
+            adm_in_channels=pooled_dim + 6 * 256,
+        )
+    )
     cfg.unet_config["num_head_channels"] = 16  # SDXL says 64; too wide for these channels
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({}, device="cpu")
@@ -199,8 +243,13 @@ def tiny_sdxl_like_model(context_dim=128, pooled_dim=64, seed=0):
 
 
 # ----------------------------------------------------------------------------- text encoders
-TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
-             "num_hidden_layers": 3, "projection_dim": 64}
+TINY_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 3,
+    "projection_dim": 64,
+}
 
 
 def _text_config(name, overrides):
@@ -226,15 +275,18 @@ def tiny_clip(seed=0, **overrides):
     tokenizer. Works on both versions: a ClipTarget whose model factory ignores the dtype CLIP
     passes and hands SDClipModel a json path (2024's CLIP() has no model_options)."""
     import torch
+
     import_comfy()
     import comfy.sd
     import comfy.sd1_clip as sd1
     import comfy.supported_models_base
+
     path = _text_config("tiny_clip_l.json", {**TINY_TEXT, **overrides})
 
     def factory(device="cpu", dtype=None, **kw):  # current ComfyUI also passes model_options
-        return sd1.SD1ClipModel(device=device, dtype=torch.float32, clip_model=sd1.SDClipModel,
-                                textmodel_json_config=path, **kw)
+        return sd1.SD1ClipModel(
+            device=device, dtype=torch.float32, clip_model=sd1.SDClipModel, textmodel_json_config=path, **kw
+        )
 
     with torch.no_grad():  # 2024's CLIPTextModel does an in-place eye() copy on a grad leaf
         clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(sd1.SD1Tokenizer, factory))
@@ -246,25 +298,40 @@ def tiny_sdxl_clip(seed=0, l_hidden=64, g_hidden=64):
     pooled = g projected -> g_hidden) with tiny widths. (2024's CLIPTextModel makes the text
     projection hidden x hidden whatever projection_dim says, so projection_dim = hidden here.)"""
     import torch
+
     import_comfy()
     import comfy.sd
     import comfy.sd1_clip as sd1
     import comfy.sdxl_clip as sdxl
     import comfy.supported_models_base
+
     lp = _text_config("tiny_sdxl_l.json", {**TINY_TEXT, "hidden_size": l_hidden})
-    gp = _text_config("tiny_sdxl_g.json", {**TINY_TEXT, "hidden_size": g_hidden, "projection_dim": g_hidden,
-                                           "hidden_act": "gelu"})
+    gp = _text_config(
+        "tiny_sdxl_g.json", {**TINY_TEXT, "hidden_size": g_hidden, "projection_dim": g_hidden, "hidden_act": "gelu"}
+    )
 
     class TinySDXLClip(sdxl.SDXLClipModel):
         # same attribute layout as SDXLClipModel/SDXLClipG, built from our json paths
         def __init__(self, device="cpu", dtype=None, **kw):
             torch.nn.Module.__init__(self)
             dt = torch.float32
-            self.clip_l = sd1.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dt,
-                                          layer_norm_hidden_state=False, textmodel_json_config=lp)
-            self.clip_g = sd1.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dt,
-                                          layer_norm_hidden_state=False, textmodel_json_config=gp,
-                                          special_tokens={"start": 49406, "end": 49407, "pad": 0})
+            self.clip_l = sd1.SDClipModel(
+                layer="hidden",
+                layer_idx=-2,
+                device=device,
+                dtype=dt,
+                layer_norm_hidden_state=False,
+                textmodel_json_config=lp,
+            )
+            self.clip_g = sd1.SDClipModel(
+                layer="hidden",
+                layer_idx=-2,
+                device=device,
+                dtype=dt,
+                layer_norm_hidden_state=False,
+                textmodel_json_config=gp,
+                special_tokens={"start": 49406, "end": 49407, "pad": 0},
+            )
             self.dtypes = {dt}
 
     with torch.no_grad():
@@ -275,26 +342,45 @@ def tiny_sdxl_clip(seed=0, l_hidden=64, g_hidden=64):
 def tiny_controlnet(seed=0):
     """comfy.controlnet.ControlNet around a random cldm ControlNet shaped like tiny_sd15_model()."""
     import torch
+
     import_comfy()
     import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.ops
-    cfg = dict(image_size=32, in_channels=4, model_channels=32, hint_channels=3, num_res_blocks=[1, 1],
-               channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_middle=1, context_dim=64,
-               use_linear_in_transformer=False, adm_in_channels=None, num_heads=2,
-               use_spatial_transformer=True, legacy=False, use_checkpoint=False)
+
+    cfg = dict(
+        image_size=32,
+        in_channels=4,
+        model_channels=32,
+        hint_channels=3,
+        num_res_blocks=[1, 1],
+        channel_mult=[1, 2],
+        transformer_depth=[1, 1],
+        transformer_depth_middle=1,
+        context_dim=64,
+        use_linear_in_transformer=False,
+        adm_in_channels=None,
+        num_heads=2,
+        use_spatial_transformer=True,
+        legacy=False,
+        use_checkpoint=False,
+    )
     with torch.no_grad():
-        net = comfy.cldm.cldm.ControlNet(**cfg, device="cpu", operations=comfy.ops.disable_weight_init, dtype=torch.float32)
+        net = comfy.cldm.cldm.ControlNet(
+            **cfg, device="cpu", operations=comfy.ops.disable_weight_init, dtype=torch.float32
+        )
     return comfy.controlnet.ControlNet(randomize_(net, seed), load_device=torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- VAE / vision
+
 
 def tiny_vae(seed=0):
     """comfy.sd.VAE built from a random TAESD state dict (detected by 'taesd_decoder.1.weight')."""
     import_comfy()
     import comfy.sd
     from comfy.taesd.taesd import TAESD
+
     t = randomize_(TAESD(), seed)
     return comfy.sd.VAE(sd=dict(t.state_dict()))
 
@@ -304,12 +390,23 @@ def tiny_clip_vision(hidden=64, layers=2, image_size=224, patch=14, projection_d
     Output: last_hidden_state / penultimate_hidden_states (B, 1+(image_size/patch)^2, hidden),
     image_embeds (B, projection_dim)."""
     import torch
+
     import_comfy()
     import comfy.clip_vision
-    cfg = {"hidden_act": "quick_gelu", "hidden_size": hidden, "image_size": image_size,
-           "intermediate_size": hidden * 2, "layer_norm_eps": 1e-5, "model_type": "clip_vision_model",
-           "num_attention_heads": max(1, hidden // 32), "num_channels": 3, "num_hidden_layers": layers,
-           "patch_size": patch, "projection_dim": projection_dim}
+
+    cfg = {
+        "hidden_act": "quick_gelu",
+        "hidden_size": hidden,
+        "image_size": image_size,
+        "intermediate_size": hidden * 2,
+        "layer_norm_eps": 1e-5,
+        "model_type": "clip_vision_model",
+        "num_attention_heads": max(1, hidden // 32),
+        "num_channels": 3,
+        "num_hidden_layers": layers,
+        "patch_size": patch,
+        "projection_dim": projection_dim,
+    }
     with torch.no_grad():
         cv = comfy.clip_vision.ClipVisionModel(_write_json("tiny_clip_vision_%d_%d.json" % (hidden, layers), cfg))
     cv.model.to(torch.float32)  # default text-encoder dtype on CPU is fp16 (slow); the module casts per call

@@ -9,6 +9,7 @@ temp extra_model_paths yaml adds (works on 2024 and current ComfyUI: both load
 --extra-model-paths-config before custom nodes). Output/temp/input (and, where supported,
 user dir and database) go to the temp dir, so the ComfyUI tree is not written to.
 """
+
 import json
 import os
 import shutil
@@ -65,8 +66,17 @@ def _venv_of(python):
 
 
 class ComfyServer:
-    def __init__(self, models_dir, comfy_dir=None, python=None, port=None, install_pack=True,
-                 extra_args=(), startup_timeout=180, pack_dir=REPO):
+    def __init__(
+        self,
+        models_dir,
+        comfy_dir=None,
+        python=None,
+        port=None,
+        install_pack=True,
+        extra_args=(),
+        startup_timeout=180,
+        pack_dir=REPO,
+    ):
         self.root = os.path.abspath(comfy_dir or comfy_harness.comfy_root() or "")
         if not os.path.isfile(os.path.join(self.root, "main.py")):
             raise RuntimeError("no ComfyUI tree at %r" % self.root)
@@ -98,8 +108,18 @@ class ComfyServer:
         return path
 
     def command(self):
-        a = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--disable-auto-launch", "--extra-model-paths-config", self._write_config()]
+        a = [
+            self.python,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-auto-launch",
+            "--extra-model-paths-config",
+            self._write_config(),
+        ]
         for d in ("output", "temp", "input"):
             os.makedirs(os.path.join(self.tmp, d), exist_ok=True)
             a += ["--%s-directory" % d, os.path.join(self.tmp, d)]
@@ -117,8 +137,9 @@ class ComfyServer:
         self.log_path = os.path.join(self.tmp, "server.log")
         cmd = self.cmd = self.command()
         log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -172,21 +193,48 @@ class ComfyServer:
         """Run comfy-cli (same venv as self.python) against this server's ComfyUI tree."""
         exe = os.path.join(os.path.dirname(self.python), "comfy")
         env = dict(os.environ, VIRTUAL_ENV=_venv_of(self.python), COMFY_CLI_NO_REMOTE_REFRESH="1")
-        subprocess.run([exe, "--skip-prompt", "tracking", "disable"], env=env, capture_output=True,
-                       stdin=subprocess.DEVNULL, timeout=60)
-        return subprocess.run([exe, "--skip-prompt", "--workspace", self.root] + list(args), env=env,
-                              capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout)
+        subprocess.run(
+            [exe, "--skip-prompt", "tracking", "disable"],
+            env=env,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+        )
+        return subprocess.run(
+            [exe, "--skip-prompt", "--workspace", self.root] + list(args),
+            env=env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+        )
 
     def run_workflow(self, workflow_path, timeout=600):
         """`comfy run --workflow FILE --wait`; returns {"status", "outputs": [local image paths],
         "urls": [/view URLs], "prompt_id", "returncode", "raw"}. status is comfy-cli's
         ("completed" on success)."""
-        r = self.comfy_cli("run", "--workflow", os.path.abspath(workflow_path), "--wait",
-                           "--host", "127.0.0.1", "--port", str(self.port), "--timeout", str(timeout),
-                           timeout=timeout + 60)
+        r = self.comfy_cli(
+            "run",
+            "--workflow",
+            os.path.abspath(workflow_path),
+            "--wait",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--timeout",
+            str(timeout),
+            timeout=timeout + 60,
+        )
         doc = _last_json(r.stdout)
-        result = {"returncode": r.returncode, "raw": r.stdout + r.stderr, "status": None,
-                  "prompt_id": None, "outputs": [], "urls": []}
+        result = {
+            "returncode": r.returncode,
+            "raw": r.stdout + r.stderr,
+            "status": None,
+            "prompt_id": None,
+            "outputs": [],
+            "urls": [],
+        }
         if doc is not None:
             data = (doc.get("data") or doc) if isinstance(doc, dict) else {}  # failures: data is null
             result["status"] = data.get("status") or doc.get("status")
@@ -225,4 +273,3 @@ def _last_json(text):
             found, i = obj, end
         except ValueError:
             i += 1
-

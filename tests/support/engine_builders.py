@@ -2,6 +2,7 @@
 
 Nothing here imports ComfyUI; every model is built with random weights at test time.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -95,8 +96,12 @@ def make_binding(
 # adapters and checkpoints
 
 SD15_PLUS = ResamplerConfig(dim=768, depth=4, dim_head=64, heads=12, num_queries=16, embedding_dim=1280, output_dim=768)
-SDXL_PLUS_VITH = ResamplerConfig(dim=1280, depth=4, dim_head=64, heads=20, num_queries=16, embedding_dim=1280, output_dim=2048)
-TINY_RESAMPLER = ResamplerConfig(dim=32, depth=2, dim_head=8, heads=4, num_queries=4, embedding_dim=24, output_dim=16, ff_mult=2)
+SDXL_PLUS_VITH = ResamplerConfig(
+    dim=1280, depth=4, dim_head=64, heads=20, num_queries=16, embedding_dim=1280, output_dim=2048
+)
+TINY_RESAMPLER = ResamplerConfig(
+    dim=32, depth=2, dim_head=8, heads=4, num_queries=4, embedding_dim=24, output_dim=16, ff_mult=2
+)
 
 
 def tiny_layers(widths=(32, 64, 32)) -> List[Layer]:
@@ -131,7 +136,13 @@ class _Windows:
 def resampler_state_dict(cfg: ResamplerConfig, dtype=torch.float16, seed: int = 0) -> Dict[str, Tensor]:
     """IP-Adapter Plus image_proj weights at the given config, random."""
     inner = cfg.heads * cfg.dim_head
-    biggest = max(cfg.dim * cfg.ff_mult * cfg.dim, 2 * inner * cfg.dim, cfg.dim * cfg.embedding_dim, cfg.output_dim * cfg.dim, cfg.num_queries * cfg.dim)
+    biggest = max(
+        cfg.dim * cfg.ff_mult * cfg.dim,
+        2 * inner * cfg.dim,
+        cfg.dim * cfg.embedding_dim,
+        cfg.output_dim * cfg.dim,
+        cfg.num_queries * cfg.dim,
+    )
     w = _Windows(biggest, dtype, seed)
 
     def r(*shape):

@@ -23,6 +23,7 @@ What ComfyUI's detection allows (comfy/model_detection.py, supported_models.py):
   * CLIP vision: detected by layer count only -> smallest is ViT-L/14 (24 layers, 608 MB fp16);
     "h" is ViT-H/14 (32 layers, 1.26 GB).
 """
+
 import argparse
 import json
 import math
@@ -42,26 +43,41 @@ CLIP_VISION_NAMES = {"vitl": "na_random_vitl.safetensors", "h": "na_random_h.saf
 
 
 def _meta_shapes(module, prefix, skip=()):
-    return {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()
-            if not any(k.startswith(s) for s in skip)}
+    return {
+        prefix + k: tuple(v.shape) for k, v in module.state_dict().items() if not any(k.startswith(s) for s in skip)
+    }
+
+
+def _meta_unet(**cfg):
+    """ComfyUI's UNetModel of the given config, on the meta device (shapes only, no memory)."""
+    import comfy.ops
+    import torch
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    base = dict(
+        image_size=32,
+        in_channels=4,
+        out_channels=4,
+        model_channels=320,
+        use_spatial_transformer=True,
+        legacy=False,
+        use_checkpoint=False,
+        dtype=torch.float16,
+    )
+    base.update(cfg)
+    with torch.device("meta"), torch.no_grad():  # no_grad: 2024 CLIP copies eye() in place
+        return UNetModel(device="meta", operations=comfy.ops.disable_weight_init, **base)
 
 
 def _unet_shapes(**cfg):
-    import torch
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    base = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, use_spatial_transformer=True,
-                legacy=False, use_checkpoint=False, dtype=torch.float16)
-    base.update(cfg)
-    with torch.device("meta"), torch.no_grad():  # no_grad: 2024 CLIP copies eye() in place
-        m = UNetModel(device="meta", operations=comfy.ops.disable_weight_init, **base)
-    return _meta_shapes(m, "model.diffusion_model.")
+    return _meta_shapes(_meta_unet(**cfg), "model.diffusion_model.")
 
 
 def _text_shapes(json_name, prefix, keep_projection):
-    import torch
     import comfy.clip_model
     import comfy.ops
+    import torch
+
     with open(os.path.join(comfy_harness.import_comfy(), "comfy", json_name)) as f:
         cfg = json.load(f)
     with torch.device("meta"), torch.no_grad():  # no_grad: 2024 CLIP copies eye() in place
@@ -73,6 +89,7 @@ def _text_shapes(json_name, prefix, keep_projection):
 def _taesd_shapes(prefix="first_stage_model."):
     import torch
     from comfy.taesd.taesd import TAESD
+
     with torch.device("meta"), torch.no_grad():  # no_grad: 2024 CLIP copies eye() in place
         m = TAESD()
     shapes = _meta_shapes(m, prefix)
@@ -100,6 +117,7 @@ def _write_random(path, shapes, seed=0, metadata=None):
     Streams the safetensors file one tensor at a time (header first), so peak memory is about
     one tensor, not the whole model (a full SD1.5 UNet is 2 GB)."""
     import torch
+
     if _file_matches(path, shapes):
         return path
     g = torch.Generator().manual_seed(seed)
@@ -144,6 +162,7 @@ def _alias(src, dst):
         os.link(src, tmp)
     except OSError:
         import shutil
+
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
     return dst
@@ -151,10 +170,18 @@ def _alias(src, dst):
 
 def sd15_shapes():
     comfy_harness.import_comfy()
-    shapes = _unet_shapes(num_res_blocks=[1], channel_mult=[1], transformer_depth=[1],
-                          transformer_depth_output=[1, 1], transformer_depth_middle=1,
-                          num_heads=8, num_head_channels=-1, context_dim=768,
-                          use_linear_in_transformer=False, adm_in_channels=None)
+    shapes = _unet_shapes(
+        num_res_blocks=[1],
+        channel_mult=[1],
+        transformer_depth=[1],
+        transformer_depth_output=[1, 1],
+        transformer_depth_middle=1,
+        num_heads=8,
+        num_head_channels=-1,
+        context_dim=768,
+        use_linear_in_transformer=False,
+        adm_in_channels=None,
+    )
     shapes.update(_text_shapes("sd1_clip_config.json", "cond_stage_model.transformer.", False))
     shapes.update(_taesd_shapes())
     return shapes
@@ -164,21 +191,37 @@ def sd15_full_shapes():
     """The real SD1.5 UNet layout (859.5M params, 16 attn2 layers = na_engine TABLES['sd15']),
     full CLIP-L, TAESD instead of the 83.7M KL VAE (ComfyUI picks the VAE by its keys)."""
     comfy_harness.import_comfy()
-    shapes = _unet_shapes(num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
-                          transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-                          transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],  # pop()ed from the end
-                          transformer_depth_middle=1, num_heads=8, num_head_channels=-1, context_dim=768,
-                          use_linear_in_transformer=False, adm_in_channels=None)
+    shapes = _unet_shapes(
+        num_res_blocks=[2, 2, 2, 2],
+        channel_mult=[1, 2, 4, 4],
+        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],  # pop()ed from the end
+        transformer_depth_middle=1,
+        num_heads=8,
+        num_head_channels=-1,
+        context_dim=768,
+        use_linear_in_transformer=False,
+        adm_in_channels=None,
+    )
     shapes.update(_text_shapes("sd1_clip_config.json", "cond_stage_model.transformer.", False))
     shapes.update(_taesd_shapes())
     return shapes
 
 
 def sdxl_unet_kwargs():
-    return dict(num_res_blocks=[1, 1, 1], channel_mult=[1, 1, 1], transformer_depth=[0, 2, 5],
-                transformer_depth_output=[0, 0, 2, 2, 5, 5], transformer_depth_middle=1,
-                num_classes="sequential", adm_in_channels=2816, use_linear_in_transformer=True,
-                context_dim=2048, num_heads=-1, num_head_channels=64)
+    return dict(
+        num_res_blocks=[1, 1, 1],
+        channel_mult=[1, 1, 1],
+        transformer_depth=[0, 2, 5],
+        transformer_depth_output=[0, 0, 2, 2, 5, 5],
+        transformer_depth_middle=1,
+        num_classes="sequential",
+        adm_in_channels=2816,
+        use_linear_in_transformer=True,
+        context_dim=2048,
+        num_heads=-1,
+        num_head_channels=64,
+    )
 
 
 def sdxl_shapes():
@@ -193,9 +236,13 @@ def sdxl_shapes():
 
 # attn2 keys (block, number, index) of the files above
 SD15_FILE_ATTN2_KEYS = [("input", 1, 0), ("middle", 0, 0), ("output", 0, 0), ("output", 1, 0)]
-SDXL_FILE_ATTN2_KEYS = ([("input", 3, i) for i in range(2)] + [("input", 5, i) for i in range(5)]
-                        + [("middle", 0, 0)] + [("output", b, i) for b in (0, 1) for i in range(5)]
-                        + [("output", b, i) for b in (2, 3) for i in range(2)])
+SDXL_FILE_ATTN2_KEYS = (
+    [("input", 3, i) for i in range(2)]
+    + [("input", 5, i) for i in range(5)]
+    + [("middle", 0, 0)]
+    + [("output", b, i) for b in (0, 1) for i in range(5)]
+    + [("output", b, i) for b in (2, 3) for i in range(2)]
+)
 
 
 def make_sd15_checkpoint(path, seed=0, full=False):
@@ -210,9 +257,10 @@ def make_sdxl_checkpoint(path, seed=0):
 
 
 def clip_vision_shapes(kind="vitl"):
-    import torch
     import comfy.clip_model
     import comfy.ops
+    import torch
+
     name = {"vitl": "clip_vision_config_vitl.json", "h": "clip_vision_config_h.json"}[kind]
     with open(os.path.join(comfy_harness.import_comfy(), "comfy", name)) as f:
         cfg = json.load(f)
@@ -244,7 +292,7 @@ def populate(models_dir, only=("sd15",)):
 # files (hard links to the generated files above, so nothing is stored twice).
 #   sd_xl_base_1.0           -> the KOALA_700M-detected SDXL-family file (22 attn2 layers, all 320
 #                               wide): the server test's SDXL. The real 70-layer SDXL table is
-#                               covered in-process (tests/test_nodes_inprocess.py).
+#                               covered in-process (tests/comfy/test_nodes_inprocess.py).
 #   v1-5-pruned-emaonly      -> the FULL SD1.5 UNet (16 attn2 layers), as an IP-Adapter needs
 #   CLIP-ViT-H-14-laion2B... -> random ViT-H/14 (width 1280)
 #   ip-adapter-plus_sd15     -> IP-Adapter Plus SD1.5 key layout (image_proj.* + ip_adapter.N.to_k/v_ip)
@@ -268,10 +316,15 @@ WORKFLOW_FILES = {
     ("nested_attention", NA_PET): "na_pet",
 }
 # sub-folder of each loader's file widget (widgets_values[0])
-LOADER_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "CLIPVisionLoader": "clip_vision",
-                  "NestedAttentionLoader": "nested_attention", "LoadImage": "input"}
-ADAPTER_CONFIG = dict(dim=768, depth=2, dim_head=64, heads=12, num_queries=16, embedding_dim=1280,
-                      output_dim=2048, ff_mult=4)
+LOADER_FOLDERS = {
+    "CheckpointLoaderSimple": "checkpoints",
+    "CLIPVisionLoader": "clip_vision",
+    "NestedAttentionLoader": "nested_attention",
+    "LoadImage": "input",
+}
+ADAPTER_CONFIG = dict(
+    dim=768, depth=2, dim_head=64, heads=12, num_queries=16, embedding_dim=1280, output_dim=2048, ff_mult=4
+)
 
 
 def _engine():
@@ -279,6 +332,7 @@ def _engine():
     if repo not in sys.path:
         sys.path.append(repo)  # last: ComfyUI's nodes.py must win over the pack's nodes/
     import na_engine
+
     return na_engine
 
 
@@ -301,17 +355,13 @@ def workflow_model_files(workflow_path):
 
 def sdxl_file_layers():
     """na_engine Layers of the KOALA fixture's UNet, read off the model ComfyUI builds (on meta)."""
-    import torch
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     comfy_harness.import_comfy()
     eng = _engine()
-    with torch.device("meta"), torch.no_grad():
-        m = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320,
-                      use_spatial_transformer=True, legacy=False, use_checkpoint=False, dtype=torch.float16,
-                      device="meta", operations=comfy.ops.disable_weight_init, **sdxl_unet_kwargs())
-    return [eng.Layer(i, "%s_blocks.%d.transformer_blocks.%d.attn2" % key, key, width)
-            for i, (key, width) in enumerate(eng.comfy_unet_layers(m))]
+    m = _meta_unet(**sdxl_unet_kwargs())
+    return [
+        eng.Layer(i, "%s_blocks.%d.transformer_blocks.%d.attn2" % key, key, width)
+        for i, (key, width) in enumerate(eng.comfy_unet_layers(m))
+    ]
 
 
 def _header(path):
@@ -330,7 +380,7 @@ def make_nested_adapter(path, layers, seed=0, **config):
     hdr = _header(path)
     if hdr is not None:
         meta = json.loads(hdr.get("__metadata__", {}).get("nested_attention", "{}"))
-        if meta.get("layers") == [l.to_json() for l in layers] and meta.get("resampler") == cfg.to_json():
+        if meta.get("layers") == [layer.to_json() for layer in layers] and meta.get("resampler") == cfg.to_json():
             return path
     adapter = eng.random_adapter(cfg, layers, seed=seed).half()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -344,10 +394,14 @@ def ip_adapter_plus_sd15_shapes():
     """IP-Adapter Plus SD1.5 keys: image_proj = Resampler(dim 768, depth 4, 12 heads x 64, 16 queries,
     ViT-H 1280 in, 768 out, ff x4); ip_adapter.{2i+1}.to_k_ip/to_v_ip (width_i, 768) per SD1.5 layer."""
     import torch
+
     eng = _engine()
     with torch.device("meta"):
-        r = eng.Resampler(eng.ResamplerConfig(dim=768, depth=4, dim_head=64, heads=12, num_queries=16,
-                                              embedding_dim=1280, output_dim=768, ff_mult=4))
+        r = eng.Resampler(
+            eng.ResamplerConfig(
+                dim=768, depth=4, dim_head=64, heads=12, num_queries=16, embedding_dim=1280, output_dim=768, ff_mult=4
+            )
+        )
     shapes = _meta_shapes(r, "image_proj.")
     for layer in eng.TABLES["sd15"]:
         for kv in ("k", "v"):
@@ -362,6 +416,7 @@ def make_ip_adapter_plus_sd15(path, seed=0):
 def make_input_images(directory, names=INPUT_IMAGES, size=256):
     """Small deterministic placeholder photos (a person-ish and a dog-ish figure) for LoadImage."""
     from PIL import Image, ImageDraw
+
     os.makedirs(directory, exist_ok=True)
     out = []
     for name in names:
@@ -370,18 +425,21 @@ def make_input_images(directory, names=INPUT_IMAGES, size=256):
         if os.path.exists(path):
             continue
         s = size / 256.0
+
+        def box(*xy, s=s):
+            return [v * s for v in xy]
+
         img = Image.new("RGB", (size, size), (120, 160, 200))
         d = ImageDraw.Draw(img)
-        box = lambda *xy: [v * s for v in xy]  # noqa: E731
         if "dog" in name:
-            d.ellipse(box(60, 120, 200, 210), fill=(150, 100, 50))      # body
-            d.ellipse(box(150, 60, 230, 140), fill=(160, 110, 60))      # head
-            d.ellipse(box(150, 50, 175, 95), fill=(90, 60, 30))         # ear
-            d.ellipse(box(190, 85, 200, 95), fill=(0, 0, 0))            # eye
+            d.ellipse(box(60, 120, 200, 210), fill=(150, 100, 50))  # body
+            d.ellipse(box(150, 60, 230, 140), fill=(160, 110, 60))  # head
+            d.ellipse(box(150, 50, 175, 95), fill=(90, 60, 30))  # ear
+            d.ellipse(box(190, 85, 200, 95), fill=(0, 0, 0))  # eye
         else:
-            d.rectangle(box(70, 160, 186, 256), fill=(40, 60, 140))     # shoulders
-            d.ellipse(box(83, 40, 173, 160), fill=(225, 180, 150))      # face
-            d.ellipse(box(80, 30, 176, 85), fill=(70, 45, 30))          # hair
+            d.rectangle(box(70, 160, 186, 256), fill=(40, 60, 140))  # shoulders
+            d.ellipse(box(83, 40, 173, 160), fill=(225, 180, 150))  # face
+            d.ellipse(box(80, 30, 176, 85), fill=(70, 45, 30))  # hair
             d.ellipse(box(105, 90, 117, 102), fill=(40, 40, 40))
             d.ellipse(box(139, 90, 151, 102), fill=(40, 40, 40))
             d.arc(box(108, 110, 148, 140), 20, 160, fill=(150, 60, 60), width=max(1, int(3 * s)))
@@ -394,6 +452,7 @@ def make_input_images(directory, names=INPUT_IMAGES, size=256):
 def make_workflow_file(models_dir, folder, name):
     """Build (or reuse) the random-weight file the workflows call `name`; returns its path."""
     import gc
+
     what = WORKFLOW_FILES[(folder, name)]
     dst = os.path.join(models_dir, folder, name)
     if what == "sdxl":
@@ -414,6 +473,7 @@ def populate_workflows(models_dir, workflow_paths=None, input_dir=None):
     """Every model file (and, with input_dir, every input image) that the given workflows
     (default: all of workflows/*.json) reference; built one at a time. Returns {name: path}."""
     import glob
+
     if workflow_paths is None:
         workflow_paths = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(HERE)), "workflows", "*.json")))
     out = {}
@@ -451,8 +511,11 @@ def main(argv=None):
     for what in a.only.split(","):
         t0 = time.time()
         path = populate(a.out, (what.strip(),))[what.strip()]
-        print(json.dumps({"what": what, "path": path, "bytes": os.path.getsize(path),
-                          "seconds": round(time.time() - t0, 2)}))
+        print(
+            json.dumps(
+                {"what": what, "path": path, "bytes": os.path.getsize(path), "seconds": round(time.time() - t0, 2)}
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """python -m na_engine.standalone.generate, and the diffusers processor against the ComfyUI patch."""
+
 import json
 import os
 import subprocess
@@ -6,20 +7,27 @@ import sys
 
 import pytest
 import torch
+from tiny_diffusers import make_base, make_clip_vision, make_photos
 
 from na_engine.adapter import random_adapter
 from na_engine.binding import ModelCall, Placement
-from na_engine.hosts.diffusers_processor import NestedAttnProcessor, NestedProcessors
 from na_engine.formats import save_adapter
-from na_engine.layers import diffusers_layers
 from na_engine.hosts.comfy_patch import ROWS_KEY, NestedAttentionPatch, NestedRun
+from na_engine.hosts.diffusers_processor import NestedAttnProcessor, NestedProcessors
+from na_engine.layers import diffusers_layers
 from na_engine.resampler import ResamplerConfig
 from na_engine.subjects import Subject
-from tiny_diffusers import make_base, make_clip_vision, make_photos
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY_UNET = dict(down_block_types=["CrossAttnDownBlock2D"] * 2, up_block_types=["CrossAttnUpBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1)
-RESAMPLER = ResamplerConfig(dim=32, depth=1, dim_head=8, heads=2, num_queries=4, embedding_dim=32, output_dim=32, ff_mult=2)
+TINY_UNET = dict(
+    down_block_types=["CrossAttnDownBlock2D"] * 2,
+    up_block_types=["CrossAttnUpBlock2D"] * 2,
+    block_out_channels=[32, 64],
+    layers_per_block=1,
+)
+RESAMPLER = ResamplerConfig(
+    dim=32, depth=1, dim_head=8, heads=2, num_queries=4, embedding_dim=32, output_dim=32, ff_mult=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +35,33 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     adapter = str(root / "adapter.safetensors")
     save_adapter(random_adapter(RESAMPLER, diffusers_layers(TINY_UNET), seed=1), adapter)
-    return {"base": make_base(str(root / "base")), "vision": make_clip_vision(str(root / "vision")),
-            "photos": make_photos(str(root / "photos"), count=2), "adapter": adapter, "root": root}
+    return {
+        "base": make_base(str(root / "base")),
+        "vision": make_clip_vision(str(root / "vision")),
+        "photos": make_photos(str(root / "photos"), count=2),
+        "adapter": adapter,
+        "root": root,
+    }
 
 
 def generate(world, *args):
-    cmd = [sys.executable, "-m", "na_engine", "generate", "--base", world["base"], "--adapter", world["adapter"], "--clip-vision", world["vision"],
-           "--steps", "2", "--size", "32", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "na_engine",
+        "generate",
+        "--base",
+        world["base"],
+        "--adapter",
+        world["adapter"],
+        "--clip-vision",
+        world["vision"],
+        "--steps",
+        "2",
+        "--size",
+        "32",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -61,38 +89,93 @@ def test_processor_and_comfy_patch_give_the_same_layer_output(strength, rows):
 
     run = NestedRun([Subject(tokens, adapter, "dog", strength)], [[3]], context[:1])
     patch = NestedAttentionPatch(run, layers[0].comfy)
-    options = {"n_heads": 4, "block": layers[0].comfy[:2], "block_index": 0, ROWS_KEY: {run.uid: ModelCall([Placement(run.subjects[0], where)], (4, 4))}}
+    options = {
+        "n_heads": 4,
+        "block": layers[0].comfy[:2],
+        "block_index": 0,
+        ROWS_KEY: {run.uid: ModelCall([Placement(run.subjects[0], where)], (4, 4))},
+    }
     with torch.no_grad():
         q, k, v = attn.to_q(hidden), attn.to_k(context), attn.to_v(context)
         theirs = attn.to_out[0](patch(q, k, v, options))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(ours, attn.to_out[0](torch.nn.functional.scaled_dot_product_attention(
-        q.view(2, 16, 4, 8).transpose(1, 2), k.view(2, 10, 4, 8).transpose(1, 2), v.view(2, 10, 4, 8).transpose(1, 2)).transpose(1, 2).reshape(2, 16, 32)))
+    assert not torch.allclose(
+        ours,
+        attn.to_out[0](
+            torch.nn.functional.scaled_dot_product_attention(
+                q.view(2, 16, 4, 8).transpose(1, 2),
+                k.view(2, 10, 4, 8).transpose(1, 2),
+                v.view(2, 10, 4, 8).transpose(1, 2),
+            )
+            .transpose(1, 2)
+            .reshape(2, 16, 32)
+        ),
+    )
 
 
 def test_generate_one_subject_with_maps(world):
     out = world["root"] / "one"
-    run = generate(world, "--subject", os.path.join(world["photos"], "photo_0.png"), "--trigger", "dog",
-                   "--prompt", "a photo of a dog", "a dog on the beach", "--seed", "1", "2", "--out", str(out))
+    run = generate(
+        world,
+        "--subject",
+        os.path.join(world["photos"], "photo_0.png"),
+        "--trigger",
+        "dog",
+        "--prompt",
+        "a photo of a dog",
+        "a dog on the beach",
+        "--seed",
+        "1",
+        "2",
+        "--out",
+        str(out),
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     files = sorted(os.listdir(out))
     assert len([f for f in files if f.endswith(".maps.png")]) == 4 and "manifest.csv" in files
 
 
 def test_generate_batch_json_and_csv(world):
-    spec = {"prompts": ["a photo of a dog", "a red dog in snow"], "subjects": [{"name": "pup", "images": world["photos"], "trigger": "dog"}], "seeds": [3]}
+    spec = {
+        "prompts": ["a photo of a dog", "a red dog in snow"],
+        "subjects": [{"name": "pup", "images": world["photos"], "trigger": "dog"}],
+        "seeds": [3],
+    }
     (world["root"] / "jobs.json").write_text(json.dumps(spec))
-    run = generate(world, "--batch", str(world["root"] / "jobs.json"), "--no-maps", "--out", str(world["root"] / "json"))
+    run = generate(
+        world, "--batch", str(world["root"] / "jobs.json"), "--no-maps", "--out", str(world["root"] / "json")
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert sorted(os.listdir(world["root"] / "json")) == ["0000_pup_3.png", "0001_pup_3.png", "manifest.csv"]
-    (world["root"] / "jobs.csv").write_text("prompt,subject,trigger,seed\na cat on the beach,photos/photo_1.png,cat,5\n")
-    run = generate(world, "--batch", str(world["root"] / "jobs.csv"), "--no-maps", "--cfg", "1", "--out", str(world["root"] / "csv"))
+    (world["root"] / "jobs.csv").write_text(
+        "prompt,subject,trigger,seed\na cat on the beach,photos/photo_1.png,cat,5\n"
+    )
+    run = generate(
+        world,
+        "--batch",
+        str(world["root"] / "jobs.csv"),
+        "--no-maps",
+        "--cfg",
+        "1",
+        "--out",
+        str(world["root"] / "csv"),
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "0000_photo_1_5.png" in os.listdir(world["root"] / "csv")
 
 
 def test_trigger_missing_from_prompt_is_a_clear_error(world):
-    run = generate(world, "--subject", world["photos"], "--trigger", "bottle", "--prompt", "a photo of a dog", "--out", str(world["root"] / "x"))
+    run = generate(
+        world,
+        "--subject",
+        world["photos"],
+        "--trigger",
+        "bottle",
+        "--prompt",
+        "a photo of a dog",
+        "--out",
+        str(world["root"] / "x"),
+    )
     assert run.returncode == 2 and run.stderr.startswith("error: The trigger word 'bottle' is not in the prompt")
 
 
@@ -118,6 +201,9 @@ def test_only_the_positive_row_binds_and_strength_matters(world):
 
 
 def test_import_na_engine_does_not_import_diffusers():
-    code = "import sys, na_engine; bad = [m for m in ('diffusers', 'transformers', 'accelerate') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    code = (
+        "import sys, na_engine; bad = [m for m in ('diffusers', 'transformers', 'accelerate') if m in sys.modules]; "
+        "print(bad); sys.exit(bool(bad))"
+    )
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -1,4 +1,5 @@
 """python -m na_engine.standalone.prepare: squares, captions, masks, skipped files, caption errors."""
+
 import json
 import os
 import subprocess
@@ -6,10 +7,10 @@ import sys
 
 import pytest
 from PIL import Image
+from tiny_diffusers import make_photos
 
 from na_engine.errors import NestedAttentionError
 from na_engine.standalone.prepare import prepare
-from tiny_diffusers import make_photos
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,7 +52,12 @@ def test_caption_without_class_word_names_the_file(tmp_path):
 def test_cli_reports_errors_and_skips(tmp_path):
     src = make_photos(str(tmp_path / "src"), count=1)
     (tmp_path / "src" / "bad.png").write_bytes(b"\x89PNG broken")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "na_engine", "prepare", *a], cwd=REPO, capture_output=True, text=True)
+
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "na_engine", "prepare", *a], cwd=REPO, capture_output=True, text=True
+        )
+
     ok = run("--src", src, "--out", str(tmp_path / "out"), "--class-word", "dog", "--resolution", "16")
     assert ok.returncode == 0 and "skipped 1" in ok.stdout and "bad.png" in ok.stdout
     bad = run("--src", src, "--out", str(tmp_path / "o2"), "--class-word", "dog", "--template", "a photo")

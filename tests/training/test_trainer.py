@@ -1,4 +1,5 @@
 """The trainer on tiny random diffusers models (CPU): loss, resume, export, and one math path."""
+
 import json
 import os
 import subprocess
@@ -6,19 +7,30 @@ import sys
 
 import pytest
 import torch
+from tiny_diffusers import make_base, make_clip_vision, make_photos
 
 from na_engine.attention import NestedBinding, nested_attention
 from na_engine.errors import NestedAttentionError
 from na_engine.formats import load_adapter, save_adapter
 from na_engine.layers import TABLES, diffusers_layers
 from na_engine.standalone.train import TrainConfig, train
-from tiny_diffusers import make_base, make_clip_vision, make_photos
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SD15 = dict(down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-            block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768)
-SDXL = dict(down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-            block_out_channels=[320, 640, 1280], layers_per_block=2, transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048)
+SD15 = dict(
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2,
+    cross_attention_dim=768,
+)
+SDXL = dict(
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    block_out_channels=[320, 640, 1280],
+    layers_per_block=2,
+    transformer_layers_per_block=[1, 2, 10],
+    cross_attention_dim=2048,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +40,29 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     data = str(root / "data")
     prepare(make_photos(str(root / "photos"), count=4), data, "dog", resolution=32)
-    return {"base": make_base(str(root / "base")), "vision": make_clip_vision(str(root / "vision")), "data": data, "root": root}
+    return {
+        "base": make_base(str(root / "base")),
+        "vision": make_clip_vision(str(root / "vision")),
+        "data": data,
+        "root": root,
+    }
 
 
 def config(world, out, **kw):
-    kw = {"steps": 4, "batch_size": 2, "lr": 1e-3, "tokens": 4, "resampler_depth": 1, "checkpoint_every": 2, "caption_dropout": 0.2, "subject_dropout": 0.2, **kw}
-    return TrainConfig(base=world["base"], clip_vision=world["vision"], data=world["data"], out=str(world["root"] / out), **kw)
+    kw = {
+        "steps": 4,
+        "batch_size": 2,
+        "lr": 1e-3,
+        "tokens": 4,
+        "resampler_depth": 1,
+        "checkpoint_every": 2,
+        "caption_dropout": 0.2,
+        "subject_dropout": 0.2,
+        **kw,
+    }
+    return TrainConfig(
+        base=world["base"], clip_vision=world["vision"], data=world["data"], out=str(world["root"] / out), **kw
+    )
 
 
 def read_loss(cfg):
@@ -59,7 +88,15 @@ def test_layer_table_follows_attn_processors_order(world):
     modules = dict(unet.named_modules())
     assert [layer.width for layer in layers] == [modules[n].to_q.out_features for n in names]
     # ComfyUI ids with one layer per block: input 1 (level 0), 3 (level 1, after a downsampler); output 0-3
-    assert [layer.comfy for layer in layers] == [("input", 1, 0), ("input", 3, 0), ("output", 0, 0), ("output", 1, 0), ("output", 2, 0), ("output", 3, 0), ("middle", 0, 0)]
+    assert [layer.comfy for layer in layers] == [
+        ("input", 1, 0),
+        ("input", 3, 0),
+        ("output", 0, 0),
+        ("output", 1, 0),
+        ("output", 2, 0),
+        ("output", 3, 0),
+        ("middle", 0, 0),
+    ]
 
 
 # -- gradients through nested attention -----------------------------------------------------
@@ -68,17 +105,23 @@ def test_layer_table_follows_attn_processors_order(world):
 def test_closed_form_gradients_and_fused_agreement():
     torch.manual_seed(0)
     b, n, t, h, d, m = 2, 6, 5, 2, 4, 3
-    q, k, v = torch.randn(b, n, h * d, dtype=torch.float64), torch.randn(b, t, h * d, dtype=torch.float64), torch.randn(b, t, h * d, dtype=torch.float64)
+    q, k, v = (
+        torch.randn(b, n, h * d, dtype=torch.float64),
+        torch.randn(b, t, h * d, dtype=torch.float64),
+        torch.randn(b, t, h * d, dtype=torch.float64),
+    )
     nk, nv = torch.randn(m, h * d, dtype=torch.float64), torch.randn(m, h * d, dtype=torch.float64)
     where = torch.zeros(b, t, dtype=torch.bool)
     where[0, 2] = where[1, 3] = True
 
     def run(closed, q, k, v, nk, nv):
-        return nested_attention(q, k, v, h, [NestedBinding(nk, nv, where, 0.8)], method="closed_form" if closed else "fused")
+        return nested_attention(
+            q, k, v, h, [NestedBinding(nk, nv, where, 0.8)], method="closed_form" if closed else "fused"
+        )
 
     inputs = [x.clone().requires_grad_() for x in (q, k, v, nk, nv)]
     assert torch.autograd.gradcheck(lambda *a: run(True, *a), inputs)
-    # the fused path writes q through out= and cannot backprop into q; into k, v and K~/V~ it agrees with the closed form
+    # the fused path writes q through out= and cannot backprop into q; into k, v, K~ and V~ it equals the closed form
     rest = [x.clone().requires_grad_() for x in (k, v, nk, nv)]
     closed = torch.autograd.grad(run(True, q, *rest).square().sum(), rest)
     fused = torch.autograd.grad(run(False, q, *rest).square().sum(), rest)
@@ -90,7 +133,16 @@ def test_closed_form_gradients_and_fused_agreement():
 
 
 def test_loss_goes_down_on_a_fixed_batch(world):
-    cfg = config(world, "overfit.safetensors", steps=30, lr=3e-2, fixed_batch=True, caption_dropout=0.0, subject_dropout=0.0, checkpoint_every=1000)
+    cfg = config(
+        world,
+        "overfit.safetensors",
+        steps=30,
+        lr=3e-2,
+        fixed_batch=True,
+        caption_dropout=0.0,
+        subject_dropout=0.0,
+        checkpoint_every=1000,
+    )
     train(cfg)
     loss = read_loss(cfg)
     first, last = sum(loss[:3]) / 3, sum(loss[-3:]) / 3
@@ -120,18 +172,27 @@ def test_export_matches_trained_weights_in_both_paths(world):
     comfy_side = load_adapter(cfg.out)
     trained = load_adapter(cfg.out)  # same architecture; overwrite with the checkpointed training weights
     sd = load_file(os.path.join(cfg.run_dir, "checkpoint-0000002", "model.safetensors"))
-    trained.load_state_dict({k[len("adapter."):]: v for k, v in sd.items()})
+    trained.load_state_dict({k[len("adapter.") :]: v for k, v in sd.items()})
     tokens = torch.randn(4, comfy_side.config.output_dim)
     subject = Subject(tokens, trained, "dog")  # the subject a training step binds, its tokens needing no grad here
     for layer in comfy_side.layers:
-        binding = NestedBinding(*subject.nested_kv(layer.index, "cpu", torch.float32), torch.ones(1, 16, dtype=torch.bool))
+        binding = NestedBinding(
+            *subject.nested_kv(layer.index, "cpu", torch.float32), torch.ones(1, 16, dtype=torch.bool)
+        )
         k, v = comfy_side.nested_kv(layer.index, tokens)
         torch.testing.assert_close(binding.keys, k, rtol=0, atol=0)
         torch.testing.assert_close(binding.values, v, rtol=0, atol=0)
 
 
 def test_validation_writes_images_and_maps(world):
-    cfg = config(world, "val.safetensors", steps=2, validate_every=2, validation_steps=2, validation_prompts=["a dog on the beach"])
+    cfg = config(
+        world,
+        "val.safetensors",
+        steps=2,
+        validate_every=2,
+        validation_steps=2,
+        validation_prompts=["a dog on the beach"],
+    )
     train(cfg)
     files = sorted(os.listdir(os.path.join(cfg.run_dir, "validation")))
     assert files == ["step0000002_0.maps.png", "step0000002_0.png"]
@@ -151,16 +212,20 @@ def test_bad_inputs_fail_before_loading(world, tmp_path):
 
 
 def test_base_and_clip_vision_mismatch_names_both(world, tmp_path):
+    from diffusers import UNet2DConditionModel
+
     from na_engine.adapter import random_adapter
     from na_engine.standalone.models import fresh_config
-    from diffusers import UNet2DConditionModel
 
     unet_cfg = UNet2DConditionModel.load_config(world["base"], subfolder="unet")
     other = random_adapter(fresh_config(unet_cfg, 48, tokens=4, depth=1), diffusers_layers(unet_cfg))
     save_adapter(other, str(tmp_path / "wide.safetensors"))
     with pytest.raises(NestedAttentionError, match=r"width 48.*width 32"):
         train(config(world, "m.safetensors", init_from=str(tmp_path / "wide.safetensors")))
-    sd15 = random_adapter(fresh_config({"cross_attention_dim": 64}, 32, tokens=4, depth=1), diffusers_layers({**SD15, "block_out_channels": [64, 64, 64, 64]}))
+    sd15 = random_adapter(
+        fresh_config({"cross_attention_dim": 64}, 32, tokens=4, depth=1),
+        diffusers_layers({**SD15, "block_out_channels": [64, 64, 64, 64]}),
+    )
     save_adapter(sd15, str(tmp_path / "sd15.safetensors"))
     with pytest.raises(NestedAttentionError, match=r"made for 16 cross-attention layers.*7 cross-attention layers"):
         train(config(world, "m.safetensors", init_from=str(tmp_path / "sd15.safetensors")))
@@ -182,11 +247,35 @@ def test_out_of_memory_names_the_settings(world, monkeypatch):
 def test_cli_trains_plainly_and_reports_bad_input(world):
     out = str(world["root"] / "cli.safetensors")
     args = ["--base", world["base"], "--clip-vision", world["vision"], "--data", world["data"], "--out", out]
-    tiny = ["--steps", "2", "--batch-size", "1", "--tokens", "4", "--resampler-depth", "1", "--mixed-precision", "bf16", "--gradient-checkpointing"]
-    run = subprocess.run([sys.executable, "-m", "na_engine", "train", *args, *tiny], cwd=REPO, capture_output=True, text=True, timeout=300)
+    tiny = [
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--tokens",
+        "4",
+        "--resampler-depth",
+        "1",
+        "--mixed-precision",
+        "bf16",
+        "--gradient-checkpointing",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-m", "na_engine", "train", *args, *tiny],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert load_adapter(out).config.num_queries == 4
-    bad = subprocess.run([sys.executable, "-m", "na_engine", "train", *args[:4], "--data", "/nonexistent", "--out", out], cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "na_engine", "train", *args[:4], "--data", "/nonexistent", "--out", out],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: Data folder not found")
 
 
