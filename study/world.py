@@ -1,0 +1,204 @@
+"""The miniature product world: procedural products ("identities") rendered into named scenes.
+
+    ids = sample_identities(seed=0, count=60)          # deterministic; ids[i].kind in KINDS
+    train, heldout = split(ids, heldout=20)
+    scene = Scene("teal", [Placed(ids[0], "left", "large")])
+    image, mask = render(scene)                        # PIL RGB (size x size), PIL L mask of the products
+    caption(scene)                                     # "a bottle on the left, large, on a teal background"
+
+An identity is one product: its kind's class word, a shape variant, a continuous body colour and a
+label pattern (stripes, dots, checks or a band) with its own colour and frequency. Nothing in the
+vocabulary names those, so an identity can only come from a reference photo. A scene names what the
+prompt can say: a background colour, and per product a placement and a size.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image
+
+KINDS = ("bottle", "box", "mug")
+PATTERNS = ("stripes", "dots", "checks", "band")
+BACKGROUNDS = {  # name -> RGB; far apart, and each pixel's nearest name is the metric's reading
+    "red": (200, 40, 40),
+    "yellow": (225, 200, 40),
+    "green": (50, 160, 60),
+    "teal": (30, 150, 150),
+    "blue": (40, 70, 200),
+    "purple": (130, 50, 170),
+    "grey": (128, 128, 128),
+    "black": (20, 20, 20),
+}
+PLACEMENTS = {"left": 0.25, "centre": 0.5, "right": 0.75}  # horizontal centre, as a fraction of the width
+SIZES = {"small": 0.42, "large": 0.72}  # product height, as a fraction of the image height
+SUPERSAMPLE = 4  # drawn at 4x then box-filtered, so edges and patterns are anti-aliased
+
+
+@dataclass(frozen=True)
+class Identity:
+    index: int
+    kind: str
+    aspect: float  # width / height of the body
+    variant: float  # kind-specific shape knob in [0, 1]: neck length, lid depth, handle size
+    body: tuple[float, float, float]  # RGB in [0, 1]
+    pattern: str
+    ink: tuple[float, float, float]  # the pattern's colour
+    frequency: float  # repeats across the body
+    phase: float  # in [0, 1)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Placed:
+    identity: Identity
+    placement: str
+    size: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    products: list[Placed] = field(default_factory=list)
+
+
+def _colour(rng: np.random.Generator) -> tuple[float, float, float]:
+    # saturated or light/dark, never a background's exact hue: any hue, saturation 0.35-1, value 0.45-1
+    h, s, v = rng.uniform(0, 1), rng.uniform(0.35, 1.0), rng.uniform(0.45, 1.0)
+    return tuple(round(c, 4) for c in colorsys.hsv_to_rgb(h, s, v))
+
+
+def _stands_out(body: tuple[float, float, float]) -> bool:
+    """A body colour far from every background at every shade, so the product never melts into the scene."""
+    palette = np.array(list(BACKGROUNDS.values()), np.float32)
+    shades = np.array([0.8, 1.0, 1.15])[:, None] * np.array(body) * 255
+    return bool(np.linalg.norm(np.clip(shades, 0, 255)[:, None] - palette[None], axis=-1).min() > 90)
+
+
+def sample_identities(seed: int, count: int) -> list[Identity]:
+    """`count` identities, kinds in turn (bottle, box, mug, bottle, ...), deterministic in `seed`."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        body = _colour(rng)
+        while not _stands_out(body):
+            body = _colour(rng)
+        ink = _colour(rng)
+        while np.abs(np.subtract(body, ink)).sum() < 0.6:  # the pattern must be visible on the body
+            ink = _colour(rng)
+        out.append(
+            Identity(
+                index=i,
+                kind=KINDS[i % len(KINDS)],
+                aspect=round(float(rng.uniform(0.55, 0.95)), 4),
+                variant=round(float(rng.uniform(0, 1)), 4),
+                body=body,
+                pattern=PATTERNS[int(rng.integers(len(PATTERNS)))],
+                ink=ink,
+                frequency=round(float(rng.uniform(2.0, 5.0)), 4),
+                phase=round(float(rng.uniform(0, 1)), 4),
+            )
+        )
+    return out
+
+
+def split(identities: list[Identity], heldout: int) -> tuple[list[Identity], list[Identity]]:
+    """The last `heldout` identities are held out (kinds stay balanced when `heldout` is a multiple of 3)."""
+    return identities[:-heldout], identities[-heldout:]
+
+
+def caption(scene: Scene) -> str:
+    """One product: "a mug on the right, small, on a red background"; two: sizes are left out (both small)."""
+    if len(scene.products) == 1:
+        p = scene.products[0]
+        return f"a {p.identity.kind} on the {p.placement}, {p.size}, on a {scene.background} background"
+    parts = [f"a {p.identity.kind} on the {p.placement}" for p in scene.products]
+    return " and ".join(parts) + f", on a {scene.background} background"
+
+
+def _silhouette(ident: Identity, h: int, w: int) -> np.ndarray:
+    """(h, w) bool of the product drawn in its own box; the body is the lower part for a bottle."""
+    y, x = np.mgrid[0:h, 0:w]
+    u, v = (x + 0.5) / w, (y + 0.5) / h  # in [0, 1]
+    if ident.kind == "bottle":
+        neck = 0.2 + 0.2 * ident.variant  # neck height fraction
+        body = (v > neck + 0.08) & (np.abs(u - 0.5) < 0.5)
+        shoulder = (v > neck) & (v <= neck + 0.08) & (np.abs(u - 0.5) < 0.5 * (v - neck) / 0.08 + 0.15)
+        neck_part = (v <= neck) & (np.abs(u - 0.5) < 0.15)
+        return body | shoulder | neck_part
+    if ident.kind == "box":
+        lid = 0.08 + 0.12 * ident.variant
+        return (v > lid) | ((np.abs(u - 0.5) < 0.45) & (v > 0.02))
+    # mug: a body on the left 75% and a ring handle on the right
+    body = u < 0.75
+    r_out = 0.12 + 0.1 * ident.variant
+    d = np.hypot((u - 0.75) * w / h, v - 0.5)
+    handle = (u >= 0.75) & (d < r_out) & (d > r_out * 0.55)
+    return body | handle
+
+
+def _pattern(ident: Identity, h: int, w: int) -> np.ndarray:
+    """(h, w) bool: where the label's ink goes, in the product's own box."""
+    y, x = np.mgrid[0:h, 0:w]
+    u, v = (x + 0.5) / w, (y + 0.5) / h
+    f, p = ident.frequency, ident.phase
+    if ident.pattern == "stripes":
+        return np.sin(2 * np.pi * (v * f + p)) > 0.2
+    if ident.pattern == "checks":
+        return (np.floor(u * f + p) + np.floor(v * f + p)) % 2 == 0
+    if ident.pattern == "dots":
+        cu, cv = (u * f + p) % 1 - 0.5, (v * f + p) % 1 - 0.5
+        return np.hypot(cu, cv) < 0.28
+    centre = 0.35 + 0.3 * p  # band: one wide horizontal band whose width follows the frequency
+    return np.abs(v - centre) < 0.5 / f
+
+
+def _draw(canvas: np.ndarray, mask: np.ndarray, placed: Placed) -> None:
+    """Draws one product into canvas (H, W, 3) float and mask (H, W) float, both at supersampled size."""
+    H, W = mask.shape
+    ident = placed.identity
+    h = int(round(SIZES[placed.size] * H))
+    w = int(round(h * ident.aspect * (1.25 if ident.kind == "mug" else 1.0)))
+    cx = PLACEMENTS[placed.placement] * W
+    top = int(round(0.92 * H)) - h  # products stand on a common floor line
+    left = int(round(cx - w / 2))
+    shape = _silhouette(ident, h, w)
+    ink = _pattern(ident, h, w)
+    colour = np.where(ink[..., None], np.array(ident.ink), np.array(ident.body))
+    # shade the body left to right, so the product reads as a solid
+    shade = 0.8 + 0.35 * np.sin(np.linspace(0.2, np.pi - 0.2, w))[None, :, None]
+    colour = np.clip(colour * shade, 0, 1)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + h, H), min(left + w, W)
+    sub = shape[y0 - top : y1 - top, x0 - left : x1 - left]
+    canvas[y0:y1, x0:x1][sub] = colour[y0 - top : y1 - top, x0 - left : x1 - left][sub]
+    mask[y0:y1, x0:x1][sub] = 1.0
+
+
+def render(scene: Scene, size: int = 64) -> tuple[Image.Image, Image.Image]:
+    """The scene as an RGB image and the products' mask (L, 255 = product), both size x size."""
+    S = size * SUPERSAMPLE
+    canvas = np.empty((S, S, 3), np.float32)
+    canvas[:] = np.array(BACKGROUNDS[scene.background], np.float32) / 255
+    mask = np.zeros((S, S), np.float32)
+    for placed in scene.products:
+        _draw(canvas, mask, placed)
+    image = Image.fromarray((canvas * 255).round().astype(np.uint8)).resize((size, size), Image.BOX)
+    return image, Image.fromarray((mask * 255).round().astype(np.uint8)).resize((size, size), Image.BOX)
+
+
+def random_scene(rng: np.random.Generator, identity: Identity, second: Identity | None = None) -> Scene:
+    """A random background, placement and size for `identity` (and `second`, placed apart from it)."""
+    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    if second is None:
+        placement = list(PLACEMENTS)[int(rng.integers(len(PLACEMENTS)))]
+        return Scene(background, [Placed(identity, placement, list(SIZES)[int(rng.integers(2))])])
+    order = ("left", "right") if rng.integers(2) == 0 else ("right", "left")
+    return Scene(
+        background,
+        [Placed(identity, order[0], "small"), Placed(second, order[1], "small")],
+    )

@@ -1,0 +1,59 @@
+"""The study's world is deterministic, and its pixel metrics read its own renders correctly."""
+
+import numpy as np
+
+from study.metrics import proportion_interval, read_background, read_placement, read_size
+from study.world import KINDS, Placed, Scene, caption, random_scene, render, sample_identities, split
+
+
+def test_identities_are_deterministic_and_split_apart():
+    a, b = sample_identities(3, 30), sample_identities(3, 30)
+    assert a == b and a != sample_identities(4, 30)
+    train, heldout = split(a, heldout=9)
+    assert len(train) == 21 and len(heldout) == 9
+    assert not {i.index for i in train} & {i.index for i in heldout}
+    assert [i.kind for i in heldout].count(KINDS[0]) == 3
+
+
+def test_render_gives_image_and_mask_of_the_product():
+    ident = sample_identities(0, 1)[0]
+    image, mask = render(Scene("teal", [Placed(ident, "left", "large")]), size=64)
+    assert image.size == mask.size == (64, 64) and image.mode == "RGB" and mask.mode == "L"
+    m = np.asarray(mask) > 127
+    assert 0.05 < m.mean() < 0.6 and np.nonzero(m)[1].mean() < 32  # on the left half
+    assert render(Scene("teal", [Placed(ident, "left", "large")]))[0].tobytes() == image.tobytes()
+
+
+def test_captions_name_the_class_word_and_the_scene():
+    ids = sample_identities(0, 2)
+    assert caption(Scene("teal", [Placed(ids[0], "left", "large")])) == (
+        "a bottle on the left, large, on a teal background"
+    )
+    two = Scene("blue", [Placed(ids[0], "left", "small"), Placed(ids[1], "right", "small")])
+    assert caption(two) == "a bottle on the left and a box on the right, on a blue background"
+
+
+def test_metrics_read_every_render_of_the_world():
+    """The readings are the ground truth on renders, so a generated image is judged by the scene alone."""
+    rng = np.random.default_rng(0)
+    ids = sample_identities(1, 90)
+    right = {"background": 0, "placement": 0, "size": 0}
+    for ident in ids:
+        scene = random_scene(rng, ident)
+        image, _ = render(scene)
+        p = scene.products[0]
+        right["background"] += read_background(image) == scene.background
+        right["placement"] += read_placement(image) == p.placement
+        right["size"] += read_size(image) == p.size
+    assert right == {"background": 90, "placement": 90, "size": 90}
+
+
+def test_metrics_see_no_product_on_a_plain_background():
+    image, _ = render(Scene("red", []))
+    assert read_background(image) == "red" and read_placement(image) is None and read_size(image) is None
+
+
+def test_wilson_interval():
+    lo, hi = proportion_interval(180, 200)
+    assert lo < 0.9 < hi and 0.84 < lo and hi < 0.94
+    assert proportion_interval(0, 50)[0] == 0.0 and proportion_interval(0, 0) == (0.0, 1.0)
