@@ -10,12 +10,19 @@ strength lam and an optional per-query mask m(q):
 
     v_j(q) = v_j + lam * m(q) * (u(q) - v_j)
 
+and, with a trigger weight w, the outer attention the trigger positions receive is
+multiplied by w(q) = 1 + (w - 1) * m(q): log w(q) is added to their logits before the
+softmax, and the other tokens renormalise.  Several subjects on one position multiply.
+
+A decoupled binding (IP-Adapter's way, the baseline) instead adds lam * m(q) *
+softmax(q K~^T / sqrt(d)) V~ to every query of its rows, whatever the prompt says.
+
 Four exact evaluations, none materialising a per-query value tensor:
 
 * fused (0 <= lam*m <= 1): drop the trigger positions from the outer softmax
-  (or keep them with bias log(1 - lam*m)) and append the M nested keys/values
+  (or keep them with bias log(1 - lam*m) + log w) and append the M nested keys/values
   as extra entries with the per-query bias
-      log(lam*m) + logsumexp_{j in J} l_j(q) - logsumexp_m (q . K~_m / sqrt(d)),
+      log(lam*m) + log w + logsumexp_{j in J} l_j(q) - logsumexp_m (q . K~_m / sqrt(d)),
   where l_j is the outer logit of j.  The softmax normaliser is unchanged, so one
   scaled_dot_product_attention call is the answer; the biases ride in two extra
   head dimensions per subject instead of a (B, H, N, T+M) mask.
@@ -33,7 +40,7 @@ Memory is O(B*H*N*(T+M)) in all four.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -54,13 +61,20 @@ class NestedBinding:
     where: Tensor  # (B, T) bool: the trigger positions of each row
     strength: float = 1.0
     query_mask: Optional[Tensor] = None  # (B or 1, N) in [0, 1]
+    trigger_weight: float = 1.0  # multiplies the outer attention of the trigger positions
+    decoupled: bool = False  # IP-Adapter's decoupled attention instead of nesting
 
     def rows(self, index: Tensor) -> "NestedBinding":
         """The binding for a subset of batch rows; ``index`` is a (B,) bool mask or a long index."""
         mask = self.query_mask
         if mask is not None and mask.shape[0] > 1:
             mask = mask[index.to(mask.device)]
-        return NestedBinding(self.keys, self.values, self.where[index.to(self.where.device)], self.strength, mask)
+        where = self.where[index.to(self.where.device)]
+        return replace(self, where=where, query_mask=mask)
+
+    @property
+    def weighted(self) -> bool:
+        return self.trigger_weight != 1
 
 
 @dataclass
@@ -108,12 +122,28 @@ def nested_attention(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     _check_shapes(q, k, v, heads, bindings)
-    active = [b for b in bindings if b.strength != 0]
+    active = [b for b in bindings if b.strength != 0 and not b.decoupled]
+    decoupled = [b for b in bindings if b.strength != 0 and b.decoupled]
     rows = _bound_rows(active, q.shape[0])
     if not bool(rows.any()):
-        return base_attention(q, k, v, heads)
-    case = Case(q, active, rows, _records_grad(q, k, v, active))
-    return EVALUATIONS[choose_method(method, case)](q, k, v, heads, active, rows, base_attention)
+        out = base_attention(q, k, v, heads)
+    else:
+        case = Case(q, active, rows, _records_grad(q, k, v, active))
+        out = EVALUATIONS[choose_method(method, case)](q, k, v, heads, active, rows, base_attention)
+    return _add_decoupled(out, q, heads, decoupled) if decoupled else out
+
+
+def _add_decoupled(out: Tensor, q: Tensor, heads: int, bindings: Sequence[NestedBinding]) -> Tensor:
+    """out + lam * m(q) * softmax(q K~^T / sqrt(d)) V~ on each decoupled binding's rows (any trigger there)."""
+    out = out.clone()
+    for bind in bindings:
+        rows = bind.where.any(-1).to(q.device)
+        if not bool(rows.any()):
+            continue
+        qh = _split(q[rows], heads)  # (R, H, N, d)
+        image = _nested_values(qh, bind, heads)  # (R, H, N, d)
+        out[rows] = out[rows] + (_gate(bind.rows(rows), qh) * image).to(out.dtype).transpose(1, 2).flatten(2)
+    return out
 
 
 @dataclass
@@ -194,20 +224,44 @@ EVALUATIONS = {
 
 
 def nested_correction(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding]) -> Tensor:
-    """sum over bindings of lam*m(q) * sum_j p_j(q) (u(q) - v_j), shape (B, N, H*d).
-
-    Added to plain attention it gives nested attention for any strength.
+    """What the bindings change, shape (B, N, H*d); added to plain attention it gives nested attention for any
+    strength:  (p' - p) V + sum over bindings of lam*m(q) * sum_j p'_j(q) (u(q) - v_j),
+    with p the outer attention and p' the same with the trigger weights (p' = p when they are 1).
+    A decoupled binding adds lam*m(q) * u(q) on its rows instead.
     """
     qh, kh, vh = _split(q, heads), _split(k, heads), _split(v, heads)
     scale, acc = qh.shape[-1] ** -0.5, _acc_dtype(q)
     p = torch.softmax((qh @ kh.transpose(-1, -2)).to(acc) * scale, dim=-1)  # (B, H, N, T)
-    delta = torch.zeros(qh.shape, dtype=acc, device=q.device)
+    nested = [b for b in bindings if not b.decoupled and b.strength != 0]
+    weighted = _reweighted(p, nested, qh) if any(b.weighted for b in nested) else p
+    delta = (weighted - p) @ vh.to(acc) if weighted is not p else torch.zeros(qh.shape, dtype=acc, device=q.device)
     for b in bindings:
-        pj = p * b.where[:, None, None, :]  # (B, H, N, T), zero off the trigger
         u = _nested_values(qh, b, heads).to(acc)  # (B, H, N, d)
+        if b.decoupled:
+            delta += _gate(b, qh) * u * b.where.any(-1)[:, None, None, None]
+            continue
+        pj = weighted * b.where[:, None, None, :]  # (B, H, N, T), zero off the trigger
         change = pj.sum(-1, keepdim=True) * u - pj @ vh.to(acc)
         delta += _gate(b, qh) * change
     return _merge(delta).to(q.dtype)
+
+
+def _reweighted(p: Tensor, bindings: Sequence[NestedBinding], qh: Tensor) -> Tensor:
+    """p (B, H, N, T) with each binding's trigger positions weighted by w(q) = 1 + (w - 1) m(q), renormalised."""
+    weight = torch.ones((), dtype=p.dtype, device=p.device)
+    for b in bindings:
+        w = _trigger_weight(b, qh)  # float or (B|1, 1, N, 1)
+        weight = weight * (1 + (w - 1) * b.where[:, None, None, :].to(p.dtype))  # (B, 1, N|1, T)
+    p = p * weight
+    return p / p.sum(-1, keepdim=True)
+
+
+def _trigger_weight(bind: NestedBinding, qh: Tensor):
+    """w(q) = 1 + (w - 1) * m(q): the trigger weight where the subject acts, as a float or (B|1, 1, N, 1)."""
+    if bind.query_mask is None or not bind.weighted:
+        return float(bind.trigger_weight)
+    mask = bind.query_mask.to(device=qh.device, dtype=_acc_dtype(qh))[:, None, :, None]
+    return 1 + (bind.trigger_weight - 1) * mask
 
 
 def subject_maps(q: Tensor, k: Tensor, heads: int, binding: NestedBinding) -> SubjectMaps:
@@ -265,7 +319,10 @@ def _with_statistics(
     """Plain SDPA and its logsumexp from one kernel call over the whole batch, so rows outside
     ``rows`` are exactly sdpa_attention's; then each bound row gets the closed-form change
     sum_j lam*m*p_j (u - v_j) = [P*softmax(n), -p] @ [V~ ; v_J], with p_j = exp(l_j - lse),
-    as one batched matmul over heads that accumulates into the output in place."""
+    as one batched matmul over heads that accumulates into the output in place.
+
+    With trigger weights w the change is [w*lam*m*P*softmax(n), (w - 1 - w*lam*m) p] @ [V~ ; v_J],
+    and the row is divided by the new normaliser Z = 1 + sum over bindings of (w - 1) P."""
     b, n, c = q.shape
     d = c // heads
     qh, kh, vh = _split(q, heads), _split(k, heads), _split(v, heads)
@@ -275,6 +332,7 @@ def _with_statistics(
     acc = _acc_dtype(q)
     for row in range(b) if rows is None else rows.nonzero()[:, 0].tolist():
         q_row = qh[row]  # (H, N, d), read in place
+        normaliser = None  # Z, (H, N, 1), once a binding has a trigger weight
         for bind in bindings:
             j = bind.where[row].nonzero()[:, 0]
             if j.numel() == 0:
@@ -287,18 +345,22 @@ def _with_statistics(
             logits = (
                 torch.bmm(q_row, keys.transpose(1, 2).to(q_row.dtype)).to(acc) * d**-0.5
             )  # (H, N, M+J) or (H, N, J)
-            p = torch.exp(logits[..., -j.numel() :] - lse[row][..., None].to(acc)) * _row_gate(
-                bind, row, q
-            )  # (H, N, J)
+            p = torch.exp(logits[..., -j.numel() :] - lse[row][..., None].to(acc))  # (H, N, J)
+            gate, weight = _row_gate(bind, row, q), _row_trigger_weight(bind, row, q)
+            mass = weight * gate * p.sum(-1, keepdim=True)  # (H, N, 1): what the nested values receive
+            if bind.weighted:
+                normaliser = (1 if normaliser is None else normaliser) + (weight - 1) * p.sum(-1, keepdim=True)
             if m > SMALL_M:
                 u = F.scaled_dot_product_attention(
                     q_row, *(x.view(m, heads, d).transpose(0, 1).to(q_row.dtype) for x in (bind.keys, bind.values))
                 )
-                out[row] += (u.to(acc) * p.sum(-1, keepdim=True)).to(out.dtype)
-                coeff = -p
+                out[row] += (u.to(acc) * mass).to(out.dtype)
+                coeff = p * (weight - 1 - weight * gate)
             else:
-                coeff = torch.cat([torch.softmax(logits[..., :m], -1) * p.sum(-1, keepdim=True), -p], -1)
+                coeff = torch.cat([torch.softmax(logits[..., :m], -1) * mass, p * (weight - 1 - weight * gate)], -1)
             out[row] += torch.bmm(coeff, values.to(acc)).to(out.dtype)
+        if normaliser is not None:
+            out[row] /= normaliser.to(out.dtype)
     return _merge(out)
 
 
@@ -310,11 +372,19 @@ def _row_gate(bind: NestedBinding, row: int, q: Tensor):
     return bind.strength * mask.to(device=q.device, dtype=_acc_dtype(q))[None, :, None]
 
 
+def _row_trigger_weight(bind: NestedBinding, row: int, q: Tensor):
+    """w(q) = 1 + (w - 1) m(q) for one batch row: a float, or (1, N, 1)."""
+    if bind.query_mask is None or not bind.weighted:
+        return float(bind.trigger_weight)
+    mask = bind.query_mask[row if bind.query_mask.shape[0] > 1 else 0]
+    return 1 + (bind.trigger_weight - 1) * mask.to(device=q.device, dtype=_acc_dtype(q))[None, :, None]
+
+
 def _fused(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding]) -> Tensor:
     """One SDPA over [text entries, nested entries of every subject], biases carried in extra dims.
 
     Each subject adds two coordinates to the head dimension.  A query carries there
-    its nested bias log(lam*m) + lse_J(l) - lse_m(n) and its trigger bias log(1 - lam*m);
+    its nested bias log(lam*m) + log w + lse_J(l) - lse_m(n) and its trigger bias log(1 - lam*m) + log w;
     a nested key carries (1, 0), a trigger key (0, 1), any other key (0, 0).  Every
     logit q'.k' is then the logit plus its bias, with no (B, H, N, T+M) mask to build.
     """
@@ -334,10 +404,10 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[Neste
     for i, bind in enumerate(bindings):
         nk, nv = _split(bind.keys[None], heads), _split(bind.values[None], heads)  # (1, H, M, d)
         stop = start + nk.shape[2]
-        gate = _gate(bind, qh)  # float or (B|1, 1, N, 1)
+        gate, log_weight = _gate(bind, qh), _log(_trigger_weight(bind, qh))  # float or (B|1, 1, N, 1) each
         nested_lse, trigger_lse = _logsumexps(q, nk, kh, bind.where)  # (B, H, N, 1) each
-        qa[..., d + 2 * i] = _finite(trigger_lse - nested_lse + _log(gate))[..., 0]
-        qa[..., d + 2 * i + 1] = _finite(_log1m(gate) + torch.zeros_like(nested_lse))[..., 0]
+        qa[..., d + 2 * i] = _finite(trigger_lse - nested_lse + _log(gate) + log_weight)[..., 0]
+        qa[..., d + 2 * i + 1] = _finite(_log1m(gate) + log_weight + torch.zeros_like(nested_lse))[..., 0]
         ka[:, :, start:stop, :d] = nk
         ka[:, :, start:stop, d + 2 * i] = 1
         ka[..., :t, d + 2 * i + 1] = bind.where[:, None, :].to(ka.dtype)
@@ -445,5 +515,7 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequenc
             raise ValueError(
                 f"nested attention: trigger mask {tuple(bind.where.shape)} must be (batch, tokens) = {(b, k.shape[1])}"
             )
+        if not bind.trigger_weight >= 0:
+            raise ValueError(f"nested attention: the trigger weight must be 0 or more, not {bind.trigger_weight}")
         if bind.query_mask is not None and (bind.query_mask.shape[-1] != n or bind.query_mask.shape[0] not in (1, b)):
             raise ValueError(f"nested attention: query mask {tuple(bind.query_mask.shape)} must be (1 or {b}, {n})")

@@ -37,6 +37,7 @@ class Placement:
     subject: Subject
     where: Tensor  # (B, T) bool: the trigger positions of each batch row; none in rows it must not touch
     strength: float = 1.0  # multiplies the subject's own strength
+    trigger_weight: float = 1.0  # multiplies the outer attention the trigger positions receive
 
 
 @dataclass
@@ -67,7 +68,9 @@ class Binder:
             keys, values = subject.nested_kv(layer, q.device, q.dtype)
             mask = None if subject.mask is None else self._query_mask(subject.mask, call.latent_hw, q)
             strength = placement.strength * subject.strength
-            out.append((i, NestedBinding(keys, values, placement.where.to(q.device), strength, mask)))
+            where = placement.where.to(q.device)
+            decoupled = subject.mode == "decoupled"
+            out.append((i, NestedBinding(keys, values, where, strength, mask, placement.trigger_weight, decoupled)))
         return out
 
     def record(self, key: ComfyKey, call: ModelCall, q: Tensor, k: Tensor, heads: int, bound: Bound) -> None:

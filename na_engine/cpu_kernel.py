@@ -69,16 +69,16 @@ def nested_attention_cpu(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: 
     values[:, :, :t, :d] = v.reshape(b, t, heads, d).transpose(1, 2)
     bias[:t] = 0
     trigger = torch.zeros((len(bindings), b, text))
-    gate = torch.empty((len(bindings), b, n))
+    gate, weight = torch.empty((len(bindings), b, n)), torch.empty((len(bindings), b, n))
     for i, bind in enumerate(bindings):
         m, s = bind.keys.shape[0], starts[i]
         keys_t[..., s : s + m] = bind.keys.float().reshape(m, heads, d).permute(1, 2, 0) * d**-0.5
         values[:, :, s : s + m, :d] = bind.values.float().reshape(m, heads, d).transpose(0, 1)
         bias[s : s + m] = 0
         trigger[i, :, :t] = bind.where.cpu()
-        gate[i] = (
-            bind.strength if bind.query_mask is None else bind.strength * bind.query_mask.float().cpu().expand(b, n)
-        )
+        mask = 1.0 if bind.query_mask is None else bind.query_mask.float().cpu().expand(b, n)
+        gate[i] = bind.strength * mask
+        weight[i] = 1 + (bind.trigger_weight - 1) * mask
     out = torch.ops.nested_attention.forward(
         q if q.stride(-1) == 1 else q.contiguous(),
         keys_t,
@@ -89,6 +89,7 @@ def nested_attention_cpu(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: 
         torch.tensor(ends, dtype=torch.long),
         trigger,
         gate,
+        weight,
         QUERY_BLOCK,
     )  # (B, N, H*dv)
     return out if dv == d else out.view(b, n, heads, dv)[..., :d].reshape(b, n, c)

@@ -26,6 +26,7 @@ class Subject:
     token_attention: Optional[Tensor] = None  # (M, P) each token's attention over the reference features
     reference: Optional[Tensor] = None  # (H, W, 3) thumbnail of the first reference photo, for previews
     source: Dict[str, object] = field(default_factory=dict)  # images, combine, adapter file name...
+    mode: str = "nested"  # or "decoupled": IP-Adapter's added image attention (the study's baseline)
 
     def with_(self, **changes) -> "Subject":
         return replace(self, **changes)

@@ -66,6 +66,20 @@ class NestedAttentionApply:
                     },
                 ),
             },
+            "optional": {
+                "trigger_weight": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 10.0,
+                        "step": 0.05,
+                        "tooltip": "Multiplies the attention the trigger word receives (the other words make room). "
+                        "1.0 is the paper's formula; above 1 gives the subject more of the image, which can help "
+                        "adapters that were not trained for nesting, such as IP-Adapter Plus files.",
+                    },
+                ),
+            },
             "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
@@ -81,7 +95,19 @@ class NestedAttentionApply:
     CATEGORY = "nested_attention"
     DESCRIPTION = "Binds subjects to their trigger words in the prompt and patches the model with Nested Attention."
 
-    def apply(self, model, clip, subjects, text, strength=1.0, start_at=0.0, end_at=1.0, prompt=None, unique_id=None):
+    def apply(
+        self,
+        model,
+        clip,
+        subjects,
+        text,
+        strength=1.0,
+        start_at=0.0,
+        end_at=1.0,
+        trigger_weight=1.0,
+        prompt=None,
+        unique_id=None,
+    ):
         if not subjects:
             raise NestedAttentionError("No subjects given; connect a Nested Subject Encoder.")
         if start_at > end_at:
@@ -109,7 +135,16 @@ class NestedAttentionApply:
             if _consumed(prompt, unique_id, self.CAPTURE_OUTPUT)
             else None
         )
-        run = NestedRun(subjects, positions, cond.cpu(), strength, sigmas, comfy_attention.optimized_attention, capture)
+        run = NestedRun(
+            subjects,
+            positions,
+            cond.cpu(),
+            strength,
+            sigmas,
+            comfy_attention.optimized_attention,
+            capture,
+            trigger_weight,
+        )
 
         patched = model.clone()
         existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})

@@ -210,7 +210,7 @@ def single_subject(
         {"adapter": (ad, 0), "clip_vision": (cv, 0), "image": (img, 0)},
     )
     patch = g.node(
-        "NestedAttentionApply", [prompt, 1.0, 0.0, 1.0], {"model": (ck, 0), "clip": (ck, 1), "subjects": (enc, 0)}
+        "NestedAttentionApply", [prompt, 1.0, 0.0, 1.0, 1.0], {"model": (ck, 0), "clip": (ck, 1), "subjects": (enc, 0)}
     )
     neg = g.node("CLIPTextEncode", [NEGATIVE], {"clip": (ck, 1)})
     lat = g.node("EmptyLatentImage", [width, height, 1])
@@ -294,7 +294,7 @@ def wf02():
     )
     patch = g.node(
         "NestedAttentionApply",
-        ["a photo of a man and his dog sitting on a park bench, sunny day", 1.0, 0.0, 1.0],
+        ["a photo of a man and his dog sitting on a park bench, sunny day", 1.0, 0.0, 1.0, 1.0],
         {"model": (ck, 0), "clip": (ck, 1), "subjects": (both, 0)},
     )
     neg = g.node("CLIPTextEncode", [NEGATIVE], {"clip": (ck, 1)})

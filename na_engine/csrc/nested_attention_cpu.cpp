@@ -6,7 +6,7 @@
 //
 // Per (batch row b, head h, block of queries):
 //   S = q K^T                     (rows, L)  the text keys, then each subject's nested keys K~
-//   text part:    p = softmax(S[:, text])
+//   text part:    p = softmax(S[:, text] + sum_s log(weight_s(q)) [j in J_s])   (trigger weights; 1 = none)
 //   subject s:    P_s = gate_s(q) * sum_{j in J_s} p_j          (J_s: its trigger positions)
 //                 w_s = P_s * softmax(S[:, nested_s])
 //                 p_j <- p_j * (1 - sum_s gate_s(q) [j in J_s])
@@ -113,8 +113,25 @@ void matmul(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const 
 
 // One row of S (in place) -> the coefficients [p, w_1, ...] of that query.
 void coefficients(float* row, const float* bias, int64_t text, const int64_t* starts, const int64_t* ends, int64_t subjects,
-                  const float* const* trigger, const float* gate, float* factor, float* mass) {
-  const float inv = 1.f / exp_shifted(row, bias, text / 8);
+                  const float* const* trigger, const float* gate, const float* weight, float* factor, float* mass) {
+  float total = exp_shifted(row, bias, text / 8);
+  bool weighted = false;
+  for (int64_t s = 0; s < subjects; ++s) weighted |= weight[s] != 1.f;
+  if (weighted) {  // row <- row * prod_s (1 + (weight_s - 1) [j in J_s]), and its new sum
+    std::fill(factor, factor + text, 1.f);
+    for (int64_t s = 0; s < subjects; ++s) {
+      const v8 excess = splat(weight[s] - 1.f);
+      for (int64_t i = 0; i < text; i += 8)
+        store(factor + i, load(factor + i) * (splat(1.f) + excess * load(trigger[s] + i)));
+    }
+    v8 sum = {};
+    for (int64_t i = 0; i < text; i += 8) {
+      store(row + i, load(row + i) * load(factor + i));
+      sum += load(row + i);
+    }
+    total = hsum(sum);
+  }
+  const float inv = 1.f / total;
   std::fill(factor, factor + text, inv);
   for (int64_t s = 0; s < subjects; ++s) {
     v8 pj = {};
@@ -137,20 +154,23 @@ void coefficients(float* row, const float* bias, int64_t text, const int64_t* st
 
 // q (B, N, H*d), last dim contiguous; keys_t (B, H, d, L): scaled keys, transposed; values (B, H, L, dv),
 // dv >= d a multiple of 8, zero past d; bias (L): 0, or -inf on padding; trigger (S, B, Tp): 1 at subject
-// s's trigger positions in row b; gate (S, B, N): strength * query mask.  Returns (B, N, H*dv).
+// s's trigger positions in row b; gate (S, B, N): strength * query mask; weight (S, B, N): the trigger
+// weight where the subject acts, 1 + (w - 1) * query mask.  Returns (B, N, H*dv).
 at::Tensor forward(const at::Tensor& q, const at::Tensor& keys_t, const at::Tensor& values, const at::Tensor& bias,
                    int64_t text, const at::Tensor& starts, const at::Tensor& ends, const at::Tensor& trigger,
-                   const at::Tensor& gate, int64_t block) {
+                   const at::Tensor& gate, const at::Tensor& weight, int64_t block) {
   const int64_t B = q.size(0), N = q.size(1), H = keys_t.size(1), d = keys_t.size(2), L = keys_t.size(3), dv = values.size(3);
   const int64_t S = starts.numel();
-  for (const at::Tensor* t : {&q, &keys_t, &values, &bias, &trigger, &gate})
+  for (const at::Tensor* t : {&q, &keys_t, &values, &bias, &trigger, &gate, &weight})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "nested_attention.forward: fp32 CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && q.size(2) == H * d && q.stride(2) == 1, "q must be (B, N, H*d) with a contiguous last dim");
-  TORCH_CHECK(keys_t.is_contiguous() && values.is_contiguous() && bias.is_contiguous() && trigger.is_contiguous() && gate.is_contiguous(),
-              "keys_t, values, bias, trigger and gate must be contiguous");
+  TORCH_CHECK(keys_t.is_contiguous() && values.is_contiguous() && bias.is_contiguous() && trigger.is_contiguous() && gate.is_contiguous() &&
+                  weight.is_contiguous(),
+              "keys_t, values, bias, trigger, gate and weight must be contiguous");
   TORCH_CHECK(keys_t.size(0) == B && values.sizes() == at::IntArrayRef({B, H, L, dv}) && bias.numel() == L, "keys/values/bias shapes");
   TORCH_CHECK(dv % 8 == 0 && dv >= d && L % 8 == 0 && text % 8 == 0 && text <= L && block > 0, "widths must be multiples of 8");
-  TORCH_CHECK(trigger.sizes() == at::IntArrayRef({S, B, text}) && gate.sizes() == at::IntArrayRef({S, B, N}), "trigger/gate shapes");
+  TORCH_CHECK(trigger.sizes() == at::IntArrayRef({S, B, text}) && gate.sizes() == at::IntArrayRef({S, B, N}) &&
+                  weight.sizes() == gate.sizes(), "trigger/gate/weight shapes");
   TORCH_CHECK(ends.numel() == S && starts.scalar_type() == at::kLong && ends.scalar_type() == at::kLong, "starts/ends");
   const int64_t* sp = starts.data_ptr<int64_t>();
   const int64_t* ep = ends.data_ptr<int64_t>();
@@ -164,10 +184,11 @@ at::Tensor forward(const at::Tensor& q, const at::Tensor& keys_t, const at::Tens
   const float* bp = bias.data_ptr<float>();
   const float* tp = trigger.data_ptr<float>();
   const float* gp = gate.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t blocks = (N + block - 1) / block;
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> logits(block * L), factor(text), mass(S), gates(S);
+    std::vector<float> logits(block * L), factor(text), mass(S), gates(S), weights(S);
     std::vector<const float*> trig(S);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (H * blocks), h = (task / blocks) % H, n0 = (task % blocks) * block;
@@ -176,8 +197,12 @@ at::Tensor forward(const at::Tensor& q, const at::Tensor& keys_t, const at::Tens
       matmul(rows, L, d, qp + b * q.stride(0) + n0 * q.stride(1) + h * d, q.stride(1), kp + (b * H + h) * d * L, L,
              logits.data(), L);
       for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t s = 0; s < S; ++s) gates[s] = gp[(s * B + b) * N + n0 + r];
-        coefficients(logits.data() + r * L, bp, text, sp, ep, S, trig.data(), gates.data(), factor.data(), mass.data());
+        for (int64_t s = 0; s < S; ++s) {
+          gates[s] = gp[(s * B + b) * N + n0 + r];
+          weights[s] = wp[(s * B + b) * N + n0 + r];
+        }
+        coefficients(logits.data() + r * L, bp, text, sp, ep, S, trig.data(), gates.data(), weights.data(), factor.data(),
+                     mass.data());
       }
       matmul(rows, dv, L, logits.data(), L, vp + (b * H + h) * L * dv, dv, op + (b * N + n0) * H * dv + h * dv, H * dv);
     }
@@ -187,6 +212,6 @@ at::Tensor forward(const at::Tensor& q, const at::Tensor& keys_t, const at::Tens
 
 TORCH_LIBRARY(nested_attention, m) {
   m.def("forward(Tensor q, Tensor keys_t, Tensor values, Tensor bias, int text, Tensor starts, Tensor ends, "
-        "Tensor trigger, Tensor gate, int block) -> Tensor");
+        "Tensor trigger, Tensor gate, Tensor weight, int block) -> Tensor");
   m.impl("forward", at::kCPU, &forward);
 }

@@ -44,11 +44,12 @@ class NestedRun:
         sigma_range: Tuple[float, float] = (float("inf"), 0.0),
         base_attention: AttentionFn = sdpa_attention,
         capture: Optional[AttentionCapture] = None,
+        trigger_weight: float = 1.0,
     ):
         self.subjects = list(subjects)
         self.positions = [torch.tensor(sorted(p), dtype=torch.long) for p in positions]
         self.context = context  # (1, L, D): the conditioning this node's prompt encoded to
-        self.strength = strength
+        self.strength, self.trigger_weight = strength, trigger_weight
         self.sigma_start, self.sigma_end = sigma_range
         self.base_attention = base_attention
         self.capture = capture
@@ -82,7 +83,7 @@ class NestedRun:
             where = torch.zeros(context.shape[:2], dtype=torch.bool, device=context.device)  # (B, T)
             cols = (pos[None] + length * torch.arange(reps)[:, None]).flatten().to(context.device)
             where[rows.nonzero()[:, 0][:, None], cols[None]] = True
-            placements.append(Placement(subject, where, self.strength))
+            placements.append(Placement(subject, where, self.strength, self.trigger_weight))
         return ModelCall(placements, latent_hw, self.capture)
 
     def wrapper(self, previous: Optional[Callable] = None) -> Callable:

@@ -193,6 +193,20 @@ def test_base_model_and_negative_unchanged(pack, engine, tiny_sd15, tiny_clip, t
     torch.testing.assert_close(sample(zero, pos0, neg), before)
 
 
+def test_trigger_weight_input(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision):
+    """The Apply node's trigger_weight reaches every layer: 1.0 is the default, another value changes the image."""
+    spec = pack.NODE_CLASS_MAPPINGS["NestedAttentionApply"].INPUT_TYPES()["optional"]["trigger_weight"]
+    assert spec[1]["default"] == 1.0 and "trigger word" in spec[1]["tooltip"]
+    neg = encode_text(tiny_clip, "")
+    subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
+    plain, pos, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
+    one, pos1, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog", trigger_weight=1.0)
+    heavy, pos3, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog", trigger_weight=3.0)
+    assert run_of(heavy).trigger_weight == 3.0
+    assert torch.equal(sample(one, pos1, neg), sample(plain, pos, neg))
+    assert not torch.allclose(sample(heavy, pos3, neg), sample(plain, pos, neg))
+
+
 @pytest.mark.parametrize("cfg", [1.0, 4.0])
 def test_cfg_and_batch(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision, cfg):
     subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")

@@ -61,6 +61,50 @@ def test_single_subject_matches_reference(method):
 
 
 @pytest.mark.parametrize("method", EXACT_METHODS)
+@pytest.mark.parametrize("weight", [0.0, 0.5, 3.0])
+def test_trigger_weight_matches_reference(method, weight):
+    """log w is added to the trigger's outer logits; a masked subject weights only inside its mask."""
+    q, k, v = random_qkv(3, 10, 20, heads=2, d=8, seed=5)
+    mask = torch.tensor([[1.0] * 5 + [0.0] * 3 + [0.5] * 2])
+    binds = [
+        make_binding(3, 20, 16, 4, {0: [3, 4], 1: [7]}, strength=0.8, trigger_weight=weight, seed=1),
+        make_binding(3, 20, 16, 3, {0: [9], 2: [2]}, strength=0.6, query_mask=mask, trigger_weight=2.0, seed=2),
+    ]
+    out = nested_attention(q, k, v, 2, binds, method=method)
+    assert_close64(out, reference_nested(q, k, v, 2, binds), what=method)
+    unweighted = [NestedBinding(b.keys, b.values, b.where, b.strength, b.query_mask) for b in binds]
+    assert (out - nested_attention(q, k, v, 2, unweighted, method=method)).abs().max() > 1e-3
+
+
+def test_trigger_weight_moves_attention_to_the_trigger():
+    """With strength 1 and a large weight, the trigger takes nearly all the outer attention: the output nears u(q)."""
+    q, k, v = random_qkv(1, 6, 12, heads=1, d=8, seed=3)
+    bind = make_binding(1, 12, 8, 4, {0: [5]}, trigger_weight=1e6)
+    u = torch.softmax(q @ bind.keys.T / 8**0.5, -1) @ bind.values
+    assert torch.allclose(nested_attention(q, k, v, 1, [bind], method="closed_form"), u, atol=1e-3)
+
+
+def test_negative_trigger_weight_is_refused():
+    q, k, v = random_qkv(1, 4, 6, heads=1, d=4)
+    with pytest.raises(ValueError, match="trigger weight must be 0 or more"):
+        nested_attention(q, k, v, 1, [make_binding(1, 6, 4, 2, {0: [1]}, trigger_weight=-1.0)])
+
+
+@pytest.mark.parametrize("method", EXACT_METHODS)
+def test_decoupled_binding_adds_image_attention_on_its_rows(method):
+    """IP-Adapter's decoupled attention: plain attention plus lam * softmax(q K~^T) V~ on the rows it binds."""
+    q, k, v = random_qkv(2, 10, 20, heads=2, d=8, seed=7)
+    ip = make_binding(2, 20, 16, 4, {1: [0]}, strength=0.7, decoupled=True, seed=3)
+    nested = make_binding(2, 20, 16, 4, {0: [3], 1: [5]}, seed=4)
+    out = nested_attention(q, k, v, 2, [ip, nested], method=method)
+    assert_close64(out, reference_nested(q, k, v, 2, [ip, nested]), what=method)
+    alone = nested_attention(q, k, v, 2, [ip], method=method)
+    assert torch.equal(alone[0], sdpa_attention(q, k, v, 2)[0])  # row 0 has no subject
+    total = sdpa_attention(q, k, v, 2) + nested_correction(q, k, v, 2, [ip, nested])
+    assert_close64(total, reference_nested(q, k, v, 2, [ip, nested]), what="correction")
+
+
+@pytest.mark.parametrize("method", EXACT_METHODS)
 def test_several_subjects_repeated_positions(method):
     """Three subjects; multi-BPE triggers (adjacent positions) and triggers repeated in a row."""
     b, t, heads, d = 3, 40, 2, 16
@@ -295,7 +339,12 @@ def problems(draw):
             mask[mask < 0.2] = 0.0
             mask[mask > 0.9] = 1.0
         m = draw(st.integers(1, 6))
-        binds.append(make_binding(b, t, heads * d, m, positions, strength=strength, query_mask=mask, seed=seed + s))
+        weight = draw(st.sampled_from([1.0, 1.0, 0.0, 0.5, 2.0, 4.0]))
+        binds.append(
+            make_binding(
+                b, t, heads * d, m, positions, strength=strength, query_mask=mask, seed=seed + s, trigger_weight=weight
+            )
+        )
     q, k, v = random_qkv(b, n, t, heads, d, seed=seed)
     return q, k, v, heads, binds
 

@@ -140,6 +140,7 @@ def test_raw_op_checks_its_inputs():
         torch.zeros(0, dtype=torch.long),
         torch.zeros(0, 1, 8),
         torch.zeros(0, 1, 4),
+        torch.zeros(0, 1, 4),
         96,
     )
     with pytest.raises(RuntimeError, match="fp32 CPU tensors only"):

@@ -39,25 +39,34 @@ def reference_plain(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
 def reference_nested(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding]) -> Tensor:
     """Brute force, float64: materialise every query's own value table, then plain attention.
 
-    For each query q and binding (K~, V~, J, lam, m): u(q) = softmax(q K~^T / sqrt(d)) V~ per head,
-    and each v_j, j in J, becomes v_j + lam*m(q)*(u(q) - v_j).  Several bindings add their changes.
+    For each query q and binding (K~, V~, J, lam, m, w): u(q) = softmax(q K~^T / sqrt(d)) V~ per head,
+    each v_j, j in J, becomes v_j + lam*m(q)*(u(q) - v_j), and log(1 + (w - 1) m(q)) is added to the
+    outer logit of j.  Several bindings add their changes.  A binding with strength 0 is off.  A decoupled
+    binding adds lam*m(q)*u(q) to every query of its rows instead.
     """
     qh, kh, vh = (split_heads(t.double(), heads) for t in (q, k, v))
     b, h, n, d = qh.shape
     t = kh.shape[2]
     values = vh[:, :, None].expand(b, h, n, t, d).clone()  # (B, H, N, T, d): per-query values
-    for bind in bindings:
+    logits = qh @ kh.transpose(-1, -2) / d**0.5  # (B, H, N, T)
+    added = torch.zeros(b, h, n, d, dtype=torch.float64)
+    for bind in (x for x in bindings if x.strength != 0):
         nk = split_heads(bind.keys.double()[None], heads)[0]  # (H, M, d)
         nv = split_heads(bind.values.double()[None], heads)[0]
         u = torch.softmax(torch.einsum("bhnd,hmd->bhnm", qh, nk) / d**0.5, -1) @ nv  # (B, H, N, d)
-        gate = torch.full((b, n), float(bind.strength), dtype=torch.float64)
+        mask = torch.ones(b, n, dtype=torch.float64)
         if bind.query_mask is not None:
-            gate = gate * bind.query_mask.double().expand(b, n)
+            mask = mask * bind.query_mask.double().expand(b, n)
+        gate = bind.strength * mask
         for row in range(b):
+            if bind.decoupled:
+                added[row] += gate[row][None, :, None] * u[row] if bind.where[row].any() else 0
+                continue
             for j in bind.where[row].nonzero()[:, 0].tolist():
                 values[row, :, :, j] += gate[row][None, :, None] * (u[row] - vh[row, :, None, j])
-    p = torch.softmax(qh @ kh.transpose(-1, -2) / d**0.5, -1)  # (B, H, N, T)
-    out = torch.einsum("bhnt,bhntd->bhnd", p, values)
+                logits[row, :, :, j] += torch.log(1 + (bind.trigger_weight - 1) * mask[row])[None]
+    p = torch.softmax(logits, -1)  # (B, H, N, T)
+    out = torch.einsum("bhnt,bhntd->bhnd", p, values) + added
     return merge_heads(out)
 
 
@@ -81,6 +90,8 @@ def make_binding(
     dtype=torch.float32,
     seed: int = 1,
     key_scale: float = 1.0,
+    trigger_weight: float = 1.0,
+    decoupled: bool = False,
 ) -> NestedBinding:
     """positions: row -> trigger positions of that row (rows not listed have none)."""
     g = torch.Generator().manual_seed(seed)
@@ -89,7 +100,7 @@ def make_binding(
     where = torch.zeros(b, t, dtype=torch.bool)
     for row, pos in positions.items():
         where[row, list(pos)] = True
-    return NestedBinding(keys, values, where, strength, query_mask)
+    return NestedBinding(keys, values, where, strength, query_mask, trigger_weight, decoupled)
 
 
 # --------------------------------------------------------------------------------------------
