@@ -110,6 +110,23 @@ def save_adapter(adapter: NestedAdapter, path: str) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, path, metadata={META_KEY: json.dumps(meta)})
 
 
+def save_ip_adapter(adapter: NestedAdapter, path: str) -> None:
+    """IP-Adapter Plus layout: image_proj.<resampler>, ip_adapter.<2i+1>.to_k_ip/to_v_ip.weight for layer i.
+
+    SD1.5 and SDXL files are exactly the released layout; any other base has no public layer table,
+    so its table travels in the metadata (family ip_adapter_plus), where the loader finds it."""
+    from safetensors.torch import save_file
+
+    sd = {f"image_proj.{k}": v for k, v in adapter.resampler.state_dict().items()}
+    for i in range(len(adapter.layers)):
+        sd[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = adapter.to_k[i].weight
+        sd[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = adapter.to_v[i].weight
+    known = adapter.base in TABLES and list(adapter.layers) == TABLES[adapter.base]
+    meta = {"family": "ip_adapter_plus", "base": adapter.base, "layers": layer_list(adapter.layers)}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    save_file(tensors, path, metadata=None if known else {META_KEY: json.dumps(meta)})
+
+
 def _is_ours(sd: Dict[str, Tensor], meta: dict) -> bool:
     return meta.get("family") == "nested_attention"
 
@@ -158,8 +175,11 @@ def _convert_ip_adapter(sd: Dict[str, Tensor], meta: dict, name: str) -> NestedA
         )
     _check_resampler_keys(proj, name)
     numbers = sorted({int(_IP_KEY.match(k).group(1)) for k in sd if _IP_KEY.match(k)})
-    base = base_for_layer_count(len(numbers))
-    table = TABLES[base]
+    if "layers" in meta:  # a base without a public table (save_ip_adapter wrote it)
+        base, table = meta.get("base", "custom"), [Layer.from_json(i, item) for i, item in enumerate(meta["layers"])]
+    else:
+        base = base_for_layer_count(len(numbers))
+        table = TABLES[base]
     weights = [_pair(sd, f"ip_adapter.{n}.to_k_ip.weight", f"ip_adapter.{n}.to_v_ip.weight", name) for n in numbers]
     adapter = _empty_adapter(ResamplerConfig.from_state_dict(proj), table, "ip_adapter_plus", base)
     _load_into(adapter, proj, weights, name)

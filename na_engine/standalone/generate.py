@@ -14,7 +14,7 @@ import csv
 import json
 import os
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Sequence, Union
 
 import numpy as np
 import torch
@@ -61,14 +61,16 @@ class NestedGenerator:
         self.pipe.set_progress_bar_config(disable=True)
 
     @torch.no_grad()
-    def encode(self, images: Sequence, trigger: str, combine: str = "concat") -> Subject:
-        """PIL photos of one subject -> the subject, as the ComfyUI encode node makes it."""
+    def encode(self, images: Sequence, trigger: str, combine: str = "concat", mode: str = "nested") -> Subject:
+        """PIL photos of one subject -> the subject, as the ComfyUI encode node makes it.
+
+        ``mode`` "decoupled" makes it act as IP-Adapter does (added image attention) instead of nested."""
         tokens, weights = self.adapter.encode(image_features(self.vision, images, self.device), combine)
         reference = (
             torch.from_numpy(np.array(images[0].convert("RGB").resize((256, 256)))).float() / 255
         )  # (256, 256, 3)
         attention = weights.float().cpu() if len(images) == 1 else None  # the maps' legend colours one photo
-        return Subject(tokens, self.adapter, trigger, token_attention=attention, reference=reference)
+        return Subject(tokens, self.adapter, trigger, token_attention=attention, reference=reference, mode=mode)
 
     @torch.no_grad()
     def decode(self, latents: Tensor):
@@ -85,7 +87,7 @@ class NestedGenerator:
     def __call__(
         self,
         prompt: str,
-        subject: Subject,
+        subject: Union[Subject, Sequence[Subject]],
         seed: int,
         steps: int = 30,
         cfg: float = 7.0,
@@ -93,16 +95,23 @@ class NestedGenerator:
         negative: str = "",
         strength: float = 1.0,
         maps: bool = True,
+        trigger_weight: float = 1.0,
     ):
-        """-> (image, maps panel or None), PIL images."""
+        """-> (image, maps panel or None), PIL images.  Several subjects need their own trigger words in the prompt."""
         from PIL import Image
 
-        where = trigger_where(self.base, [prompt], subject.trigger)  # (1, T)
-        if cfg > 1:  # the pipelines batch [negative, positive]; only the positive row binds
-            where = torch.cat([torch.zeros_like(where), where])
-        legend = None if subject.token_attention is None else token_legend(subject.token_attention, subject.reference)
-        capture = AttentionCapture([legend]) if maps else None
-        call = ModelCall([Placement(subject, where, strength)], (size // self.pipe.vae_scale_factor,) * 2, capture)
+        subjects = [subject] if isinstance(subject, Subject) else list(subject)
+        placements = []
+        for s in subjects:
+            where = trigger_where(self.base, [prompt], s.trigger)  # (1, T)
+            if cfg > 1:  # the pipelines batch [negative, positive]; only the positive row binds
+                where = torch.cat([torch.zeros_like(where), where])
+            placements.append(Placement(s, where, strength, trigger_weight))
+        legends = [
+            None if s.token_attention is None else token_legend(s.token_attention, s.reference) for s in subjects
+        ]
+        capture = AttentionCapture(legends) if maps else None
+        call = ModelCall(placements, (size // self.pipe.vae_scale_factor,) * 2, capture)
         with self.processors.bound(call):
             generator = torch.Generator("cpu").manual_seed(seed)
             latents = self.pipe(
@@ -191,6 +200,8 @@ def run_jobs(
     size: int,
     strength: float,
     maps: bool,
+    trigger_weight: float = 1.0,
+    mode: str = "nested",
 ) -> List[str]:
     os.makedirs(out, exist_ok=True)
     cache = {}
@@ -198,8 +209,10 @@ def run_jobs(
     for i, job in enumerate(jobs):
         key = (tuple(job.images), job.trigger)
         if key not in cache:
-            cache[key] = generator.encode([_open(p) for p in job.images], job.trigger)
-        image, panel = generator(job.prompt, cache[key], job.seed, steps, cfg, size, job.negative, strength, maps)
+            cache[key] = generator.encode([_open(p) for p in job.images], job.trigger, mode=mode)
+        image, panel = generator(
+            job.prompt, cache[key], job.seed, steps, cfg, size, job.negative, strength, maps, trigger_weight
+        )
         stem = os.path.join(out, f"{i:04d}_{job.name}_{job.seed}")
         image.save(stem + ".png")
         if panel is not None:
@@ -239,6 +252,18 @@ def main(argv=None) -> int:
     p.add_argument("--cfg", type=float, default=7.0)
     p.add_argument("--size", type=int, default=None, help="image side; default 512 for SD1.5, 1024 for SDXL")
     p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument(
+        "--trigger-weight",
+        type=float,
+        default=1.0,
+        help="multiplies the attention the trigger word receives; 1 = the paper's formula",
+    )
+    p.add_argument(
+        "--mode",
+        default="nested",
+        choices=("nested", "decoupled"),
+        help="decoupled: the adapter acts as IP-Adapter does (added image attention), for comparisons",
+    )
     p.add_argument("--dtype", default="auto", choices=("auto", *cli.DTYPES), help="auto: fp16 on CUDA, else fp32")
     p.add_argument("--no-maps", action="store_true", help="skip the attention-map panels")
     p.add_argument("--out", required=True, help="output folder")
@@ -273,7 +298,18 @@ def generate(args) -> List[str]:
     vision.model.to(device)
     generator = NestedGenerator(base, vision, adapter.to(device), device)
     size = args.size or (1024 if base.is_xl else 512)
-    return run_jobs(generator, jobs, args.out, args.steps, args.cfg, size, args.strength, not args.no_maps)
+    return run_jobs(
+        generator,
+        jobs,
+        args.out,
+        args.steps,
+        args.cfg,
+        size,
+        args.strength,
+        not args.no_maps,
+        args.trigger_weight,
+        args.mode,
+    )
 
 
 def _jobs_from_args(args) -> List[Job]:

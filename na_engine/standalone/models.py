@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -237,18 +237,21 @@ def encode_prompts(base: Base, prompts: Sequence[str], resolution: int, device) 
     return torch.cat(states, -1), {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}
 
 
-def trigger_where(base: Base, prompts: Sequence[str], trigger: str, required: bool = True) -> Tensor:
-    """(B, 77) bool: the trigger word's token positions in each prompt.
+def trigger_where(
+    base: Base, prompts: Sequence[str], trigger: Union[str, Sequence[str]], required: bool = True
+) -> Tensor:
+    """(B, 77) bool: the trigger word's token positions in each prompt (``trigger``: one word, or one per prompt).
 
     With ``required`` a prompt without the trigger is an error that names it; otherwise its row stays empty.
     """
     ids = tokenize(base, prompts)[0]
     tok = base.tokenizers[0]
-    trigger_ids = tok(trigger, add_special_tokens=False).input_ids
+    triggers = [trigger] * len(prompts) if isinstance(trigger, str) else list(trigger)
     where = torch.zeros(ids.shape, dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
+    for row, (prompt, word) in enumerate(zip(prompts, triggers)):
+        trigger_ids = tok(word, add_special_tokens=False).input_ids
         try:
-            where[row, find_trigger([ids[row].tolist()], trigger_ids, trigger, prompt)] = True
+            where[row, find_trigger([ids[row].tolist()], trigger_ids, word, prompt)] = True
         except NestedAttentionError:
             if required:
                 raise

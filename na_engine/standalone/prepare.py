@@ -4,14 +4,18 @@ Output folder layout, read by python -m na_engine train:
     <name>.png        the photo, cropped or padded to a square of --resolution
     <name>.txt        its caption, holding the class word
     <name>.mask.png   the subject mask, same square (only with --masks)
-    dataset.json      {"class_word", "resolution", "items": [names], "skipped": [{"file", "reason"}]}
+    dataset.json      {"class_word", "class_words", "resolution", "items": [names], "triggers": [per item],
+                       "skipped": [{"file", "reason"}]}
+
+Several class words (--class-word bottle box mug) train one encoder over several kinds: each
+caption must then hold exactly one of them, and that word is the item's trigger.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 from ..errors import NestedAttentionError, command_line
 from ..tokens import has_word
@@ -38,7 +42,7 @@ def square(image, resolution: int, mode: str, fill):
 def prepare(
     src: str,
     out: str,
-    class_word: str,
+    class_word: Union[str, Sequence[str]],
     resolution: int = 512,
     mode: str = "crop",
     template: str = "a photo of a {class}",
@@ -46,9 +50,15 @@ def prepare(
     masks: Optional[str] = None,
 ) -> dict:
     """Write the training set; returns the dataset record (also saved as dataset.json)."""
-    if not class_word.strip():
+    words = [class_word] if isinstance(class_word, str) else list(class_word)
+    if not words or not all(w.strip() for w in words):
         raise NestedAttentionError(
             "--class-word is required: the word that names the subject's kind, e.g. 'bottle', 'dog' or 'person'."
+        )
+    if len(words) > 1 and not keep_captions:
+        raise NestedAttentionError(
+            f"Several class words ({', '.join(words)}) need --keep-captions: each photo's own caption says which "
+            "one it shows."
         )
     if "{class}" not in template:
         raise NestedAttentionError(
@@ -61,9 +71,10 @@ def prepare(
     files = sorted(f for f in os.listdir(src) if f.lower().endswith(cli.IMAGE_EXTS))
     if not files:
         raise NestedAttentionError(f"{src} holds no images ({', '.join(cli.IMAGE_EXTS)}).")
-    _check_captions(src, files, class_word, template, keep_captions)
+    triggers = _check_captions(src, files, words, template, keep_captions)
     os.makedirs(out, exist_ok=True)
     items: List[str] = []
+    item_triggers: List[str] = []
     skipped: List[dict] = []
     for file in files:
         name = os.path.splitext(file)[0]
@@ -75,33 +86,46 @@ def prepare(
         if mask is not None:
             square(mask, resolution, mode, 0).save(os.path.join(out, f"{name}.mask.png"))
         with open(os.path.join(out, f"{name}.txt"), "w") as f:
-            f.write(_caption(src, name, class_word, template, keep_captions))
+            f.write(_caption(src, name, words[0], template, keep_captions))
         items.append(name)
+        item_triggers.append(triggers[file])
     if not items:
         raise NestedAttentionError(
             f"None of the {len(files)} images in {src} could be read: "
             + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped)
         )
-    record = {"class_word": class_word, "resolution": resolution, "items": items, "skipped": skipped}
+    record = {
+        "class_word": words[0],
+        "class_words": words,
+        "resolution": resolution,
+        "items": items,
+        "triggers": item_triggers,
+        "skipped": skipped,
+    }
     with open(os.path.join(out, DATASET_FILE), "w") as f:
         json.dump(record, f, indent=1)
     return record
 
 
-def _check_captions(src: str, files: List[str], class_word: str, template: str, keep: bool) -> None:
-    """Every caption must hold the class word: its positions are where the subject binds."""
+def _check_captions(src: str, files: List[str], words: List[str], template: str, keep: bool) -> dict:
+    """Every caption must hold exactly one class word: its positions are where the subject binds.
+    Returns file -> that word."""
+    found = {}
     for file in files:
         name = os.path.splitext(file)[0]
-        caption = _caption(src, name, class_word, template, keep)
-        if not has_word(caption, class_word):
+        caption = _caption(src, name, words[0], template, keep)
+        present = [w for w in words if has_word(caption, w)]
+        if len(present) != 1:
             where = (
                 os.path.join(src, name + ".txt")
                 if keep and os.path.isfile(os.path.join(src, name + ".txt"))
                 else "the template"
             )
-            raise NestedAttentionError(
-                f"The caption of {file} ({where}: {caption!r}) does not contain the class word {class_word!r}."
-            )
+            what = f"the class word {words[0]!r}" if len(words) == 1 else f"one of the class words {words}"
+            problem = "does not contain" if not present else f"holds {present}, so it must contain only"
+            raise NestedAttentionError(f"The caption of {file} ({where}: {caption!r}) {problem} {what}.")
+        found[file] = present[0]
+    return found
 
 
 def _caption(src: str, name: str, class_word: str, template: str, keep: bool) -> str:
@@ -149,7 +173,13 @@ def main(argv=None) -> int:
     p = cli.parser("prepare", __doc__)
     p.add_argument("--src", required=True, help="folder of subject photos (optionally <name>.txt captions beside them)")
     p.add_argument("--out", required=True, help="training set folder to write")
-    p.add_argument("--class-word", required=True, help="the word for the subject's kind: bottle, dog, person...")
+    p.add_argument(
+        "--class-word",
+        required=True,
+        nargs="+",
+        help="the word for the subject's kind: bottle, dog, person... (several: one encoder for several kinds, "
+        "with --keep-captions)",
+    )
     p.add_argument(
         "--template", default="a photo of a {class}", help="caption template; {class} becomes the class word"
     )

@@ -66,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     fixed_batch: bool = False  # repeat step 0's batch, noise and timesteps (overfitting checks)
+    mode: str = "nested"  # or "decoupled": IP-Adapter Plus training, saved in its file layout
 
     @property
     def run_dir(self) -> str:
@@ -83,6 +84,7 @@ class TrainSet(torch.utils.data.Dataset):
         with open(os.path.join(folder, DATASET_FILE)) as f:
             record = json.load(f)
         self.folder, self.items, self.class_word = folder, record["items"], record["class_word"]
+        self.triggers = record.get("triggers") or [self.class_word] * len(self.items)
         self.resolution, self.processor, self.seed = resolution, processor, seed
 
     def __len__(self) -> int:
@@ -95,7 +97,7 @@ class TrainSet(torch.utils.data.Dataset):
         target = _to_tensor(image.resize((self.resolution,) * 2)) * 2 - 1  # (3, R, R) in [-1, 1]
         reference = augment(subject_crop(image, mask), rng)
         pixels = self.processor(images=[reference], return_tensors="pt").pixel_values[0]  # (3, S, S)
-        return {"target": target, "reference": pixels, "caption": self.caption(index)}
+        return {"target": target, "reference": pixels, "caption": self.caption(index), "trigger": self.triggers[index]}
 
     def load(self, index: int):
         from PIL import Image
@@ -157,6 +159,7 @@ def collate(items: Sequence[dict]) -> dict:
         "target": torch.stack([i["target"] for i in items]),
         "reference": torch.stack([i["reference"] for i in items]),
         "caption": [i["caption"] for i in items],
+        "trigger": [i["trigger"] for i in items],
     }
 
 
@@ -166,9 +169,9 @@ def collate(items: Sequence[dict]) -> dict:
 class NestedDenoiser(nn.Module):
     """The adapter around the frozen UNet: one forward is one noise prediction, so DDP wraps the whole use."""
 
-    def __init__(self, adapter: NestedAdapter, unet, trigger: str):
+    def __init__(self, adapter: NestedAdapter, unet, trigger: str, mode: str = "nested"):
         super().__init__()
-        self.adapter, self.trigger = adapter, trigger
+        self.adapter, self.trigger, self.mode = adapter, trigger, mode
         self.__dict__["unet"] = unet  # frozen, not a submodule: DDP ignores it
         self.__dict__["processors"] = install(unet, adapter.layers)
 
@@ -179,7 +182,7 @@ class NestedDenoiser(nn.Module):
         tokens = self.adapter.resampler(features)  # (B, M, D)
         rows = torch.eye(len(where), dtype=torch.bool, device=where.device)  # row i binds subject i only
         placements = [
-            Placement(Subject(tokens[i], self.adapter, self.trigger), where & rows[i][:, None])
+            Placement(Subject(tokens[i], self.adapter, self.trigger, mode=self.mode), where & rows[i][:, None])
             for i in range(len(where))
             if bool(where[i].any())
         ]
@@ -252,6 +255,8 @@ def check_inputs(cfg: TrainConfig):
         raise NestedAttentionError(f"--mixed-precision must be no, fp16 or bf16, not {cfg.mixed_precision!r}.")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise NestedAttentionError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no.")
+    if cfg.mode not in ("nested", "decoupled"):
+        raise NestedAttentionError(f"--mode must be nested or decoupled, not {cfg.mode!r}.")
     if not cfg.out.endswith(".safetensors"):
         raise NestedAttentionError(f"--out must name a .safetensors adapter file, not {cfg.out!r}.")
     unet_cfg, width = unet_config(cfg.base, cfg.base_config), clip_vision_width(cfg.clip_vision)
@@ -266,7 +271,7 @@ def train(cfg: TrainConfig) -> str:
     from accelerate.utils import DistributedDataParallelKwargs
     from tqdm.auto import tqdm
 
-    from ..formats import save_adapter
+    from ..formats import save_adapter, save_ip_adapter
     from .models import adapter_for, encode_prompts, fresh_config, load_base, load_vision, pixel_features, trigger_where
 
     record, unet_cfg, width, init = check_inputs(cfg)
@@ -285,7 +290,7 @@ def train(cfg: TrainConfig) -> str:
     else:
         adapter = adapter_for(base, fresh_config(unet_cfg, width, cfg.tokens, cfg.resampler_depth), cfg.seed)
         init_nested_from_unet(adapter, base.unet)
-    model = NestedDenoiser(adapter, base.unet, record["class_word"])
+    model = NestedDenoiser(adapter, base.unet, record["class_word"], cfg.mode)
     if cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing(model.processors.checkpoint)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=1e-2)
@@ -328,7 +333,7 @@ def train(cfg: TrainConfig) -> str:
                 )  # (B, 4, R/8, R/8)
                 context, added = encode_prompts(base, captions, resolution, device)
                 features = pixel_features(vision, batch["reference"], device).float()  # (B, P, E)
-            where = trigger_where(base, captions, data.class_word, required=False) & ~drop_subject[:, None]  # (B, T)
+            where = trigger_where(base, captions, batch["trigger"], required=False) & ~drop_subject[:, None]  # (B, T)
             noise = torch.randn(latents.shape, generator=g).to(device)
             timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (b,), generator=g).to(device)
             noisy = noise_schedule.add_noise(latents, noise, timesteps).to(frozen_dtype)
@@ -373,7 +378,7 @@ def train(cfg: TrainConfig) -> str:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = ema.copy_to(copy.deepcopy(adapter)) if ema is not None else adapter
-        save_adapter(final, cfg.out)
+        (save_ip_adapter if cfg.mode == "decoupled" else save_adapter)(final, cfg.out)
     return cfg.out
 
 
@@ -435,8 +440,8 @@ def validate(
         base, vision, ema.copy_to(copy.deepcopy(adapter)) if ema is not None else adapter, device
     )
     image, mask = data.load(0)
-    subject = generator.encode([subject_crop(image, mask)], data.class_word)
-    prompts = cfg.validation_prompts or [f"a photo of a {data.class_word}"]
+    subject = generator.encode([subject_crop(image, mask)], data.triggers[0]).with_(mode=cfg.mode)
+    prompts = cfg.validation_prompts or [f"a photo of a {data.triggers[0]}"]
     folder = os.path.join(cfg.run_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     for i, prompt in enumerate(prompts):
@@ -469,6 +474,7 @@ HELP = {  # the options of python -m na_engine train; their defaults are TrainCo
     "validation_steps": "sampling steps of the validation images",
     "seed": "seed of data order, augmentation, noise and a fresh adapter",
     "workers": "data loader processes",
+    "mode": "nested, or decoupled: IP-Adapter Plus (added image attention), saved in the IP-Adapter Plus layout",
 }
 
 
@@ -480,6 +486,7 @@ def parse(argv=None) -> TrainConfig:
         TrainConfig,
         HELP,
         mixed_precision={"choices": ("no", "fp16", "bf16")},
+        mode={"choices": ("nested", "decoupled")},
         validation_prompts={"flag": "--validation-prompt"},
     )
     return TrainConfig(**vars(p.parse_args(argv)))

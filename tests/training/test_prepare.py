@@ -62,3 +62,17 @@ def test_cli_reports_errors_and_skips(tmp_path):
     assert ok.returncode == 0 and "skipped 1" in ok.stdout and "bad.png" in ok.stdout
     bad = run("--src", src, "--out", str(tmp_path / "o2"), "--class-word", "dog", "--template", "a photo")
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "{class}" in bad.stderr
+
+
+def test_several_class_words_give_each_item_its_trigger(tmp_path):
+    """One training set over several kinds: each caption holds exactly one of the class words."""
+    src = make_photos(str(tmp_path / "src"), count=3)
+    for i, caption in enumerate(["a bottle on a table", "a dog in snow", "a red bottle"]):
+        (tmp_path / "src" / f"photo_{i}.txt").write_text(caption)
+    record = prepare(src, str(tmp_path / "out"), ["bottle", "dog"], resolution=16, keep_captions=True)
+    assert record["triggers"] == ["bottle", "dog", "bottle"] and record["class_words"] == ["bottle", "dog"]
+    (tmp_path / "src" / "photo_2.txt").write_text("a bottle and a dog")
+    with pytest.raises(NestedAttentionError, match=r"photo_2\.png.*holds \['bottle', 'dog'\]"):
+        prepare(src, str(tmp_path / "out2"), ["bottle", "dog"], keep_captions=True)
+    with pytest.raises(NestedAttentionError, match="need --keep-captions"):
+        prepare(src, str(tmp_path / "out3"), ["bottle", "dog"])

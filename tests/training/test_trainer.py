@@ -184,6 +184,33 @@ def test_export_matches_trained_weights_in_both_paths(world):
         torch.testing.assert_close(binding.values, v, rtol=0, atol=0)
 
 
+def test_decoupled_mode_trains_and_saves_the_ip_adapter_plus_layout(world):
+    """--mode decoupled: IP-Adapter Plus training; the file has its keys (image_proj.*, ip_adapter.<2i+1>.to_k_ip)
+    and the loader reads it as an IP-Adapter Plus file, whose weights are the trained ones."""
+    from safetensors import safe_open
+
+    from na_engine.formats import read_state_dict
+
+    cfg = config(world, "decoupled.safetensors", steps=2, mode="decoupled")
+    train(cfg)
+    with safe_open(cfg.out, framework="pt") as f:
+        keys = set(f.keys())
+    assert {"image_proj.latents", "ip_adapter.1.to_k_ip.weight", "ip_adapter.13.to_v_ip.weight"} <= keys
+    assert not any(k.startswith(("layers.", "resampler.")) for k in keys)
+    adapter = load_adapter(cfg.out)
+    assert adapter.family == "ip_adapter_plus" and len(adapter.layers) == 7
+    sd, _ = read_state_dict(cfg.out)
+    torch.testing.assert_close(adapter.to_v[6].weight, sd["ip_adapter.13.to_v_ip.weight"].float())
+
+
+def test_decoupled_and_nested_training_differ(world):
+    """The mode changes what trains: the same seed and data give other weights."""
+    nested = config(world, "n.safetensors", steps=2)
+    decoupled = config(world, "d.safetensors", steps=2, mode="decoupled")
+    train(nested), train(decoupled)
+    assert not torch.equal(load_adapter(nested.out).to_k[0].weight, load_adapter(decoupled.out).to_k[0].weight)
+
+
 def test_validation_writes_images_and_maps(world):
     cfg = config(
         world,
