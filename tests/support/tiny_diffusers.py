@@ -8,30 +8,9 @@ one CPU core takes well under a second.
 import json
 import os
 
+from study.base import write_tokenizer
+
 WORDS = ["a", "photo", "of", "dog", "bottle", "on", "the", "beach", "in", "snow", "red", "sks", "person", "cat"]
-
-
-def write_tokenizer(folder: str) -> None:
-    """A CLIP BPE vocabulary where each of WORDS is one token and any other letter falls back to characters."""
-    os.makedirs(folder, exist_ok=True)
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab, merges = {}, []
-    for sym in ["!"] + letters + [f"{c}</w>" for c in letters]:
-        vocab[sym] = len(vocab)
-    for word in WORDS:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            merged = parts[0] + parts[1]
-            if f"{parts[0]} {parts[1]}" not in merges:
-                merges.append(f"{parts[0]} {parts[1]}")
-            vocab.setdefault(merged, len(vocab))
-            parts = [merged] + parts[2:]
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
 def make_base(folder: str, seed: int = 0) -> str:
@@ -67,10 +46,8 @@ def make_base(folder: str, seed: int = 0) -> str:
         sample_size=32,
     )
     tok_dir = os.path.join(folder, "tokenizer")
-    write_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer(
-        os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"), model_max_length=16
-    )
+    write_tokenizer(tok_dir, WORDS, max_length=16)  # each of WORDS one token; other words fall back to letters
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     text = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -90,7 +67,6 @@ def make_base(folder: str, seed: int = 0) -> str:
     unet.save_pretrained(os.path.join(folder, "unet"))
     vae.save_pretrained(os.path.join(folder, "vae"))
     text.save_pretrained(os.path.join(folder, "text_encoder"))
-    tokenizer.save_pretrained(tok_dir)
     scheduler.save_pretrained(os.path.join(folder, "scheduler"))
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}, f)

@@ -1,0 +1,295 @@
+"""The miniature base: a text-to-image latent diffusion model trained from scratch on the world.
+
+Three models, trained in two steps and saved as one diffusers SD1.5-layout folder, which
+`python -m na_engine train|generate --base FOLDER` read unchanged:
+- vae/: a small AutoencoderKL, 64 px -> 16 x 16 x 4 latents (trained first, on renders alone);
+- text_encoder/ + tokenizer/: a small CLIPTextModel over a word-level BPE vocabulary of the world;
+- unet/: a UNet2DConditionModel with cross-attention at every level, v-prediction, cosine schedule.
+The text encoder is trained jointly with the UNet (a frozen random one hardly conditions it,
+shared/research/feasibility.md), then frozen with it.
+
+The base never sees a held-out identity: its renders are of train identities only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import world
+
+# Every word the world's captions use; other words fall back to letters (e.g. "photo").
+WORDS = [
+    "a", "an", "and", "on", "of", "the", "in", "background", "photo",
+    *world.KINDS, *world.BACKGROUNDS, *world.PLACEMENTS, *world.SIZES,
+]  # fmt: skip
+PUNCTUATION = [","]
+
+
+@dataclass
+class BaseConfig:
+    resolution: int = 64
+    images: int = 8000  # renders of train identities; 1/4 of them two-product scenes
+    vae_steps: int = 1500  # on half-size crops: the VAE is convolutional
+    vae_widths: tuple = (16, 32, 64)
+    unet_steps: int = 5000
+    unet_widths: tuple = (32, 64, 128)
+    text_width: int = 64
+    batch: int = 32
+    lr: float = 4e-4
+    caption_dropout: float = 0.1
+    ema: float = 0.999
+    seed: int = 0
+
+
+QUICK = BaseConfig(images=96, vae_steps=20, vae_widths=(8, 16, 16), unet_steps=20, unet_widths=(16, 32, 32), batch=8)
+
+
+# -- tokenizer ----------------------------------------------------------------------------------
+
+
+def write_tokenizer(folder: str, words, punctuation=(), max_length: int = 32) -> None:
+    """A CLIP BPE tokenizer in which each of ``words`` is one token; other words fall back to letters."""
+    from transformers import CLIPTokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab, merges = {}, []
+    for sym in ["!", *letters, *(f"{c}</w>" for c in letters), *(f"{p}</w>" for p in punctuation)]:
+        vocab[sym] = len(vocab)
+    for word in words:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:  # merge left to right: the word becomes one symbol
+            pair = f"{parts[0]} {parts[1]}"
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+            parts = [parts[0] + parts[1]] + parts[2:]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    with open(vocab_file, "w") as f:
+        json.dump(vocab, f)
+    with open(merges_file, "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    CLIPTokenizer(vocab_file, merges_file, model_max_length=max_length).save_pretrained(folder)
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def render_set(identities, count: int, resolution: int, seed: int):
+    """(count, 3, R, R) float in [-1, 1] and captions: one product, or two of different kinds (1 in 4)."""
+    rng = np.random.default_rng(seed)
+    images, captions = np.empty((count, resolution, resolution, 3), np.uint8), []
+    for i in range(count):
+        first = identities[int(rng.integers(len(identities)))]
+        second = None
+        if rng.random() < 0.25:
+            others = [x for x in identities if x.kind != first.kind]
+            second = others[int(rng.integers(len(others)))]
+        scene = world.random_scene(rng, first, second)
+        images[i] = np.asarray(world.render(scene, resolution)[0])
+        captions.append(world.caption(scene))
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, captions
+
+
+# -- models --------------------------------------------------------------------------------------
+
+
+def make_vae(cfg: BaseConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_widths)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_widths,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=cfg.resolution,
+        mid_block_add_attention=False,
+    )
+
+
+def make_text_encoder(cfg: BaseConfig, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.text_width,
+            intermediate_size=4 * cfg.text_width,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    )
+
+
+def make_unet(cfg: BaseConfig, latent: int):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.unet_widths)
+    return UNet2DConditionModel(
+        sample_size=latent,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=cfg.unet_widths,
+        down_block_types=("CrossAttnDownBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D",) * n,
+        cross_attention_dim=cfg.text_width,
+        attention_head_dim=tuple(max(1, w // 16) for w in cfg.unet_widths),  # heads: 16 channels each
+        norm_num_groups=8,
+    )
+
+
+def make_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False
+    )
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+def _batches(n: int, batch: int, steps: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield torch.randint(n, (batch,), generator=g)
+
+
+def _lr(step: int, steps: int, lr: float, warmup: int = 200) -> float:
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+
+def train_vae(cfg: BaseConfig, images: torch.Tensor, log) -> tuple:
+    """Reconstruction (L1 + MSE) with a small KL term, on random half-size crops.
+
+    Returns (vae, every image's scaled latent mean, PSNR of 256 whole renders)."""
+    torch.manual_seed(cfg.seed)
+    vae = make_vae(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.time()
+    for step, idx in enumerate(_batches(len(images), cfg.batch, cfg.vae_steps, cfg.seed)):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.vae_steps, 1e-3, warmup=50)
+        crop = cfg.resolution // 2
+        top, left = (int(v) for v in torch.randint(cfg.resolution - crop + 1, (2,), generator=g))
+        x = images[idx, :, top : top + crop, left : left + crop]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == cfg.vae_steps - 1:
+            log(f"vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+        recon = vae.decode(latents[:256]).sample.clamp(-1, 1)
+        mse = F.mse_loss((recon + 1) / 2, (images[:256] + 1) / 2).item()
+    scale = float(1 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    return vae, latents * scale, 10 * math.log10(1 / max(mse, 1e-12))
+
+
+def train_unet(cfg: BaseConfig, latents: torch.Tensor, captions, tokenizer, log):
+    """The UNet and the text encoder together on v-prediction; returns their EMA copies."""
+    torch.manual_seed(cfg.seed + 1)
+    text = make_text_encoder(cfg, tokenizer)
+    unet = make_unet(cfg, latents.shape[-1])
+    scheduler = make_scheduler()
+    ids = tokenizer(list(captions), padding="max_length", truncation=True, return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", return_tensors="pt").input_ids  # (1, T)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    t0 = time.time()
+    for step, idx in enumerate(_batches(len(latents), cfg.batch, cfg.unet_steps, cfg.seed + 3)):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.unet_steps, cfg.lr)
+        x0 = latents[idx]
+        tok = ids[idx].clone()
+        tok[torch.rand(len(idx), generator=g) < cfg.caption_dropout] = empty[0]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g)
+        noisy = scheduler.add_noise(x0, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=text(tok)[0]).sample
+        loss = F.mse_loss(pred, scheduler.get_velocity(x0, noise, t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, live in ((ema_unet, unet), (ema_text, text)):
+                for e, p in zip(ema.parameters(), live.parameters()):
+                    e.lerp_(p, 1 - decay)
+        if step % 100 == 0 or step == cfg.unet_steps - 1:
+            log(f"unet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+    return ema_unet.eval(), ema_text.eval(), scheduler
+
+
+def save_pipeline(folder: str, vae, text, unet, scheduler, cfg: BaseConfig) -> None:
+    """A diffusers SD1.5-layout folder beside its tokenizer/ (fp16 weights: half the size; the commands load fp32)."""
+    unet.half().save_pretrained(os.path.join(folder, "unet"))
+    vae.half().save_pretrained(os.path.join(folder, "vae"))
+    text.half().save_pretrained(os.path.join(folder, "text_encoder"))
+    scheduler.save_pretrained(os.path.join(folder, "scheduler"))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    with open(os.path.join(folder, "study_base.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+
+
+def build_base(folder: str, train_ids, cfg: BaseConfig, log=print) -> dict:
+    """Render, train the VAE, then the UNet with the text encoder; save the folder. Returns the stage's record."""
+    from transformers import CLIPTokenizer
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    t0 = time.time()
+    images, captions = render_set(train_ids, cfg.images, cfg.resolution, cfg.seed)
+    log(f"rendered {len(images)} training images in {time.time() - t0:.0f} s")
+    vae, latents, psnr = train_vae(cfg, images, log)
+    log(f"vae: reconstruction PSNR {psnr:.1f} dB, latents {tuple(latents.shape[1:])}")
+    tok_dir = os.path.join(folder, "tokenizer")
+    write_tokenizer(tok_dir, WORDS, PUNCTUATION)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    unet, text, scheduler = train_unet(cfg, latents, captions, tokenizer, log)
+    save_pipeline(folder, vae, text, unet, scheduler, cfg)
+    return {"vae_psnr_db": round(psnr, 2), "seconds": round(time.time() - t0, 1), "config": asdict(cfg)}

@@ -1,0 +1,153 @@
+"""The encoders stage: a CLIP vision tower, a training set of train identities, and the three trained methods.
+
+Every method is trained by the project's own trainer (na_engine.standalone.train, `python -m na_engine
+train`) with the same data, steps, batch and learning rate; only what the issue compares differs:
+- nested:        M = 16 subject tokens, nested into the class word's value;
+- single_token:  M = 1 (the paper's ablation: the nested softmax over one token is constant);
+- decoupled:     M = 16, IP-Adapter Plus's added image attention (--mode decoupled), saved in its layout.
+The bridge is the decoupled file read through the nested path: it needs no training.
+
+The CLIP vision tower stays randomly initialised (seeded): a pretrained one cannot be downloaded, and a
+tower trained here on identities would share the probe's objective. The resampler, trained per method,
+learns what to read from its features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import world
+
+
+@dataclass
+class EncoderConfig:
+    scenes_per_identity: int = 12  # renders of each train identity, each in a random scene
+    steps: int = 2500
+    batch_size: int = 16
+    lr: float = 5e-4
+    warmup: int = 100
+    tokens: int = 16
+    resampler_depth: int = 2
+    vision_width: int = 64
+    seed: int = 0
+
+
+QUICK = EncoderConfig(scenes_per_identity=2, steps=4, batch_size=2, tokens=4, resampler_depth=1, vision_width=32)
+METHODS = {  # name -> (tokens, mode); tokens None = the config's
+    "nested": (None, "nested"),
+    "single_token": (1, "nested"),
+    "decoupled": (None, "decoupled"),
+}
+
+
+def make_vision(folder: str, resolution: int, width: int, seed: int) -> str:
+    """A seeded random CLIP vision tower reading whole renders (patch 8), with its image processor."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    model = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=resolution,
+            patch_size=8,
+            projection_dim=width,
+        )
+    )
+    model.half().save_pretrained(folder)
+    size = {"shortest_edge": resolution}
+    CLIPImageProcessor(size=size, crop_size={"height": resolution, "width": resolution}).save_pretrained(folder)
+    return folder
+
+
+def write_photos(folder: str, identities, per_identity: int, resolution: int, seed: int) -> str:
+    """Renders of each identity in random one-product scenes: <i>.png, <i>.txt (caption), masks/<i>.png."""
+    os.makedirs(os.path.join(folder, "masks"), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for ident in identities:
+        for k in range(per_identity):
+            scene = world.random_scene(rng, ident)
+            image, mask = world.render(scene, resolution)
+            name = f"id{ident.index:04d}_{k:02d}"
+            image.save(os.path.join(folder, name + ".png"))
+            mask.save(os.path.join(folder, "masks", name + ".png"))
+            with open(os.path.join(folder, name + ".txt"), "w") as f:
+                f.write(world.caption(scene))
+    return folder
+
+
+def train_method(name: str, base: str, vision: str, data: str, out: str, cfg: EncoderConfig) -> dict:
+    """One method through the project's trainer; returns its final loss and time."""
+    import csv
+
+    from na_engine.standalone.train import TrainConfig, train
+
+    tokens, mode = METHODS[name]
+    run = TrainConfig(
+        base=base,
+        clip_vision=vision,
+        data=data,
+        out=out,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        warmup=cfg.warmup,
+        tokens=tokens or cfg.tokens,
+        resampler_depth=cfg.resampler_depth,
+        checkpoint_every=max(1, cfg.steps // 5),
+        resume="latest" if _has_checkpoint(out) else None,
+        seed=cfg.seed,
+        mode=mode,
+    )
+    train(run)
+    with open(os.path.join(run.run_dir, "loss.csv")) as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f)]
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {"tokens": run.tokens, "mode": mode, "final_loss": round(sum(tail) / len(tail), 5), "steps": cfg.steps}
+
+
+def _has_checkpoint(out: str) -> bool:
+    run_dir = os.path.splitext(out)[0] + "_run"
+    return os.path.isdir(run_dir) and any(d.startswith("checkpoint-") for d in os.listdir(run_dir))
+
+
+def build_encoders(folder: str, base: str, train_ids, resolution: int, cfg: EncoderConfig, log=print) -> dict:
+    """vision/, data/ (re-rendered, not kept in git), and adapters/<method>.safetensors."""
+    from na_engine.standalone.prepare import prepare
+
+    vision = os.path.join(folder, "vision")
+    if not os.path.isfile(os.path.join(vision, "config.json")):
+        make_vision(vision, resolution, cfg.vision_width, cfg.seed)
+    photos = os.path.join(folder, "data", "photos")
+    prepared = os.path.join(folder, "data", "prepared")
+    if not os.path.isfile(os.path.join(prepared, "dataset.json")):
+        write_photos(photos, train_ids, cfg.scenes_per_identity, resolution, cfg.seed + 1)
+        prepare(
+            photos,
+            prepared,
+            list(world.KINDS),
+            resolution=resolution,
+            keep_captions=True,
+            masks=os.path.join(photos, "masks"),
+        )
+    os.makedirs(os.path.join(folder, "adapters"), exist_ok=True)
+    record = {"config": asdict(cfg), "methods": {}}
+    for name in METHODS:
+        out = os.path.join(folder, "adapters", f"{name}.safetensors")
+        done = os.path.splitext(out)[0] + ".json"  # written once the adapter is: a method is trained once
+        if not os.path.isfile(done):
+            log(f"encoders: training {name}")
+            with open(done + ".tmp", "w") as f:
+                json.dump(train_method(name, base, vision, prepared, out, cfg), f)
+            os.replace(done + ".tmp", done)
+        with open(done) as f:
+            record["methods"][name] = json.load(f)
+        log(f"encoders: {name} {record['methods'][name]}")
+    return record

@@ -1,0 +1,277 @@
+"""The evaluation: every method generates the same held-out cases, read by the fixed probe and pixel metrics.
+
+A case is a held-out identity, a prompt scene and a reference scene that differs from it in background,
+placement and size. The reference is the product's box cropped from its render, background included
+(as a user crops a product photo), so a method that copies the reference's background is caught.
+Each cell (method x setting) is generated through na_engine's NestedGenerator and cached in
+DIR/eval/<cell>.json, so an interrupted evaluation continues where it stopped.
+
+Methods: base (strength 0: no subject), single_token, decoupled (IP-Adapter's added attention),
+bridge (the decoupled file read as nested, no training) and nested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+from . import metrics, probe, world
+
+
+@dataclass
+class EvalConfig:
+    cases: int = 200  # per cell of the main and multi-subject tables
+    sweep_cases: int = 60  # per point of the sweeps
+    strengths: tuple = (0.0, 0.5, 1.0, 1.5, 2.0)
+    trigger_weights: tuple = (1.0, 2.0, 4.0, 8.0)
+    steps: int = 25
+    cfg: float = 4.0
+    samples: int = 8  # images kept per method for the report
+    seed: int = 1000
+
+
+QUICK = EvalConfig(cases=4, sweep_cases=2, strengths=(0.0, 1.0), trigger_weights=(1.0, 4.0), steps=3, samples=2)
+ADAPTER = {"single_token": "single_token", "decoupled": "decoupled", "bridge": "decoupled", "nested": "nested"}
+MODE = {"decoupled": "decoupled"}  # every other method acts nested
+
+
+@dataclass(frozen=True)
+class Case:
+    identity: world.Identity
+    prompt: world.Scene
+    reference: world.Scene
+    seed: int
+
+
+def single_cases(heldout, count: int, seed: int) -> list[Case]:
+    """Held-out identities in turn; the reference scene differs from the prompt's in all three attributes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(count):
+        ident = heldout[k % len(heldout)]
+        prompt = world.random_scene(rng, ident)
+        p = prompt.products[0]
+        reference = world.Scene(
+            _other(rng, list(world.BACKGROUNDS), prompt.background),
+            [
+                world.Placed(
+                    ident, _other(rng, list(world.PLACEMENTS), p.placement), _other(rng, list(world.SIZES), p.size)
+                )
+            ],
+        )
+        out.append(Case(ident, prompt, reference, seed + k))
+    return out
+
+
+def multi_cases(heldout, count: int, seed: int) -> list[tuple]:
+    """(left identity, right identity, prompt scene, two reference scenes, seed): two kinds, held out."""
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    for k in range(count):
+        first = heldout[k % len(heldout)]
+        others = [i for i in heldout if i.kind != first.kind]
+        second = others[int(rng.integers(len(others)))]
+        prompt = world.random_scene(rng, first, second)
+        refs = [
+            world.Scene(
+                _other(rng, list(world.BACKGROUNDS), prompt.background),
+                [world.Placed(i, str(rng.choice(list(world.PLACEMENTS))), "large")],
+            )
+            for i in (first, second)
+        ]
+        out.append((prompt, refs, seed + 10_000 + k))
+    return out
+
+
+def _other(rng, names: list, avoid: str) -> str:
+    rest = [n for n in names if n != avoid]
+    return rest[int(rng.integers(len(rest)))]
+
+
+def reference_photo(scene: world.Scene, resolution: int) -> Image.Image:
+    """The product's box (10% margin) cut from its render, background kept."""
+    image, mask = world.render(scene, resolution)
+    left, top, right, bottom = mask.getbbox()
+    mx, my = (right - left) // 10, (bottom - top) // 10
+    return image.crop(
+        (max(0, left - mx), max(0, top - my), min(image.width, right + mx), min(image.height, bottom + my))
+    )
+
+
+class Evaluator:
+    def __init__(self, run_dir: str, heldout, cfg: EvalConfig, log=print):
+        from na_engine.formats import load_adapter
+        from na_engine.standalone.generate import NestedGenerator
+        from na_engine.standalone.models import load_base, load_vision
+
+        self.dir, self.cfg, self.log, self.heldout = os.path.join(run_dir, "eval"), cfg, log, heldout
+        os.makedirs(os.path.join(self.dir, "samples"), exist_ok=True)
+        base, vision = (
+            load_base(os.path.join(run_dir, "base")),
+            load_vision(os.path.join(run_dir, "encoders", "vision")),
+        )
+        adapters = os.path.join(run_dir, "encoders", "adapters")
+        self.generators = {
+            name: NestedGenerator(base, vision, load_adapter(os.path.join(adapters, f"{name}.safetensors")), "cpu")
+            for name in sorted(set(ADAPTER.values()))
+        }
+        any_pipe = next(iter(self.generators.values())).pipe
+        self.resolution = int(base.unet.config.sample_size) * any_pipe.vae_scale_factor
+        self.gallery = probe.Gallery(
+            probe.load_probe(os.path.join(run_dir, "probe")), heldout, self.resolution, 8, cfg.seed
+        )
+        self._subjects = {}
+
+    def subject(self, method: str, scene: world.Scene):
+        key = (method, id(scene))
+        if key not in self._subjects:
+            photo = reference_photo(scene, self.resolution)
+            kind = scene.products[0].identity.kind
+            generator = self.generators[ADAPTER.get(method, "nested")]
+            self._subjects[key] = generator.encode([photo], kind, mode=MODE.get(method, "nested"))
+        return self._subjects[key]
+
+    def generate(self, method: str, prompt: world.Scene, refs, seed: int, strength: float, weight: float, maps=False):
+        subjects = [self.subject(method, r) for r in refs]
+        generator = self.generators[ADAPTER.get(method, "nested")]
+        return generator(
+            world.caption(prompt),
+            subjects,
+            seed,
+            self.cfg.steps,
+            self.cfg.cfg,
+            self.resolution,
+            strength=0.0 if method == "base" else strength,
+            maps=maps,
+            trigger_weight=weight,
+        )
+
+    def cell(self, name: str, fn) -> dict:
+        path = os.path.join(self.dir, name + ".json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        self.log(f"evaluate: {name}")
+        result = fn()
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(path + ".tmp", path)
+        return result
+
+    # -- the cells ----------------------------------------------------------------------------
+
+    def single(self, method: str, cases, strength=1.0, weight=1.0, keep=0) -> dict:
+        rows = []
+        for k, case in enumerate(cases):
+            image, panel = self.generate(
+                method, case.prompt, [case.reference], case.seed, strength, weight, maps=k < keep
+            )
+            if k < keep:
+                image.save(os.path.join(self.dir, "samples", f"{method}_{k}.png"))
+                if panel is not None and method == "nested":
+                    panel.save(os.path.join(self.dir, "samples", f"{method}_{k}.maps.png"))
+            rows.append(self.read_single(image, case))
+        return summarise(rows, len(self.heldout))
+
+    def read_single(self, image: Image.Image, case: Case) -> dict:
+        p = case.prompt.products[0]
+        background = metrics.read_background(image)
+        sims = self.gallery.similarities(probe.crop(image))
+        own = self.gallery.position(case.identity.index)
+        return {
+            "background": background == case.prompt.background,
+            "placement": metrics.read_placement(image) == p.placement,
+            "size": metrics.read_size(image) == p.size,
+            "leak": background == case.reference.background,
+            "top1": sims is not None and int(np.argmax(sims)) == own,
+            "cos": float(sims[own]) if sims is not None else 0.0,
+        }
+
+    def multi(self, method: str, cases, keep=0) -> dict:
+        top1, swaps, backgrounds = [], [], []
+        for k, (prompt, refs, seed) in enumerate(cases):
+            image, _ = self.generate(method, prompt, refs, seed, 1.0, 1.0)
+            if k < keep:
+                image.save(os.path.join(self.dir, "samples", f"multi_{method}_{k}.png"))
+            backgrounds.append(metrics.read_background(image) == prompt.background)
+            placed = [p.identity.index for p in prompt.products]
+            for p, other in zip(prompt.products, reversed(placed)):
+                half = (0.0, 0.5) if p.placement == "left" else (0.5, 1.0)
+                sims = self.gallery.similarities(probe.crop(image, half))
+                own, theirs = self.gallery.position(p.identity.index), self.gallery.position(other)
+                top1.append(sims is not None and int(np.argmax(sims)) == own)
+                swaps.append(sims is not None and sims[theirs] > sims[own])
+        return {**_rates(identity_top1=top1, swap_rate=swaps, background_acc=backgrounds), "n": len(cases)}
+
+
+def _rates(**values) -> dict:
+    """name=list of booleans -> {name: proportion, name_ci95: its 95% Wilson interval}."""
+    out = {}
+    for name, v in values.items():
+        n, k = len(v), int(sum(bool(x) for x in v))
+        low, high = metrics.proportion_interval(k, n)
+        out[name], out[name + "_ci95"] = round(k / n, 4) if n else 0.0, [round(low, 4), round(high, 4)]
+    return out
+
+
+def summarise(rows: list[dict], heldout: int) -> dict:
+    cos = np.array([r["cos"] for r in rows])
+    half = 1.96 * cos.std(ddof=1) / np.sqrt(len(cos)) if len(cos) > 1 else 0.0
+    return {
+        **_rates(
+            identity_top1=[r["top1"] for r in rows],
+            background_acc=[r["background"] for r in rows],
+            placement_acc=[r["placement"] for r in rows],
+            size_acc=[r["size"] for r in rows],
+            background_leak=[r["leak"] for r in rows],
+        ),
+        "identity_cos": round(float(cos.mean()), 4),
+        "identity_cos_ci95": [round(float(cos.mean() - half), 4), round(float(cos.mean() + half), 4)],
+        "n": len(rows),
+    }
+
+
+METHODS = ("base", "single_token", "decoupled", "bridge", "nested")
+
+
+def evaluate(run_dir: str, heldout, cfg: EvalConfig, log=print) -> dict:
+    """Every cell, then results.json's dictionary."""
+    ev = Evaluator(run_dir, heldout, cfg, log)
+    cases = single_cases(heldout, cfg.cases, cfg.seed)
+    pairs = multi_cases(heldout, cfg.cases, cfg.seed)
+    ceiling = ev.cell("probe", lambda: {"top1": probe.render_accuracy(ev.gallery, heldout, ev.resolution, 4, cfg.seed)})
+    results = {
+        "heldout_identities": len(heldout),
+        "chance_top1": round(1 / len(heldout), 4),
+        "probe_render_top1": ceiling["top1"],
+        "settings": asdict(cfg),
+        "methods": {m: ev.cell(f"main_{m}", lambda m=m: ev.single(m, cases, keep=cfg.samples)) for m in METHODS},
+        "multi": {
+            m: ev.cell(f"multi_{m}", lambda m=m: ev.multi(m, pairs, keep=cfg.samples))
+            for m in ("decoupled", "bridge", "nested")
+        },
+    }
+    few = cases[: cfg.sweep_cases]
+    results["sweep"] = {
+        m: [
+            {"strength": s, **_point(ev.cell(f"sweep_{m}_{s}", lambda m=m, s=s: ev.single(m, few, strength=s)))}
+            for s in cfg.strengths
+        ]
+        for m in ("nested", "bridge", "decoupled")
+    }
+    results["trigger_weight_sweep"] = {
+        m: [
+            {"trigger_weight": w, **_point(ev.cell(f"weight_{m}_{w}", lambda m=m, w=w: ev.single(m, few, weight=w)))}
+            for w in cfg.trigger_weights
+        ]
+        for m in ("nested", "bridge")
+    }
+    return results
+
+
+def _point(cell: dict) -> dict:
+    return {k: cell[k] for k in ("identity_top1", "background_acc", "placement_acc", "background_leak", "n")}

@@ -1,0 +1,171 @@
+"""python -m study run --out DIR [--quick]: the whole study, stage by stage, each cached and resumable.
+
+    world -> base -> encoders -> probe -> evaluation -> report
+
+A stage that has finished is recorded in DIR/stages.json with what it measured, and is skipped
+when the run is started again; an interrupted stage starts over. Commit DIR after each stage
+to keep it (the full run's DIR is study/weights; its training sets are re-rendered, not kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+from . import world
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Everything the two scales differ in."""
+
+    identities: int
+    heldout: int
+    quick: bool
+
+
+FULL = Scale(identities=300, heldout=60, quick=False)
+QUICK = Scale(identities=30, heldout=6, quick=True)
+WORLD_SEED = 0
+
+
+class Run:
+    def __init__(self, out: str, scale: Scale, docs: str | None = None):
+        self.out, self.scale, self.docs = out, scale, docs
+        os.makedirs(out, exist_ok=True)
+        self.record_path = os.path.join(out, "stages.json")
+        self.stages = json.load(open(self.record_path)) if os.path.isfile(self.record_path) else {}
+        if self.stages.get("scale", {}).get("quick", scale.quick) != scale.quick:
+            raise SystemExit(f"{out} holds a {'quick' if scale.quick else 'full'} run's stages; use another --out.")
+        self.stages["scale"] = scale.__dict__
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    def log(self, message: str) -> None:
+        print(f"[study] {message}", flush=True)
+
+    def stage(self, name: str, fn) -> dict:
+        if name in self.stages:
+            self.log(f"{name}: done before, kept ({self.record_path})")
+            return self.stages[name]
+        self.log(f"{name}: running")
+        t0 = time.time()
+        record = fn(self)
+        record["stage_seconds"] = round(time.time() - t0, 1)
+        self.stages[name] = record
+        with open(self.record_path + ".tmp", "w") as f:
+            json.dump(self.stages, f, indent=1)
+        os.replace(self.record_path + ".tmp", self.record_path)
+        self.log(f"{name}: done in {record['stage_seconds']:.0f} s")
+        return record
+
+    def identities(self):
+        ids = world.sample_identities(WORLD_SEED, self.scale.identities)
+        return world.split(ids, self.scale.heldout)
+
+
+def stage_world(run: Run) -> dict:
+    train, heldout = run.identities()
+    with open(run.path("world.json"), "w") as f:
+        json.dump(
+            {
+                "seed": WORLD_SEED,
+                "train": [i.to_json() for i in train],
+                "heldout": [i.to_json() for i in heldout],
+            },
+            f,
+            indent=1,
+        )
+    return {"train_identities": len(train), "heldout_identities": len(heldout)}
+
+
+def stage_base(run: Run) -> dict:
+    from . import base
+
+    cfg = base.QUICK if run.scale.quick else base.BaseConfig()
+    return base.build_base(run.path("base"), run.identities()[0], cfg, run.log)
+
+
+def stage_encoders(run: Run) -> dict:
+    from . import encoders
+
+    cfg = encoders.QUICK if run.scale.quick else encoders.EncoderConfig()
+    resolution = run.stages["base"]["config"]["resolution"]
+    return encoders.build_encoders(
+        run.path("encoders"), run.path("base"), run.identities()[0], resolution, cfg, run.log
+    )
+
+
+def stage_probe(run: Run) -> dict:
+    from . import probe
+
+    cfg = probe.QUICK if run.scale.quick else probe.ProbeConfig()
+    train, heldout = run.identities()
+    resolution = run.stages["base"]["config"]["resolution"]
+    model = probe.train_probe(train, resolution, cfg, run.log)
+    probe.save_probe(model, run.path("probe"), cfg)
+    gallery = probe.Gallery(model, heldout, resolution, cfg.gallery_renders, cfg.seed)
+    ceiling = probe.render_accuracy(gallery, heldout, resolution, 4, cfg.seed)
+    run.log(f"probe: top-1 {ceiling:.3f} on fresh held-out renders (chance {1 / len(heldout):.3f})")
+    return {"heldout_render_top1": ceiling, "config": cfg.__dict__}
+
+
+def stage_evaluation(run: Run) -> dict:
+    from . import evaluate
+
+    cfg = evaluate.QUICK if run.scale.quick else evaluate.EvalConfig()
+    results = evaluate.evaluate(run.out, run.identities()[1], cfg, run.log)
+    with open(run.path("results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return {"results": "results.json"}
+
+
+def stage_report(run: Run) -> dict:
+    from . import report
+
+    docs = run.docs or run.out
+    figures = os.path.join(docs, "study") if run.docs else run.path("report")
+    record = report.write_report(run.out, run.identities()[1], figures, os.path.join(docs, "STUDY.md"), run.stages)
+    if run.docs:
+        shutil.copyfile(run.path("results.json"), os.path.join(figures, "results.json"))
+    return record
+
+
+STAGES = [
+    ("world", stage_world),
+    ("base", stage_base),
+    ("encoders", stage_encoders),
+    ("probe", stage_probe),
+    ("evaluation", stage_evaluation),
+    ("report", stage_report),
+]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m study", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run (or continue) the study")
+    r.add_argument("--out", required=True, help="folder of the run's stages")
+    r.add_argument("--quick", action="store_true", help="toy scale: checks the pipeline and formats, not the numbers")
+    r.add_argument("--until", choices=[name for name, _ in STAGES], help="stop after this stage")
+    r.add_argument("--docs", help="write STUDY.md here and its figures and results.json under DOCS/study")
+    r.add_argument("--again", nargs="*", default=[], help="run these finished stages again (e.g. report)")
+    args = p.parse_args(argv)
+    run = Run(args.out, QUICK if args.quick else FULL, args.docs)
+    for name in args.again:
+        run.stages.pop(name, None)
+    for name, fn in STAGES:
+        run.stage(name, fn)
+        if name == args.until:
+            break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""`python -m study run --quick`: the whole study pipeline at toy scale, its files and results.json's keys.
+
+It checks the pipeline and the formats, not the numbers (toy models learn nothing in a few steps).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+METHOD_KEYS = {
+    "identity_top1",
+    "identity_cos",
+    "background_acc",
+    "placement_acc",
+    "size_acc",
+    "background_leak",
+    "n",
+}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "run"
+    docs = tmp_path_factory.mktemp("docs")
+    cmd = [sys.executable, "-m", "study", "run", "--quick", "--out", str(out), "--docs", str(docs)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, docs, done.stdout
+
+
+def test_results_hold_every_key(quick_run):
+    out, docs, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["heldout_identities"] == 6
+    for method in ("base", "single_token", "decoupled", "bridge", "nested"):
+        assert METHOD_KEYS <= set(results["methods"][method]), method
+        assert results["methods"][method]["n"] == 4
+    for method in ("decoupled", "bridge", "nested"):
+        assert {"identity_top1", "swap_rate", "background_acc"} <= set(results["multi"][method])
+        points = results["sweep"][method]
+        assert [p["strength"] for p in points] == [0.0, 1.0]
+        assert all({"identity_top1", "background_acc"} <= set(p) for p in points)
+    # strength 0 is the base model for every method: the same images, so the same readings
+    zero = [results["sweep"][m][0] for m in ("nested", "bridge", "decoupled")]
+    assert zero[0] == zero[1] == zero[2]
+    assert json.loads((docs / "study" / "results.json").read_text()) == results
+
+
+def test_files_have_the_formats_users_load(quick_run):
+    """The base is a diffusers folder the commands load; adapters are ours (nested) and IP-Adapter Plus (decoupled)."""
+    from safetensors import safe_open
+
+    from na_engine.formats import load_adapter
+    from na_engine.standalone.models import load_base, load_vision
+
+    out, docs, _ = quick_run
+    base = load_base(str(out / "base"))
+    assert base.scheduler.config.prediction_type == "v_prediction" and not base.is_xl
+    load_vision(str(out / "encoders" / "vision"))
+    adapters = out / "encoders" / "adapters"
+    assert load_adapter(str(adapters / "nested.safetensors")).config.num_queries == 4
+    assert load_adapter(str(adapters / "single_token.safetensors")).config.num_queries == 1
+    with safe_open(str(adapters / "decoupled.safetensors"), framework="pt") as f:
+        assert "image_proj.latents" in f.keys() and "ip_adapter.1.to_k_ip.weight" in f.keys()
+    assert load_adapter(str(adapters / "decoupled.safetensors")).family == "ip_adapter_plus"
+    study = (docs / "STUDY.md").read_text()
+    assert "| nested |" in study and "study/tradeoff.png" in study
+    assert {"tradeoff.png", "samples.png", "multi.png", "maps.png"} <= set(os.listdir(docs / "study"))
+
+
+def test_a_finished_run_resumes_without_redoing_stages(quick_run):
+    out, _, _ = quick_run
+    done = subprocess.run(
+        [sys.executable, "-m", "study", "run", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for stage in ("world", "base", "encoders", "probe", "evaluation", "report"):
+        assert f"{stage}: done before, kept" in done.stdout
