@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -105,6 +106,25 @@ def main():
         print("  " + p)
     if missing:
         banner(["REMINDER: these images come from RANDOM PLACEHOLDER WEIGHTS and are noise."])
+    study_demo(outputs)
+
+
+def study_demo(outputs):
+    """Real personalisation from the study's committed miniature weights (docs/STUDY.md), through na_engine."""
+    if not os.path.isfile(os.path.join(REPO, "study", "weights", "encoders", "adapters", "nested.safetensors")):
+        banner(
+            [
+                "study/weights holds no trained nested adapter yet: the study's personalised images are skipped.",
+                "Train it with: python -m study run --out study/weights  (see docs/STUDY.md)",
+            ]
+        )
+        return
+    print("[demo] personalised images of held-out products, from study/weights (trained in this repository)")
+    t0 = time.time()
+    done = subprocess.run([sys.executable, "-m", "study", "demo", "--out", os.path.join(outputs, "study")], cwd=REPO)
+    if done.returncode != 0:
+        sys.exit("[demo] the study demo failed")
+    print("[demo] study images in %.0f s: %s" % (time.time() - t0, os.path.join(outputs, "study", "grid.png")))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@
 #
 # If the files workflow 01 names are not all in $COMFYUI_PATH/models/..., random-weight
 # placeholders are generated (once, ~3.5 GB in $NA_CACHE/models) and the images are noise.
+# Then, from the study's miniature models committed in study/weights (docs/STUDY.md), it puts held-out
+# products into new scenes through `python -m na_engine generate`: outputs/study/grid.png.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh >/dev/null

@@ -1,4 +1,5 @@
 """python -m study run --out DIR [--quick]: the whole study, stage by stage, each cached and resumable.
+python -m study demo --out DIR: personalised images of held-out products from the committed weights.
 
     world -> base -> encoders -> probe -> evaluation -> report
 
@@ -156,7 +157,15 @@ def main(argv=None) -> int:
     r.add_argument("--until", choices=[name for name, _ in STAGES], help="stop after this stage")
     r.add_argument("--docs", help="write STUDY.md here and its figures and results.json under DOCS/study")
     r.add_argument("--again", nargs="*", default=[], help="run these finished stages again (e.g. report)")
+    d = sub.add_parser("demo", help="personalised images of held-out products from trained weights")
+    d.add_argument("--weights", default=os.path.join(os.path.dirname(__file__), "weights"), help="a run's folder")
+    d.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)
+    if args.command == "demo":
+        from .demo import demo
+
+        print(f"[study demo] {demo(args.weights, args.out)}")
+        return 0
     run = Run(args.out, QUICK if args.quick else FULL, args.docs)
     for name in args.again:
         run.stages.pop(name, None)

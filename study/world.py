@@ -52,6 +52,10 @@ class Identity:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @staticmethod
+    def from_json(item: dict) -> "Identity":
+        return Identity(**{**item, "body": tuple(item["body"]), "ink": tuple(item["ink"])})
+
 
 @dataclass(frozen=True)
 class Placed:
