@@ -10,7 +10,7 @@ from .capture import AttentionCapture, token_legend
 from .errors import NestedAttentionError
 from .formats import inspect, load_adapter, save_adapter
 from .hosts.comfy_layers import comfy_unet_layers, match_layers
-from .hosts.comfy_patch import NestedAttentionPatch, NestedRun, plan_registration
+from .hosts.comfy_patch import NestedAttentionPatch, NestedRun, check_one_text, plan_registration
 from .layers import TABLES, Layer
 from .resampler import Resampler, ResamplerConfig
 from .subjects import Subject, SubjectSet, load_subject, save_subject
@@ -33,6 +33,7 @@ __all__ = [
     "SubjectMaps",
     "SubjectSet",
     "TABLES",
+    "check_one_text",
     "comfy_unet_layers",
     "find_trigger",
     "inspect",

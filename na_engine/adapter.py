@@ -91,11 +91,19 @@ class NestedAdapter(nn.Module):
         return None
 
     def fingerprint(self) -> str:
-        """A short content hash, so a saved subject can tell whether it meets its adapter again."""
-        h = hashlib.sha256()
-        for t in (self.resampler.latents, self.resampler.proj_out.weight, self.to_k[0].weight, self.to_v[-1].weight):
-            h.update(t.detach().float().cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+        """A short hash of every weight, so a saved subject can tell whether it meets its adapter again.
+
+        Computed once per loaded adapter (about 1 s per GB), again only if a weight is replaced or edited."""
+        weights = sorted(self.state_dict().items())
+        key = tuple((t.data_ptr(), t._version) for _, t in weights)  # a copy or an in-place edit changes it
+        cached = self.__dict__.get("_fingerprint")
+        if cached is None or cached[0] != key:
+            h = hashlib.sha256()
+            for name, t in weights:
+                h.update(name.encode())
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+            self.__dict__["_fingerprint"] = cached = (key, h.hexdigest()[:16])
+        return cached[1]
 
 
 def random_adapter(

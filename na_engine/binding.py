@@ -47,6 +47,7 @@ class ModelCall:
     placements: Sequence[Placement]
     latent_hw: Tuple[int, int]
     capture: Optional[AttentionCapture] = None
+    halves: int = 1  # stacked batch halves (unconditional, conditional): latent images = rows / halves
 
 
 class Binder:
@@ -66,7 +67,7 @@ class Binder:
             if layer is None:
                 continue
             keys, values = subject.nested_kv(layer, q.device, q.dtype)
-            mask = None if subject.mask is None else self._query_mask(subject.mask, call.latent_hw, q)
+            mask = None if subject.mask is None else self._query_mask(subject.mask, call, q)
             strength = placement.strength * subject.strength
             where = placement.where.to(q.device)
             decoupled = subject.mode == "decoupled"
@@ -86,26 +87,28 @@ class Binder:
             part = NestedBinding(binding.keys.detach(), binding.values.detach(), binding.where[rows], binding.strength)
             call.capture.add(i, subject_maps(q[rows].detach(), k[rows].detach(), heads, part), call.latent_hw)
 
-    def _query_mask(self, mask: Tensor, latent_hw: Tuple[int, int], q: Tensor) -> Tensor:
+    def _query_mask(self, mask: Tensor, call: ModelCall, q: Tensor) -> Tensor:
         """A region mask at a layer's token grid, (1 or B, N), made once per mask and shape."""
+        latent_hw = call.latent_hw
         cache_key = (id(mask), latent_hw, q.shape[1], q.shape[0], str(q.device))
         cached = self._masks.get(cache_key)
         if cached is None or cached[0] is not mask:  # the entry holds its mask, so no other mask reuses its id
             cached = self._masks[cache_key] = (
                 mask,
-                image_rows(query_mask(mask, latent_hw, q.shape[1]), q.shape[0]).to(q.device),
+                image_rows(query_mask(mask, latent_hw, q.shape[1]), q.shape[0], call.halves).to(q.device),
             )
         return cached[1]
 
 
-def image_rows(mask: Tensor, batch: int) -> Tensor:
+def image_rows(mask: Tensor, batch: int, halves: int = 1) -> Tensor:
     """(1 or B, n) per-image masks -> (1 or batch, n).  Both hosts stack the unconditional and
     conditional halves of a batch of B latent images, so batch row r shows latent image r % B."""
     if mask.shape[0] == 1 or mask.shape[0] == batch:
         return mask
     if batch % mask.shape[0]:
+        images = batch // max(1, halves)
         raise NestedAttentionError(
-            f"The subject mask holds {mask.shape[0]} images, but the sampler's batch has {batch} rows; "
-            "give one mask, or one per latent image."
+            f"The subject mask holds {mask.shape[0]} images, but {images} latent image{'s' * (images != 1)} "
+            "are being sampled; give one mask, or one per latent image."
         )
     return mask[torch.arange(batch, device=mask.device) % mask.shape[0]]

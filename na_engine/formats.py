@@ -54,17 +54,21 @@ class KeyMap:
 
 
 def read_state_dict(path: str) -> Tuple[Dict[str, Tensor], dict]:
-    """Flat state dict and our metadata (empty if none).  Only safetensors, or torch.load(weights_only=True)."""
+    """Flat state dict and our metadata (empty if none).  Only safetensors, or torch.load(weights_only=True).
+
+    The tensors live in memory, never mapped to the file: a file replaced or deleted while a server runs
+    must not change (or, through SIGBUS, crash) the adapter already loaded."""
     if not os.path.isfile(path):
         raise NestedAttentionError(f"Adapter file not found: {path}")
     try:
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
+            from safetensors.torch import load
 
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-            return sd, json.loads(meta[META_KEY]) if META_KEY in meta else {}
+            with open(path, "rb") as f:
+                data = f.read()
+            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+            meta = header.get("__metadata__") or {}
+            return load(data), json.loads(meta[META_KEY]) if META_KEY in meta else {}
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign files: say which file and why
         raise NestedAttentionError(

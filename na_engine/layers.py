@@ -139,9 +139,12 @@ def base_for_layer_count(count: int) -> str:
 
 
 def describe(layers: Sequence[Layer]) -> str:
-    """'SD1.5 (16 layers, widths 320/640/1280)' or '12 layers, widths 32/64' for anything else."""
+    """'SD1.5 (16 layers, widths 320/640/1280)', or 'an unknown model with 12 layers of widths 32/64'.
+
+    The family is recognised whatever the order the layers are listed in (ComfyUI's or diffusers')."""
     widths = "/".join(str(w) for w in sorted({layer.width for layer in layers}))
+    mine = sorted((layer.comfy, layer.width) for layer in layers)
     for base, table in TABLES.items():
-        if [(layer.comfy, layer.width) for layer in layers] == [(t.comfy, t.width) for t in table]:
+        if mine == sorted((t.comfy, t.width) for t in table):
             return f"{BASE_NAMES[base]} ({len(layers)} layers, widths {widths})"
-    return f"{len(layers)} cross-attention layers, widths {widths}"
+    return f"an unknown model with {len(layers)} layers of widths {widths}"

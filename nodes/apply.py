@@ -5,6 +5,7 @@ from ..na_engine import (
     NestedAttentionError,
     NestedAttentionPatch,
     NestedRun,
+    check_one_text,
     comfy_unet_layers,
     find_trigger,
     match_layers,
@@ -144,10 +145,12 @@ class NestedAttentionApply:
             comfy_attention.optimized_attention,
             capture,
             trigger_weight,
+            text,
         )
 
         patched = model.clone()
         existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+        check_one_text(existing, run)
         for layer, key, previous in plan_registration(existing, [k for k, _ in model_layers]):
             patched.set_model_attn2_replace(NestedAttentionPatch(run, layer, previous), *key)
         patched.set_model_unet_function_wrapper(run.wrapper(patched.model_options.get("model_function_wrapper")))

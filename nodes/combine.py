@@ -1,4 +1,5 @@
 from ..na_engine import SubjectSet
+from ..na_engine.hosts.comfy_images import require_finite
 
 SLOTS = 4
 
@@ -28,6 +29,8 @@ class NestedMultiSubjectCombine:
         merged = []
         for i in range(1, SLOTS + 1):
             mask = inputs.get(f"mask_{i}")
+            if mask is not None:
+                require_finite(mask, f"mask_{i}")
             for subject in inputs.get(f"subjects_{i}") or ():
                 merged.append(subject if mask is None else subject.with_(mask=mask.cpu()))
         return (SubjectSet(merged),)

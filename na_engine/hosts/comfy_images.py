@@ -29,6 +29,9 @@ def prepare_references(images: Tensor, mask: Optional[Tensor] = None, crop: str 
         )
     if crop not in CROP_MODES:
         raise NestedAttentionError(f"crop must be one of {CROP_MODES}, not {crop!r}")
+    require_finite(images, "The reference image")
+    if mask is not None:
+        require_finite(mask, "The subject mask")
     images = to_rgb(images)
     if mask is not None:
         m = resize_mask(mask, images.shape[1], images.shape[2], images.shape[0])[..., None]
@@ -40,6 +43,16 @@ def prepare_references(images: Tensor, mask: Optional[Tensor] = None, crop: str 
             images.movedim(-1, 1), size=(size, size), mode="bicubic", antialias=True, align_corners=False
         ).movedim(1, -1)
     return images.clamp(0, 1)
+
+
+def require_finite(x: Tensor, what: str) -> None:
+    """NaN or infinite pixels would turn the subject tokens, and then the sampled latent, into NaN."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        raise NestedAttentionError(
+            f"{what} holds {int(bad.sum())} NaN or infinite values (of {x.numel()}); the node that made it produced "
+            "invalid pixels. Check that node (e.g. a division by zero or a broken file), or reload the image."
+        )
 
 
 def to_rgb(images: Tensor) -> Tensor:

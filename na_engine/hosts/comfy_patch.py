@@ -26,6 +26,7 @@ from torch import Tensor
 from ..attention import AttentionFn, nested_attention, nested_correction, sdpa_attention
 from ..binding import Binder, ModelCall, Placement
 from ..capture import AttentionCapture
+from ..errors import NestedAttentionError
 from ..subjects import Subject
 
 ROWS_KEY = "nested_attention_rows"
@@ -45,8 +46,9 @@ class NestedRun:
         base_attention: AttentionFn = sdpa_attention,
         capture: Optional[AttentionCapture] = None,
         trigger_weight: float = 1.0,
+        text: str = "",
     ):
-        self.subjects = list(subjects)
+        self.subjects, self.text = list(subjects), text
         self.positions = [torch.tensor(sorted(p), dtype=torch.long) for p in positions]
         self.context = context  # (1, L, D): the conditioning this node's prompt encoded to
         self.strength, self.trigger_weight = strength, trigger_weight
@@ -65,7 +67,9 @@ class NestedRun:
 
     # -- per model call -------------------------------------------------------------------
 
-    def bind_rows(self, context: Optional[Tensor], sigmas: Tensor, latent_hw: Tuple[int, int]) -> Optional[ModelCall]:
+    def bind_rows(
+        self, context: Optional[Tensor], sigmas: Tensor, latent_hw: Tuple[int, int], halves: int = 1
+    ) -> Optional[ModelCall]:
         """The call's rows whose context is this prompt (tiled r times) and whose sigma is in range."""
         if context is None or context.shape[1] % self.context.shape[1]:
             return None
@@ -84,7 +88,7 @@ class NestedRun:
             cols = (pos[None] + length * torch.arange(reps)[:, None]).flatten().to(context.device)
             where[rows.nonzero()[:, 0][:, None], cols[None]] = True
             placements.append(Placement(subject, where, self.strength, self.trigger_weight))
-        return ModelCall(placements, latent_hw, self.capture)
+        return ModelCall(placements, latent_hw, self.capture, halves)
 
     def wrapper(self, previous: Optional[Callable] = None) -> Callable:
         """The model function wrapper that tells the layers which rows to bind."""
@@ -92,7 +96,8 @@ class NestedRun:
         def nested_attention_rows(apply_model, args):
             c = dict(args["c"])
             options = dict(c.get("transformer_options", {}))
-            call = self.bind_rows(c.get("c_crossattn"), args["timestep"], tuple(args["input"].shape[-2:]))
+            halves = len(args.get("cond_or_uncond") or [0])  # ComfyUI stacks one chunk of the batch per entry
+            call = self.bind_rows(c.get("c_crossattn"), args["timestep"], tuple(args["input"].shape[-2:]), halves)
             if self.capture is not None:
                 self.capture.step(float(args["timestep"].max()))
             self._warn_if_unmatched(call, args.get("cond_or_uncond", []))
@@ -181,6 +186,27 @@ class NestedAttentionPatch:
 def _layer_key(extra_options: dict) -> tuple:
     block = extra_options.get("block")
     return (block[0], block[1], extra_options.get("block_index", 0)) if block is not None else ("", 0, 0)
+
+
+def check_one_text(existing: Dict[tuple, Callable], run: NestedRun) -> None:
+    """A second Patch whose text differs from an earlier one's would silently drop the earlier subjects: the
+    sampler's positive rows carry one text, and a Patch binds only rows carrying its own.  Same texts stack."""
+    for patch in existing.values():
+        while patch is not None:
+            if isinstance(patch, NestedAttentionPatch) and not _same(patch.run.context, run.context):
+                first = patch.run
+                triggers = ", ".join(repr(s.trigger) for s in first.subjects)
+                raise NestedAttentionError(
+                    f"This model already carries a Nested Attention Patch for the text {first.text!r} "
+                    f"(subjects {triggers}). A second Patch with another text ({run.text!r}) would drop those "
+                    "subjects, since the sampler's positive prompt can carry only one text. Put all subjects in one "
+                    "Multi-Subject Combine and use one Patch whose text holds every trigger word."
+                )
+            patch = getattr(patch, "previous", None)
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
 
 
 def plan_registration(

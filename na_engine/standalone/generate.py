@@ -111,7 +111,7 @@ class NestedGenerator:
             None if s.token_attention is None else token_legend(s.token_attention, s.reference) for s in subjects
         ]
         capture = AttentionCapture(legends) if maps else None
-        call = ModelCall(placements, (size // self.pipe.vae_scale_factor,) * 2, capture)
+        call = ModelCall(placements, (size // self.pipe.vae_scale_factor,) * 2, capture, 2 if cfg > 1 else 1)
         with self.processors.bound(call):
             generator = torch.Generator("cpu").manual_seed(seed)
             latents = self.pipe(

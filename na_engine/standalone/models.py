@@ -95,7 +95,7 @@ def check_match(
         from ..layers import describe
 
         raise NestedAttentionError(
-            f"The adapter is made for {describe(adapter.layers)}, but the base {base} has {describe(layers)}."
+            f"The adapter is made for {describe(adapter.layers)}, but the base {base} is {describe(layers)}."
         )
     if adapter.config.embedding_dim != vision_width:
         raise NestedAttentionError(

@@ -383,10 +383,14 @@ def test_bad_inputs_get_clear_errors(pack, engine, tiny_sd15, tiny_sdxl, tiny_cl
     subjects = encode(pack, adapter, tiny_clip_vision, "dog")
     with pytest.raises(err, match=r"trigger word 'dog' is not in the prompt.*a photo of a cat"):
         apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a cat")
-    with pytest.raises(err, match=r"made for .*but this model has"):
+    with pytest.raises(
+        err, match=r"made for an unknown model with 7 layers .*but this model is an unknown model with 70 layers of wid"
+    ):
         apply(pack, tiny_sdxl, tiny_clip, subjects, "a photo of a dog")
     sd15_adapter = engine.random_adapter(engine.ResamplerConfig(num_queries=4, depth=1), engine.TABLES["sd15"])
-    with pytest.raises(err, match=r"SD1.5 \(16 layers.*this model has"):
+    with pytest.raises(
+        err, match=r"made for SD1.5 \(16 layers, widths 320/640/1280\), but this model is an unknown model with 70"
+    ):
         apply(pack, tiny_sdxl, tiny_clip, engine.SubjectSet([subjects[0].with_(adapter=sd15_adapter)]), "a dog")
     vit_h = engine.random_adapter(
         engine.ResamplerConfig(dim=64, depth=1, dim_head=32, heads=2, num_queries=4, embedding_dim=1280, output_dim=64),
@@ -422,6 +426,50 @@ def model_dirs(pack, tmp_path):
         folder_paths.folder_names_and_paths[name] = ([str(tmp_path / name)] + list(dirs), exts)
     yield tmp_path
     folder_paths.folder_names_and_paths.update(saved)
+
+
+def test_nan_or_inf_in_an_image_or_mask_is_refused(pack, engine, tiny_sd15, tiny_clip_vision):
+    err = engine.NestedAttentionError
+    adapter = adapter_for(engine, tiny_sd15)
+    bad = torch.rand(1, 32, 32, 3)
+    bad[0, 3, 4, 1] = float("nan")
+    with pytest.raises(err, match=r"The reference image holds 1 NaN or infinite values"):
+        encode(pack, adapter, tiny_clip_vision, "dog", images=bad)
+    mask = torch.ones(1, 32, 32)
+    mask[0, 0, 0] = float("inf")
+    with pytest.raises(err, match=r"The subject mask holds 1 NaN"):
+        encode(pack, adapter, tiny_clip_vision, "dog", mask=mask)
+    subjects = encode(pack, adapter, tiny_clip_vision, "dog")
+    with pytest.raises(err, match=r"mask_2 holds 1 NaN"):
+        node(pack, "NestedMultiSubjectCombine").combine(subjects_2=subjects, mask_2=mask)
+
+
+def test_two_patches_in_series(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision):
+    """Different texts: a clear error at the second Patch naming the first; the same text: both subjects act."""
+    adapter = adapter_for(engine, tiny_sd15)
+    person = encode(pack, adapter, tiny_clip_vision, "person")
+    dog = encode(pack, adapter, tiny_clip_vision, "dog", images=torch.rand(1, 40, 40, 3))
+    first, _, _ = apply(pack, tiny_sd15, tiny_clip, person, "a photo of a person")
+    with pytest.raises(
+        engine.NestedAttentionError,
+        match=r"already carries a Nested Attention Patch for the text 'a photo of a person' \(subjects 'person'\)"
+        r".*one Multi-Subject Combine and use one Patch",
+    ):
+        apply(pack, first, tiny_clip, dog, "a person and a dog")
+    text = "a person and a dog"
+    one, _, _ = apply(pack, tiny_sd15, tiny_clip, person, text)
+    both, pos, _ = apply(pack, one, tiny_clip, dog, text)
+    neg = encode_text(tiny_clip, "")
+    only_second, pos2, _ = apply(pack, tiny_sd15, tiny_clip, dog, text)
+    assert not torch.equal(sample(both, pos, neg), sample(only_second, pos2, neg))  # the first subject still acts
+
+
+def test_mask_batch_error_counts_latent_images(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision):
+    subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
+    masked = node(pack, "NestedMultiSubjectCombine").combine(subjects_1=subjects, mask_1=torch.ones(3, 32, 32))[0]
+    model, pos, _ = apply(pack, tiny_sd15, tiny_clip, masked, "a photo of a dog")
+    with pytest.raises(Exception, match=r"The subject mask holds 3 images, but 2 latent images are being sampled"):
+        sample(model, pos, encode_text(tiny_clip, ""), batch=2)
 
 
 def test_loader_and_subject_files(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision, model_dirs):

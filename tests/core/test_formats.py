@@ -490,3 +490,35 @@ def test_our_format_damaged_metadata(tmp_path, damage):
     save_file(sd, path, metadata={META_KEY: text})
     with pytest.raises(NestedAttentionError, match="a.safetensors"):
         load_adapter(path)
+
+
+REPLACED_FILE = """
+import shutil, sys, torch
+from na_engine.adapter import random_adapter
+from na_engine.formats import load_adapter, save_adapter
+from na_engine.layers import TABLES
+from na_engine.resampler import ResamplerConfig
+big, small = sys.argv[1], sys.argv[2]
+cfg = ResamplerConfig(dim=32, depth=1, dim_head=8, heads=4, num_queries=4, embedding_dim=24, output_dim=16, ff_mult=2)
+save_adapter(random_adapter(cfg, TABLES["sd15"], seed=1), big)
+save_adapter(random_adapter(cfg, TABLES["sd15"][:1], seed=2), small)
+loaded = load_adapter(big)
+before = [w.clone() for w in loaded.to_v.parameters()]
+shutil.copyfile(small, big)  # a re-download or re-export over the file, in place, smaller
+after = list(loaded.to_v.parameters())
+print(all(torch.equal(a, b) for a, b in zip(before, after)))
+"""
+
+
+def test_adapter_survives_its_file_being_replaced(tmp_path):
+    """Nothing of a loaded adapter stays mapped to its file: overwriting the file in place (smaller) used to end
+    the process with SIGBUS at the next use."""
+    run = subprocess.run(
+        [sys.executable, "-c", REPLACED_FILE, str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-1500:]}"
+    assert run.stdout.strip() == "True"

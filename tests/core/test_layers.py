@@ -131,7 +131,10 @@ def test_base_for_layer_count_and_describe():
         base_for_layer_count(12)
     assert describe(TABLES["sd15"]) == "SD1.5 (16 layers, widths 320/640/1280)"
     assert describe(TABLES["sdxl"]) == "SDXL (70 layers, widths 640/1280)"
-    assert "3 cross-attention layers" in describe(TABLES["sd15"][:3])
+    assert describe(TABLES["sd15"][:3]) == "an unknown model with 3 layers of widths 320/640"
+    # ComfyUI lists a model's layers in its own order (input, middle, output); the family is still named
+    comfy_order = sorted(TABLES["sdxl"], key=lambda layer: ("input", "middle", "output").index(layer.comfy[0]))
+    assert comfy_order != TABLES["sdxl"] and describe(comfy_order) == "SDXL (70 layers, widths 640/1280)"
 
 
 def _model_layers(base):

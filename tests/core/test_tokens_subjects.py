@@ -197,6 +197,24 @@ def test_subject_fingerprint_mismatch(tmp_path, adapter):
     assert "dog.safetensors" in str(err.value) and "mine.safetensors" in str(err.value) and "again" in str(err.value)
 
 
+def test_fingerprint_covers_every_layer(tmp_path, adapter):
+    """A change in any layer, here one middle to_v scaled by -3, is caught when a saved subject is loaded."""
+    import copy
+
+    path = str(tmp_path / "dog.safetensors")
+    save_subject(subject(adapter, "dog"), path, "mine.safetensors")
+    edited = copy.deepcopy(adapter)
+    with torch.no_grad():
+        edited.to_v[len(edited.layers) // 2].weight.mul_(-3)
+    with pytest.raises(
+        NestedAttentionError,
+        match=r"dog.safetensors was encoded with a different mine.safetensors.*"
+        r"Encode the subject again",
+    ):
+        load_subject(path, lambda name: edited)
+    assert load_subject(path, lambda name: adapter).trigger == "dog"
+
+
 def test_non_subject_files(tmp_path, adapter):
     plain = str(tmp_path / "plain.safetensors")
     save_file({"tokens": torch.zeros(2, 2)}, plain)
