@@ -14,6 +14,7 @@ from .adapter import NestedAdapter
 from .errors import NestedAttentionError
 
 SUBJECT_FORMAT = "nested_attention_subject"
+SUBJECT_VERSION = 2  # 2: the adapter fingerprint covers every weight (1 hashed four tensors)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def save_subject(subject: Subject, path: str, adapter_name: str) -> None:
             tensors[name] = value.detach().float().cpu().contiguous()
     meta = {
         "format": SUBJECT_FORMAT,
-        "version": 1,
+        "version": SUBJECT_VERSION,
         "trigger": subject.trigger,
         "strength": subject.strength,
         "adapter_name": adapter_name,
@@ -111,6 +112,11 @@ def load_subject(path: str, load_adapter_named: Callable[[str], NestedAdapter]) 
     """Rebuild a saved subject; ``load_adapter_named`` finds its adapter by file name."""
     tensors, meta = read_subject_file(path)
     adapter = load_adapter_named(meta["adapter_name"])
+    if meta.get("version", 1) < SUBJECT_VERSION:
+        raise NestedAttentionError(
+            f"{os.path.basename(path)} was saved by an earlier version of this extension, whose check of the adapter "
+            f"covered only part of its weights. Encode the subject again with {meta['adapter_name']} and save it."
+        )
     if adapter.fingerprint() != meta["adapter_fingerprint"]:
         raise NestedAttentionError(
             f"{os.path.basename(path)} was encoded with a different {meta['adapter_name']} than the one found now "

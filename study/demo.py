@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 
 from PIL import Image, ImageDraw
 
@@ -46,6 +47,7 @@ def demo(weights: str, out: str, products: int = 6) -> str:
     with open(jobs, "w", newline="") as f:
         csv.writer(f).writerows([["prompt", "subject", "trigger", "seed"], *rows])
     images = os.path.join(out, "images")
+    shutil.rmtree(images, ignore_errors=True)  # the grid reads the images in catalogue order
     args = ["--base", os.path.join(weights, "base"), "--clip-vision", os.path.join(weights, "encoders", "vision")]
     args += ["--adapter", adapter, "--batch", jobs, "--steps", "25", "--cfg", "4", "--size", str(resolution)]
     if generate([*args, "--out", images]) != 0:

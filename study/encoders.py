@@ -123,7 +123,7 @@ def build_encoders(folder: str, base: str, train_ids, resolution: int, cfg: Enco
     from na_engine.standalone.prepare import prepare
 
     vision = os.path.join(folder, "vision")
-    if not os.path.isfile(os.path.join(vision, "config.json")):
+    if not os.path.isfile(os.path.join(vision, "preprocessor_config.json")):  # written last
         make_vision(vision, resolution, cfg.vision_width, cfg.seed)
     photos = os.path.join(folder, "data", "photos")
     prepared = os.path.join(folder, "data", "prepared")

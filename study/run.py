@@ -122,6 +122,7 @@ def stage_evaluation(run: Run) -> dict:
 
     cfg = evaluate.QUICK if run.scale.quick else evaluate.EvalConfig()
     results = evaluate.evaluate(run.out, run.identities()[1], cfg, run.log)
+    results["probe_render_top1"] = run.stages["probe"]["heldout_render_top1"]
     with open(run.path("results.json"), "w") as f:
         json.dump(results, f, indent=1)
     return {"results": "results.json"}
@@ -138,6 +139,7 @@ def stage_report(run: Run) -> dict:
     return record
 
 
+CACHES = {"encoders": ["encoders/adapters"], "probe": ["probe"], "evaluation": ["eval"]}  # what --again deletes
 STAGES = [
     ("world", stage_world),
     ("base", stage_base),
@@ -156,7 +158,13 @@ def main(argv=None) -> int:
     r.add_argument("--quick", action="store_true", help="toy scale: checks the pipeline and formats, not the numbers")
     r.add_argument("--until", choices=[name for name, _ in STAGES], help="stop after this stage")
     r.add_argument("--docs", help="write STUDY.md here and its figures and results.json under DOCS/study")
-    r.add_argument("--again", nargs="*", default=[], help="run these finished stages again (e.g. report)")
+    r.add_argument(
+        "--again",
+        nargs="*",
+        default=[],
+        choices=[name for name, _ in STAGES],
+        help="run these finished stages again, and every later one (e.g. report)",
+    )
     d = sub.add_parser("demo", help="personalised images of held-out products from trained weights")
     d.add_argument("--weights", default=os.path.join(os.path.dirname(__file__), "weights"), help="a run's folder")
     d.add_argument("--out", required=True, help="output folder")
@@ -167,8 +175,12 @@ def main(argv=None) -> int:
         print(f"[study demo] {demo(args.weights, args.out)}")
         return 0
     run = Run(args.out, QUICK if args.quick else FULL, args.docs)
-    for name in args.again:
-        run.stages.pop(name, None)
+    names = [name for name, _ in STAGES]
+    for name in args.again:  # a stage run again makes every later stage and its caches stale
+        for later in names[names.index(name) :]:
+            run.stages.pop(later, None)
+            for cache in CACHES.get(later, ()):
+                shutil.rmtree(run.path(cache), ignore_errors=True)
     for name, fn in STAGES:
         run.stage(name, fn)
         if name == args.until:

@@ -113,6 +113,11 @@ def _check_captions(src: str, files: List[str], words: List[str], template: str,
     found = {}
     for file in files:
         name = os.path.splitext(file)[0]
+        if len(words) > 1 and not os.path.isfile(os.path.join(src, name + ".txt")):
+            raise NestedAttentionError(
+                f"{file} has no caption file ({name}.txt): with several class words each photo's caption must say "
+                "which one it shows."
+            )
         caption = _caption(src, name, words[0], template, keep)
         present = [w for w in words if has_word(caption, w)]
         if len(present) != 1:

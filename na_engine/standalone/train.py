@@ -402,7 +402,7 @@ def _checkpoint(accelerator, cfg: TrainConfig, step: int) -> None:
     accelerator.save_state(folder)
     if accelerator.is_main_process:
         with open(os.path.join(folder, "trainer.json"), "w") as f:
-            json.dump({"step": step, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}, f)
+            json.dump({"step": step, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "mode": cfg.mode}, f)
 
 
 def _resume(accelerator, cfg: TrainConfig) -> int:
@@ -425,6 +425,8 @@ def _resume(accelerator, cfg: TrainConfig) -> int:
             f"{folder} was made with --batch-size {meta['batch_size']} --grad-accum {meta['grad_accum']}; resume "
             "with the same values."
         )
+    if meta.get("mode", "nested") != cfg.mode:
+        raise NestedAttentionError(f"{folder} was trained with --mode {meta.get('mode', 'nested')}; resume with it.")
     accelerator.load_state(folder)
     return int(meta["step"])
 

@@ -215,6 +215,20 @@ def test_fingerprint_covers_every_layer(tmp_path, adapter):
     assert load_subject(path, lambda name: adapter).trigger == "dog"
 
 
+def test_subject_saved_by_the_first_version_asks_to_encode_again(tmp_path, adapter):
+    import json
+
+    from safetensors import safe_open
+
+    path = str(tmp_path / "old.safetensors")
+    save_subject(subject(adapter, "dog"), path, "mine.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = json.loads(f.metadata()["nested_attention_subject"]), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, path, metadata={"nested_attention_subject": json.dumps({**meta, "version": 1})})
+    with pytest.raises(NestedAttentionError, match=r"old.safetensors was saved by an earlier version.*Encode"):
+        load_subject(path, lambda name: adapter)
+
+
 def test_non_subject_files(tmp_path, adapter):
     plain = str(tmp_path / "plain.safetensors")
     save_file({"tokens": torch.zeros(2, 2)}, plain)

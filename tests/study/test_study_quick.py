@@ -44,9 +44,6 @@ def test_results_hold_every_key(quick_run):
         points = results["sweep"][method]
         assert [p["strength"] for p in points] == [0.0, 1.0]
         assert all({"identity_top1", "background_acc"} <= set(p) for p in points)
-    # strength 0 is the base model for every method: the same images, so the same readings
-    zero = [results["sweep"][m][0] for m in ("nested", "bridge", "decoupled")]
-    assert zero[0] == zero[1] == zero[2]
     assert json.loads((docs / "study" / "results.json").read_text()) == results
 
 

@@ -76,3 +76,6 @@ def test_several_class_words_give_each_item_its_trigger(tmp_path):
         prepare(src, str(tmp_path / "out2"), ["bottle", "dog"], keep_captions=True)
     with pytest.raises(NestedAttentionError, match="need --keep-captions"):
         prepare(src, str(tmp_path / "out3"), ["bottle", "dog"])
+    os.remove(tmp_path / "src" / "photo_2.txt")
+    with pytest.raises(NestedAttentionError, match=r"photo_2\.png has no caption file"):
+        prepare(src, str(tmp_path / "out4"), ["bottle", "dog"], keep_captions=True)
