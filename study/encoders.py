@@ -144,8 +144,9 @@ def build_encoders(folder: str, base: str, train_ids, resolution: int, cfg: Enco
         done = os.path.splitext(out)[0] + ".json"  # written once the adapter is: a method is trained once
         if not os.path.isfile(done):
             log(f"encoders: training {name}")
+            trained = train_method(name, base, vision, prepared, out, cfg)
             with open(done + ".tmp", "w") as f:
-                json.dump(train_method(name, base, vision, prepared, out, cfg), f)
+                json.dump(trained, f)
             os.replace(done + ".tmp", done)
         with open(done) as f:
             record["methods"][name] = json.load(f)
