@@ -525,6 +525,6 @@ def test_mask_batch_that_fits_no_row_layout(adapter):
     subjects = make_subjects(adapter, mask=torch.ones(3, 10, 14))
     ours, ctx = contexts()
     run = NestedRun(subjects, POSITIONS, ours, sigma_range=(10.0, 1.0))
-    bound = run.bind_rows(ctx, torch.full((4,), 5.0), LATENT)
-    with pytest.raises(NestedAttentionError, match="3 images.*4 rows"):
+    bound = run.bind_rows(ctx, torch.full((4,), 5.0), LATENT, halves=2)  # 2 latent images, CFG's 2 halves
+    with pytest.raises(NestedAttentionError, match="holds 3 images, but 2 latent images are being sampled"):
         run.binder.bindings(bound, ("input", 1, 0), torch.randn(4, 35, 32))
