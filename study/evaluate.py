@@ -18,6 +18,7 @@ import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 
 from . import metrics, probe, world
@@ -170,8 +171,9 @@ class Evaluator:
 
     # -- the cells ----------------------------------------------------------------------------
 
-    def single(self, method: str, cases, strength=1.0, weight=1.0, keep=0) -> dict:
-        rows = []
+    def single(self, method: str, cases, strength=1.0, weight=1.0, keep=0, rows=False) -> dict:
+        """The cell's rates; ``rows`` keeps each case's readings too (for paired comparisons)."""
+        readings = []
         for k, case in enumerate(cases):
             image, panel = self.generate(
                 method, case.prompt, [case.reference], case.seed, strength, weight, maps=k < keep
@@ -180,8 +182,8 @@ class Evaluator:
                 image.save(os.path.join(self.dir, "samples", f"{method}_{k}.png"))
                 if panel is not None and method == "nested":
                     panel.save(os.path.join(self.dir, "samples", f"{method}_{k}.maps.png"))
-            rows.append(self.read_single(image, case))
-        return summarise(rows, len(self.heldout))
+            readings.append(self.read_single(image, case))
+        return summarise(readings) | ({"rows": readings} if rows else {})
 
     def read_single(self, image: Image.Image, case: Case) -> dict:
         p = case.prompt.products[0]
@@ -196,6 +198,44 @@ class Evaluator:
             "top1": sims is not None and int(np.argmax(sims)) == own,
             "cos": float(sims[own]) if sims is not None else 0.0,
         }
+
+    @torch.no_grad()
+    def ceiling(self, cases, through_vae: bool) -> dict:
+        """The readings of the true product rendered in each prompt's scene, raw or encoded and decoded by the
+        base's VAE: what a method that drew the product exactly could score, before and after the VAE."""
+        vae = self.generators["nested"].base.vae
+        readings = []
+        for case in cases:
+            image, _ = world.render(case.prompt, self.resolution)
+            if through_vae:
+                x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+                y = vae.decode(vae.encode(x).latent_dist.mean).sample[0]  # (3, R, R) in [-1, 1]
+                image = Image.fromarray(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+            readings.append(self.read_single(image, case))
+        return summarise(readings)
+
+    @torch.no_grad()
+    def vision_retrieval(self, cases, per_identity: int = 4) -> dict:
+        """What the encoders' input holds: top-1 retrieval of each case's reference photo among the held-out
+        identities by its CLIP vision features (penultimate, mean over patches, cosine to each identity's mean over
+        reference photos in other random scenes). Low here would mean identity is lost before any encoder."""
+        from na_engine.standalone.models import image_features
+
+        vision = self.generators["nested"].vision
+        rng = np.random.default_rng(self.cfg.seed + 7)
+
+        def embed(photos) -> torch.Tensor:  # (n, E), unit length
+            return torch.nn.functional.normalize(image_features(vision, photos, "cpu").mean(1), dim=-1)
+
+        def identity_mean(identity) -> torch.Tensor:  # (E,): its photos in random scenes
+            photos = [reference_photo(world.random_scene(rng, identity), self.resolution) for _ in range(per_identity)]
+            return torch.nn.functional.normalize(embed(photos).mean(0), dim=-1)
+
+        gallery = torch.stack([identity_mean(i) for i in self.heldout])  # (H, E)
+        refs = embed([reference_photo(c.reference, self.resolution) for c in cases])  # (cases, E)
+        hits = (refs @ gallery.T).argmax(1).tolist()
+        own = [self.gallery.position(c.identity.index) for c in cases]
+        return _rates(identity_top1=[h == o for h, o in zip(hits, own)]) | {"n": len(cases)}
 
     def multi(self, method: str, cases, keep=0) -> dict:
         top1, swaps, backgrounds = [], [], []
@@ -224,7 +264,7 @@ def _rates(**values) -> dict:
     return out
 
 
-def summarise(rows: list[dict], heldout: int) -> dict:
+def summarise(rows: list[dict]) -> dict:
     cos = np.array([r["cos"] for r in rows])
     half = 1.96 * cos.std(ddof=1) / np.sqrt(len(cos)) if len(cos) > 1 else 0.0
     return {
@@ -259,6 +299,13 @@ def evaluate(run_dir: str, heldout, cfg: EvalConfig, log=print) -> dict:
             for m in ("decoupled", "bridge", "nested")
         },
     }
+    results["ceiling"] = {
+        name: _without_settings(ev.cell(f"ceiling_{name}", lambda v=v: ev.ceiling(cases, v)))
+        for name, v in (("render", False), ("vae", True))
+    }
+    results["ceiling"]["vision_features"] = _without_settings(
+        ev.cell("ceiling_vision", lambda: ev.vision_retrieval(cases))
+    )
     few = cases[: cfg.sweep_cases]
 
     def point(method: str, strength: float, weight: float = 1.0) -> dict:
@@ -274,7 +321,38 @@ def evaluate(run_dir: str, heldout, cfg: EvalConfig, log=print) -> dict:
     results["trigger_weight_sweep"] = {
         m: [{"trigger_weight": w, **point(m, 1.0, w)} for w in cfg.trigger_weights] for m in ("nested", "bridge")
     }
+    results["bridge_trigger_weight"] = confirm_bridge_weight(ev, results["trigger_weight_sweep"]["bridge"], heldout)
     return results
+
+
+CONFIRM_SEED = 50_000  # fresh cases: none is among the sweep's
+
+
+def confirm_bridge_weight(ev: Evaluator, sweep: list[dict], heldout) -> dict:
+    """The bridge's recommended trigger weight: the sweep's best (ties: the smaller weight), then checked
+    against weight 1 on fresh cases, paired (same case and seed), with an exact sign test on the pairs
+    where only one of the two identifies the product."""
+    best = max(sweep, key=lambda p: (p["identity_top1"], -p["trigger_weight"]))["trigger_weight"]
+    fresh = single_cases(heldout, ev.cfg.cases, ev.cfg.seed + CONFIRM_SEED)
+    cells = {
+        w: ev.cell(f"confirm_bridge_{w}", lambda w=w: ev.single("bridge", fresh, weight=w, rows=True))
+        for w in (1.0, best)
+    }
+    ones, bests = [r["top1"] for r in cells[1.0]["rows"]], [r["top1"] for r in cells[best]["rows"]]
+    only_best = sum(b and not o for o, b in zip(ones, bests))
+    only_one = sum(o and not b for o, b in zip(ones, bests))
+    return {
+        "chosen": best,
+        "rule": "the bridge's trigger-weight sweep point with the highest identity top-1 (ties: the smaller weight)",
+        "confirm": {str(w): _point(c) | {"identity_top1_ci95": c["identity_top1_ci95"]} for w, c in cells.items()},
+        "pairs_only_chosen": only_best,
+        "pairs_only_weight_1": only_one,
+        "sign_test_p": round(metrics.sign_test(only_best, only_one), 4),
+    }
+
+
+def _without_settings(cell: dict) -> dict:
+    return {k: v for k, v in cell.items() if k != "settings"}
 
 
 def _point(cell: dict) -> dict:

@@ -30,14 +30,15 @@ class Scale:
     quick: bool
 
 
+ANALYSIS = os.path.join(os.path.dirname(__file__), "analysis.md")  # by hand, on the committed full run
 FULL = Scale(identities=300, heldout=60, quick=False)
 QUICK = Scale(identities=30, heldout=6, quick=True)
 WORLD_SEED = 0
 
 
 class Run:
-    def __init__(self, out: str, scale: Scale, docs: str | None = None):
-        self.out, self.scale, self.docs = out, scale, docs
+    def __init__(self, out: str, scale: Scale, docs: str | None = None, readme: str | None = None):
+        self.out, self.scale, self.docs, self.readme = out, scale, docs, readme
         os.makedirs(out, exist_ok=True)
         self.record_path = os.path.join(out, "stages.json")
         self.stages = json.load(open(self.record_path)) if os.path.isfile(self.record_path) else {}
@@ -133,7 +134,9 @@ def stage_report(run: Run) -> dict:
 
     docs = run.docs or run.out
     figures = os.path.join(docs, "study") if run.docs else run.path("report")
-    record = report.write_report(run.out, run.identities()[1], figures, os.path.join(docs, "STUDY.md"), run.stages)
+    analysis = "" if run.scale.quick else open(ANALYSIS).read()  # written for the full run's numbers
+    md = os.path.join(docs, "STUDY.md")
+    record = report.write_report(run.out, run.identities()[1], figures, md, run.stages, analysis, run.readme)
     if run.docs:
         shutil.copyfile(run.path("results.json"), os.path.join(figures, "results.json"))
     return record
@@ -158,6 +161,7 @@ def main(argv=None) -> int:
     r.add_argument("--quick", action="store_true", help="toy scale: checks the pipeline and formats, not the numbers")
     r.add_argument("--until", choices=[name for name, _ in STAGES], help="stop after this stage")
     r.add_argument("--docs", help="write STUDY.md here and its figures and results.json under DOCS/study")
+    r.add_argument("--readme", help="fill this README's <!-- study:start --> ... <!-- study:end --> block")
     r.add_argument(
         "--again",
         nargs="*",
@@ -174,7 +178,7 @@ def main(argv=None) -> int:
 
         print(f"[study demo] {demo(args.weights, args.out)}")
         return 0
-    run = Run(args.out, QUICK if args.quick else FULL, args.docs)
+    run = Run(args.out, QUICK if args.quick else FULL, args.docs, args.readme)
     names = [name for name, _ in STAGES]
     for name in args.again:  # a stage run again makes every later stage and its caches stale
         for later in names[names.index(name) :]:

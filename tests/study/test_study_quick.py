@@ -26,7 +26,10 @@ METHOD_KEYS = {
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "run"
     docs = tmp_path_factory.mktemp("docs")
+    readme = docs / "README.md"
+    readme.write_text("# title\n\n<!-- study:start -->\nold\n<!-- study:end -->\n\n## after\n")
     cmd = [sys.executable, "-m", "study", "run", "--quick", "--out", str(out), "--docs", str(docs)]
+    cmd += ["--readme", str(readme)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out, docs, done.stdout
@@ -44,7 +47,18 @@ def test_results_hold_every_key(quick_run):
         points = results["sweep"][method]
         assert [p["strength"] for p in points] == [0.0, 1.0]
         assert all({"identity_top1", "background_acc"} <= set(p) for p in points)
+    confirm = results["bridge_trigger_weight"]
+    assert confirm["chosen"] in (1.0, 4.0) and set(confirm["confirm"]) == {"1.0", str(confirm["chosen"])}
+    assert 0 <= confirm["sign_test_p"] <= 1
+    assert {"render", "vae", "vision_features"} == set(results["ceiling"])
     assert json.loads((docs / "study" / "results.json").read_text()) == results
+
+
+def test_readme_block_is_filled_and_the_rest_kept(quick_run):
+    _, docs, _ = quick_run
+    text = (docs / "README.md").read_text()
+    assert text.startswith("# title\n\n<!-- study:start -->\n## Does it work?") and text.endswith("\n\n## after\n")
+    assert "old" not in text and "](study/samples.png)" in text and "| nested |" in text
 
 
 def test_files_have_the_formats_users_load(quick_run):
