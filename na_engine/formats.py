@@ -94,9 +94,16 @@ def _flatten(obj: dict, prefix: str = "") -> Dict[str, Tensor]:
 # -- our format ----------------------------------------------------------------------------
 
 
-def save_adapter(adapter: NestedAdapter, path: str) -> None:
+def _write(tensors: Dict[str, Tensor], path: str, metadata: Optional[dict]) -> None:
+    """Atomically: a killed run leaves the old file or none, never half of one."""
     from safetensors.torch import save_file
 
+    partial = path + ".partial"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, partial, metadata=metadata)
+    os.replace(partial, path)
+
+
+def save_adapter(adapter: NestedAdapter, path: str) -> None:
     sd = {f"resampler.{k}": v for k, v in adapter.resampler.state_dict().items()}
     for i in range(len(adapter.layers)):
         sd[f"layers.{i}.to_k.weight"] = adapter.to_k[i].weight
@@ -111,7 +118,7 @@ def save_adapter(adapter: NestedAdapter, path: str) -> None:
         "tokens": c.num_queries,
         "layers": layer_list(adapter.layers),
     }
-    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, path, metadata={META_KEY: json.dumps(meta)})
+    _write(sd, path, {META_KEY: json.dumps(meta)})
 
 
 def save_ip_adapter(adapter: NestedAdapter, path: str) -> None:
@@ -119,16 +126,13 @@ def save_ip_adapter(adapter: NestedAdapter, path: str) -> None:
 
     SD1.5 and SDXL files are exactly the released layout; any other base has no public layer table,
     so its table travels in the metadata (family ip_adapter_plus), where the loader finds it."""
-    from safetensors.torch import save_file
-
     sd = {f"image_proj.{k}": v for k, v in adapter.resampler.state_dict().items()}
     for i in range(len(adapter.layers)):
         sd[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = adapter.to_k[i].weight
         sd[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = adapter.to_v[i].weight
     known = adapter.base in TABLES and list(adapter.layers) == TABLES[adapter.base]
     meta = {"family": "ip_adapter_plus", "base": adapter.base, "layers": layer_list(adapter.layers)}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    save_file(tensors, path, metadata=None if known else {META_KEY: json.dumps(meta)})
+    _write(sd, path, None if known else {META_KEY: json.dumps(meta)})
 
 
 def _is_ours(sd: Dict[str, Tensor], meta: dict) -> bool:

@@ -53,6 +53,23 @@ def add_config_arguments(p: argparse.ArgumentParser, config: type, helps: Dict[s
         p.add_argument(flag, dest=f.name, help=helps[f.name], **kind, **more)
 
 
+def check_launch() -> None:
+    """Refuse the launch that asked for N CPU processes but started one.
+
+    ``accelerate launch --cpu --num_processes N`` without mpirun sets MASTER_ADDR and starts a single
+    process with no world size; it would train alone, N times slower than asked, and say nothing."""
+    env = os.environ
+    asked_many = "MASTER_ADDR" in env and env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    started_one = not any(k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    if asked_many and started_one:
+        raise NestedAttentionError(
+            "accelerate launch --cpu --num_processes N starts a single process here (its CPU launcher needs mpirun "
+            "and --mpirun_hostfile). For several CPU processes use `accelerate launch --multi_gpu --num_processes N "
+            "...` (torchrun with the gloo backend; it runs on CPU when no GPU is visible) or `torchrun "
+            "--nproc_per_node N -m na_engine ...`. See docs/TRAINING.md."
+        )
+
+
 def photo_files(path: str) -> List[str]:
     """A photo, or the photos of a folder (subject masks, ``*.mask.png``, left out), sorted."""
     if os.path.isdir(path):

@@ -6,6 +6,9 @@ Catalogue: --batch jobs.csv (columns prompt, subject, trigger, seed; subject = i
            every combination
 Each image is written to --out with, unless --no-maps, its attention-map panel:
 [where the trigger attends | which subject token each pixel draws from | the reference coloured by token].
+A rerun skips the rows whose image exists.  `accelerate launch --multi_gpu --num_processes N -m na_engine
+generate ...` splits the rows across N processes (GPUs, or CPU processes where none is visible), each row
+the same image as one process gives; manifest.csv lists every row with the process that rendered it.
 """
 
 from __future__ import annotations
@@ -203,26 +206,59 @@ def run_jobs(
     trigger_weight: float = 1.0,
     mode: str = "nested",
 ) -> List[str]:
+    """Render the catalogue; returns every row's image path.
+
+    Under ``accelerate launch`` row i belongs to process i mod N.  A row whose image exists is
+    skipped, so an interrupted catalogue resumes.  Images are written under a temporary name and
+    renamed; the main process then writes manifest.csv with every row once."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    rank, world = state.process_index, state.num_processes
     os.makedirs(out, exist_ok=True)
+    stems = [os.path.join(out, f"{i:04d}_{job.name}_{job.seed}") for i, job in enumerate(jobs)]
+    mine = [i for i in range(rank, len(jobs), world) if not os.path.isfile(stems[i] + ".png")]
     cache = {}
-    written = []
-    for i, job in enumerate(jobs):
+    for i in tqdm(mine, desc=f"catalogue (process {rank} of {world})", disable=not state.is_main_process):
+        job = jobs[i]
         key = (tuple(job.images), job.trigger)
         if key not in cache:
             cache[key] = generator.encode([_open(p) for p in job.images], job.trigger, mode=mode)
         image, panel = generator(
             job.prompt, cache[key], job.seed, steps, cfg, size, job.negative, strength, maps, trigger_weight
         )
-        stem = os.path.join(out, f"{i:04d}_{job.name}_{job.seed}")
-        image.save(stem + ".png")
         if panel is not None:
-            panel.save(stem + ".maps.png")
-        written.append(stem + ".png")
-    with open(os.path.join(out, "manifest.csv"), "w", newline="") as f:
+            _save(panel, stems[i] + ".maps.png")
+        _save(image, stems[i] + ".png")  # last: its presence marks the row done
+    rendered = dict(gather_object([(i, rank) for i in mine]))
+    if state.is_main_process:
+        _write_manifest(out, jobs, stems, rendered)
+    state.wait_for_everyone()
+    return [stem + ".png" for stem in stems]
+
+
+def _save(image, path: str) -> None:
+    partial = path + ".partial"
+    image.save(partial, format="PNG")
+    os.replace(partial, path)
+
+
+def _write_manifest(out: str, jobs: Sequence[Job], stems: List[str], rendered: dict) -> None:
+    """manifest.csv: every row once, with the process that rendered it (this run, or the one recorded before)."""
+    path = os.path.join(out, "manifest.csv")
+    before = {}
+    if os.path.isfile(path):
+        with open(path, newline="") as f:
+            before = {r["file"]: r.get("rank", "") for r in csv.DictReader(f)}
+    with open(path + ".partial", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["file", "prompt", "subject", "trigger", "seed"])
-        w.writerows([os.path.basename(p), j.prompt, j.name, j.trigger, j.seed] for p, j in zip(written, jobs))
-    return written
+        w.writerow(["file", "prompt", "subject", "trigger", "seed", "rank"])
+        for i, (job, stem) in enumerate(zip(jobs, stems)):
+            file = os.path.basename(stem) + ".png"
+            w.writerow([file, job.prompt, job.name, job.trigger, job.seed, rendered.get(i, before.get(file, ""))])
+    os.replace(path + ".partial", path)
 
 
 def _open(path: str):
@@ -268,8 +304,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-maps", action="store_true", help="skip the attention-map panels")
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)
+    from accelerate import PartialState
+
     written = generate(args)
-    print(f"wrote {len(written)} images to {args.out}")
+    if PartialState().is_main_process:
+        print(f"{len(written)} images in {args.out}, listed in manifest.csv")
     return 0
 
 
@@ -292,8 +331,11 @@ def generate(args) -> List[str]:
         args.base,
         args.clip_vision,
     )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = cli.DTYPES.get(args.dtype, torch.float16 if device == "cuda" else torch.float32)
+    from accelerate import PartialState
+
+    cli.check_launch()
+    device = PartialState(cpu=not torch.cuda.is_available()).device  # this process's device under accelerate launch
+    dtype = cli.DTYPES.get(args.dtype, torch.float16 if device.type == "cuda" else torch.float32)
     base, vision = load_base(args.base, args.base_config, dtype), load_vision(args.clip_vision, dtype)
     vision.model.to(device)
     generator = NestedGenerator(base, vision, adapter.to(device), device)

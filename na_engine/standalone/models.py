@@ -64,8 +64,26 @@ def unet_config(path: str, config: Optional[str] = None) -> dict:
     file = os.path.join(folder, "unet", "config.json")
     if not os.path.isfile(file):
         raise NestedAttentionError(f"{folder} is not a diffusers model folder (no unet/config.json).")
+    if os.path.isfile(path):
+        _check_index(folder)
     with open(file) as f:
         return json.load(f)
+
+
+def _check_index(folder: str) -> None:
+    """A single file's config folder must name its components: diffusers builds the pipeline from that list."""
+    index_file = os.path.join(folder, "model_index.json")
+    index = {}
+    if os.path.isfile(index_file):
+        with open(index_file) as f:
+            index = json.load(f)
+    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in index]
+    if missing:
+        raise NestedAttentionError(
+            f"--base-config {folder}: its model_index.json does not name {', '.join(missing)}; a single-file base "
+            "takes its components from that list. Pass the model's whole diffusers folder as downloaded (configs "
+            "and model_index.json; its weight files are not needed)."
+        )
 
 
 def clip_vision_width(path: str) -> int:

@@ -15,6 +15,8 @@ import csv
 import json
 import os
 import random
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -146,12 +148,40 @@ def _to_tensor(image) -> Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
-def step_batches(n: int, batch: int, start: int, stop: int, seed: int, rank: int, fixed: bool) -> Iterator[List[tuple]]:
-    """Index lists for micro-steps start..stop-1, drawn from a generator seeded by (seed, rank, step)."""
+def step_batches(
+    n: int, batch: int, start: int, stop: int, seed: int, rank: int, world: int, fixed: bool
+) -> Iterator[List[tuple]]:
+    """(step, global row, item) lists for micro-steps start..stop-1.
+
+    Each step draws the global batch (batch x world items) from a generator seeded by (seed, step)
+    and this process takes its slice: the data order depends on the global batch only, so one
+    process with batch 2B sees the rows that two processes with batch B share."""
     for step in range(start, stop):
         key = 0 if fixed else step
-        g = torch.Generator().manual_seed(seed * 7919 + rank * 104729 + key)
-        yield [(key, row, int(i)) for row, i in enumerate(torch.randint(n, (batch,), generator=g))]
+        items = torch.randint(n, (batch * world,), generator=torch.Generator().manual_seed(seed * 7919 + key))
+        yield [(key, row, int(items[row])) for row in range(rank * batch, (rank + 1) * batch)]
+
+
+@dataclass
+class RowDraws:
+    """A micro-step's random draws, made for the global batch and sliced to this process's rows."""
+
+    drop_caption: Tensor  # (b,) bool
+    drop_subject: Tensor  # (b,) bool
+    timesteps: Tensor  # (b,) long
+    noise: Tensor  # (b, 4, h, w)
+    latent_eps: Tensor  # (b, 4, h, w): the VAE posterior's sample
+
+    @classmethod
+    def draw(cls, cfg: TrainConfig, micro: int, rows: slice, total: int, latent: tuple, timesteps: int) -> "RowDraws":
+        g = torch.Generator().manual_seed(cfg.seed * 31 + (0 if cfg.fixed_batch else micro))
+        return cls(
+            (torch.rand(total, generator=g) < cfg.caption_dropout)[rows],
+            (torch.rand(total, generator=g) < cfg.subject_dropout)[rows],
+            torch.randint(0, timesteps, (total,), generator=g)[rows],
+            torch.randn((total, *latent), generator=g)[rows],
+            torch.randn((total, *latent), generator=g)[rows],
+        )
 
 
 def collate(items: Sequence[dict]) -> dict:
@@ -275,6 +305,7 @@ def train(cfg: TrainConfig) -> str:
     from .models import adapter_for, encode_prompts, fresh_config, load_base, load_vision, pixel_features, trigger_where
 
     record, unet_cfg, width, init = check_inputs(cfg)
+    cli.check_launch()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         cpu=not torch.cuda.is_available(),
@@ -303,39 +334,31 @@ def train(cfg: TrainConfig) -> str:
     start = _resume(accelerator, cfg) if cfg.resume else 0
     resolution = cfg.resolution or int(record["resolution"])
     data = TrainSet(cfg.data, resolution, vision.processor, cfg.seed)
-    batches = step_batches(
-        len(data),
-        cfg.batch_size,
-        start * cfg.grad_accum,
-        cfg.steps * cfg.grad_accum,
-        cfg.seed,
-        accelerator.process_index,
-        cfg.fixed_batch,
-    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    micro_steps = (start * cfg.grad_accum, cfg.steps * cfg.grad_accum)
+    batches = step_batches(len(data), cfg.batch_size, *micro_steps, cfg.seed, rank, world, cfg.fixed_batch)
     loader = torch.utils.data.DataLoader(data, batch_sampler=list(batches), collate_fn=collate, num_workers=cfg.workers)
     noise_schedule = base.scheduler
-    os.makedirs(cfg.run_dir, exist_ok=True)
+    rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+    if accelerator.is_main_process:  # what a killed run left half-written
+        for name in os.listdir(cfg.run_dir) if os.path.isdir(cfg.run_dir) else []:
+            if name.endswith(".partial"):
+                shutil.rmtree(os.path.join(cfg.run_dir, name), ignore_errors=True)
     log = _Log(os.path.join(cfg.run_dir, "loss.csv"), accelerator.is_main_process, start)
     bar = tqdm(total=cfg.steps, initial=start, desc="training", disable=not accelerator.is_local_main_process)
     step, losses, t0 = start, [], time.time()
     try:
         for micro, batch in enumerate(loader, start=start * cfg.grad_accum):
-            g = torch.Generator().manual_seed(
-                cfg.seed * 31 + accelerator.process_index * 7 + (0 if cfg.fixed_batch else micro)
-            )
-            b = len(batch["caption"])
-            drop_caption = torch.rand(b, generator=g) < cfg.caption_dropout
-            drop_subject = torch.rand(b, generator=g) < cfg.subject_dropout
-            captions = ["" if d else c for d, c in zip(drop_caption.tolist(), batch["caption"])]
             with torch.no_grad():
-                latents = (
-                    base.vae.encode(batch["target"].to(device)).latent_dist.sample(g) * base.vae.config.scaling_factor
-                )  # (B, 4, R/8, R/8)
+                posterior = base.vae.encode(batch["target"].to(device)).latent_dist
+                n_steps = noise_schedule.config.num_train_timesteps
+                r = RowDraws.draw(cfg, micro, rows, cfg.batch_size * world, posterior.mean.shape[1:], n_steps)
+                latents = (posterior.mean + posterior.std * r.latent_eps.to(device)) * base.vae.config.scaling_factor
+                captions = ["" if d else c for d, c in zip(r.drop_caption.tolist(), batch["caption"])]
                 context, added = encode_prompts(base, captions, resolution, device)
                 features = pixel_features(vision, batch["reference"], device).float()  # (B, P, E)
-            where = trigger_where(base, captions, batch["trigger"], required=False) & ~drop_subject[:, None]  # (B, T)
-            noise = torch.randn(latents.shape, generator=g).to(device)
-            timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (b,), generator=g).to(device)
+            where = trigger_where(base, captions, batch["trigger"], required=False) & ~r.drop_subject[:, None]  # (B, T)
+            noise, timesteps = r.noise.to(device), r.timesteps.to(device)
             noisy = noise_schedule.add_noise(latents, noise, timesteps).to(frozen_dtype)
             target = (
                 noise
@@ -383,13 +406,20 @@ def train(cfg: TrainConfig) -> str:
 
 
 class _Log:
-    """CSV of step, loss, learning rate, seconds since this (re)start; a resume appends."""
+    """CSV of step, loss, learning rate, seconds since this (re)start; a resume keeps the rows up to its
+    checkpoint (a killed run may have logged past it) and appends."""
 
     def __init__(self, path: str, active: bool, start: int):
         self.path, self.active = path, active
-        if active and (start == 0 or not os.path.isfile(path)):
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerow(["step", "loss", "lr", "seconds"])
+        if not active:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        kept = []
+        if start > 0 and os.path.isfile(path):
+            with open(path, newline="") as f:
+                kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= start]
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows([["step", "loss", "lr", "seconds"], *kept])
 
     def write(self, step: int, loss: float, lr: float, seconds: float) -> None:
         if self.active:
@@ -398,18 +428,30 @@ class _Log:
 
 
 def _checkpoint(accelerator, cfg: TrainConfig, step: int) -> None:
+    """checkpoint-<step>/, made complete under a .partial name and renamed: a killed run leaves no half checkpoint."""
     folder = os.path.join(cfg.run_dir, f"checkpoint-{step:07d}")
-    accelerator.save_state(folder)
+    accelerator.save_state(folder + ".partial")  # the main process the weights, each process its random state
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with open(os.path.join(folder, "trainer.json"), "w") as f:
-            json.dump({"step": step, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "mode": cfg.mode}, f)
+        meta = {
+            "step": step,
+            "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum,
+            "processes": accelerator.num_processes,
+            "mode": cfg.mode,
+        }
+        with open(os.path.join(folder + ".partial", "trainer.json"), "w") as f:
+            json.dump(meta, f)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(folder + ".partial", folder)
+    accelerator.wait_for_everyone()
 
 
 def _resume(accelerator, cfg: TrainConfig) -> int:
     folder = cfg.resume
     if folder == "latest":
         found = (
-            sorted(d for d in os.listdir(cfg.run_dir) if d.startswith("checkpoint-"))
+            sorted(d for d in os.listdir(cfg.run_dir) if re.fullmatch(r"checkpoint-\d+", d))
             if os.path.isdir(cfg.run_dir)
             else []
         )
@@ -420,10 +462,13 @@ def _resume(accelerator, cfg: TrainConfig) -> int:
         raise NestedAttentionError(f"{folder} is not a training checkpoint (no trainer.json).")
     with open(os.path.join(folder, "trainer.json")) as f:
         meta = json.load(f)
-    if (meta["batch_size"], meta["grad_accum"]) != (cfg.batch_size, cfg.grad_accum):
+    made = (meta["batch_size"], meta["grad_accum"], meta.get("processes", 1))
+    if made != (cfg.batch_size, cfg.grad_accum, accelerator.num_processes):
         raise NestedAttentionError(
-            f"{folder} was made with --batch-size {meta['batch_size']} --grad-accum {meta['grad_accum']}; resume "
-            "with the same values."
+            f"{folder} was made by {made[2]} process(es) with --batch-size {made[0]} --grad-accum {made[1]}; "
+            f"this run has {accelerator.num_processes} with --batch-size {cfg.batch_size} --grad-accum "
+            f"{cfg.grad_accum}. Resume with the same three: the batch is per process, and the data order follows "
+            "the global batch."
         )
     if meta.get("mode", "nested") != cfg.mode:
         raise NestedAttentionError(f"{folder} was trained with --mode {meta.get('mode', 'nested')}; resume with it.")

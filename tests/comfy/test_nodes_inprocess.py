@@ -6,16 +6,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def pack(comfy):
-    return comfy.import_pack()
-
-
-@pytest.fixture(scope="module")
-def engine(pack):
-    return pack.na_engine
-
-
 def adapter_for(engine, model, clip_width=64, token_dim=64, queries=4, seed=0):
     layers = [
         engine.Layer(i, f"layer{i}", key, w)
@@ -411,21 +401,6 @@ def test_bad_inputs_get_clear_errors(pack, engine, tiny_sd15, tiny_sdxl, tiny_cl
     assert encode(pack, adapter, tiny_clip_vision, "dog", mask=torch.ones(1, 13, 7), crop="pad")[0].tokens.shape[0] == 8
     with pytest.raises(err, match="start_at"):
         apply(pack, tiny_sd15, tiny_clip, subjects, "a dog", start_at=0.8, end_at=0.2)
-
-
-@pytest.fixture
-def model_dirs(pack, tmp_path):
-    """Put temp folders first in the pack's model folders, as extra_model_paths.yaml would."""
-    import folder_paths
-
-    saved = {}
-    for name in ("nested_attention", "nested_subjects"):
-        dirs, exts = folder_paths.folder_names_and_paths[name]
-        saved[name] = (list(dirs), exts)
-        (tmp_path / name).mkdir()
-        folder_paths.folder_names_and_paths[name] = ([str(tmp_path / name)] + list(dirs), exts)
-    yield tmp_path
-    folder_paths.folder_names_and_paths.update(saved)
 
 
 def test_nan_or_inf_in_an_image_or_mask_is_refused(pack, engine, tiny_sd15, tiny_clip_vision):

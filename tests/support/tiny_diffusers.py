@@ -68,9 +68,90 @@ def make_base(folder: str, seed: int = 0) -> str:
     vae.save_pretrained(os.path.join(folder, "vae"))
     text.save_pretrained(os.path.join(folder, "text_encoder"))
     scheduler.save_pretrained(os.path.join(folder, "scheduler"))
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}, f)
+    write_index(folder, "StableDiffusionPipeline", "DDPMScheduler", safety_checker=[None, None])
     return folder
+
+
+def make_base_xl(folder: str, seed: int = 0) -> str:
+    """A tiny SDXL-shaped diffusers folder: two text encoders (16 + 16 = context 32), pooled text and time ids
+    through the added embedding, cross-attention at the second level only (2 transformer layers there)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        return folder
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 16,  # six time ids x 8 + the pooled text (16)
+    )
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    for sub in ("tokenizer", "tokenizer_2"):
+        write_tokenizer(os.path.join(folder, sub), WORDS, max_length=16)
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    CLIPTextModel(CLIPTextConfig(**text)).save_pretrained(os.path.join(folder, "text_encoder"))
+    second = CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=16))
+    second.save_pretrained(os.path.join(folder, "text_encoder_2"))
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
+        os.path.join(folder, "scheduler")
+    )
+    write_index(
+        folder,
+        "StableDiffusionXLPipeline",
+        "EulerDiscreteScheduler",
+        text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+        tokenizer_2=["transformers", "CLIPTokenizer"],
+    )
+    return folder
+
+
+def write_index(folder: str, pipeline: str, scheduler: str, **more) -> None:
+    """model_index.json naming every component, as a downloaded pipeline's does (single-file loading reads it)."""
+    index = {
+        "_class_name": pipeline,
+        "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", scheduler],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        **more,
+    }
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=1)
 
 
 def make_clip_vision(folder: str, hidden: int = 32, seed: int = 0) -> str:

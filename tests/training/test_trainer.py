@@ -312,3 +312,40 @@ def test_cli_defaults_are_the_config_defaults():
     required = ["--base", "b", "--clip-vision", "c", "--data", "d", "--out", "o.safetensors"]
     assert parse(required) == TrainConfig("b", "c", "d", "o.safetensors")
     assert parse(required + ["--validation-prompt", "x", "--validation-prompt", "y"]).validation_prompts == ["x", "y"]
+
+
+def test_single_file_base_trains_and_generates_as_its_folder(world, tmp_path):
+    """--base model.safetensors --base-config FOLDER: the same weights as the folder, so the same training
+    and the same images; a config folder that does not name its components is a clear error."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+    from single_file import write_single_file
+
+    from na_engine.standalone.generate import main as generate
+
+    single = write_single_file(world["base"], str(tmp_path / "tiny.safetensors"))
+    from_folder = config(world, "folder.safetensors", steps=2)
+    from_file = config(world, "file.safetensors", steps=2, base_config=world["base"])
+    from_file.base = single
+    train(from_folder)
+    train(from_file)
+    a, b = load_file(from_folder.out), load_file(from_file.out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    common = ["--clip-vision", world["vision"], "--adapter", from_file.out, "--subject", str(world["root"] / "photos")]
+    common += ["--trigger", "dog", "--prompt", "a photo of a dog", "--steps", "2", "--size", "32", "--no-maps"]
+    assert generate(["--base", world["base"], *common, "--out", str(tmp_path / "a")]) == 0
+    assert generate(["--base", single, "--base-config", world["base"], *common, "--out", str(tmp_path / "b")]) == 0
+    pixels = [np.asarray(Image.open(tmp_path / d / "0000_photos_0.png")) for d in ("a", "b")]
+    assert np.array_equal(*pixels)
+
+    bare = tmp_path / "bare"
+    shutil.copytree(world["base"], bare)
+    (bare / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    cfg = config(world, "bare.safetensors", steps=1, base_config=str(bare))
+    cfg.base = single
+    with pytest.raises(NestedAttentionError, match=r"model_index.json does not name unet, vae, text_encoder"):
+        train(cfg)
