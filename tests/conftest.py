@@ -80,3 +80,31 @@ def tiny_vae(comfy):
 @pytest.fixture(scope="session")
 def tiny_clip_vision(comfy):
     return comfy.tiny_clip_vision()
+
+
+# -- the pack as ComfyUI imports it, and its model folders ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    return comfy.import_pack()
+
+
+@pytest.fixture(scope="module")
+def engine(pack):
+    return pack.na_engine
+
+
+@pytest.fixture
+def model_dirs(pack, tmp_path):
+    """Put temp folders first in the pack's model folders, as extra_model_paths.yaml would."""
+    import folder_paths
+
+    saved = {}
+    for name in ("nested_attention", "nested_subjects"):
+        dirs, exts = folder_paths.folder_names_and_paths[name]
+        saved[name] = (list(dirs), exts)
+        (tmp_path / name).mkdir()
+        folder_paths.folder_names_and_paths[name] = ([str(tmp_path / name)] + list(dirs), exts)
+    yield tmp_path
+    folder_paths.folder_names_and_paths.update(saved)
