@@ -77,8 +77,8 @@ class NestedAttentionApply:
                         "step": 0.05,
                         "tooltip": "Multiplies the attention the trigger word receives (the other words make room). "
                         "1.0 is the paper's formula, right for adapters trained for nesting. IP-Adapter Plus files "
-                        "(the training-free bridge) were not: the study measured 8 as their best setting "
-                        "(docs/STUDY.md).",
+                        "(the training-free bridge) were not: in the study's miniature world 8, the top of the range "
+                        "tried, was their best setting (docs/STUDY.md); lower it if the prompt loses ground.",
                     },
                 ),
             },

@@ -3,7 +3,8 @@
 One training step as `python -m na_engine train` takes it (na_engine.standalone.train.NestedDenoiser:
 the frozen UNet with the nested processors, forward, backward into the adapter, clipped AdamW step),
 on random latents, context and CLIP features. The frozen text encoders, VAE encode and CLIP vision
-are left out: they run without gradients and add a few percent. Per shape it prints samples per
+are left out: they run without gradients (the VAE encoder is of the order of one UNet forward at 512 px,
+so a whole step is slower). Per shape it prints samples per
 second and peak memory (CUDA: peak allocated; CPU: peak resident set, weights included), with gradient
 checkpointing off and on and their ratio, measured side by side in one run, each in a fresh subprocess.
 

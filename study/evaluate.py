@@ -344,7 +344,7 @@ def confirm_bridge_weight(ev: Evaluator, sweep: list[dict], heldout) -> dict:
     return {
         "chosen": best,
         "rule": "the bridge's trigger-weight sweep point with the highest identity top-1 (ties: the smaller weight)",
-        "confirm": {str(w): _point(c) | {"identity_top1_ci95": c["identity_top1_ci95"]} for w, c in cells.items()},
+        "confirm": {str(w): _point(c) for w, c in cells.items()},
         "pairs_only_chosen": only_best,
         "pairs_only_weight_1": only_one,
         "sign_test_p": round(metrics.sign_test(only_best, only_one), 4),
@@ -356,4 +356,5 @@ def _without_settings(cell: dict) -> dict:
 
 
 def _point(cell: dict) -> dict:
-    return {k: cell[k] for k in ("identity_top1", "background_acc", "placement_acc", "background_leak", "n")}
+    keys = ("identity_top1", "identity_top1_ci95", "background_acc", "placement_acc", "background_leak", "n")
+    return {k: cell[k] for k in keys}

@@ -10,6 +10,7 @@ import os
 
 from PIL import Image, ImageDraw
 
+from . import metrics
 from .evaluate import METHODS, multi_cases, reference_photo, single_cases
 
 COLOURS = {"nested": (200, 40, 40), "bridge": (40, 90, 200), "decoupled": (40, 150, 60), "single_token": (150, 90, 20)}
@@ -125,41 +126,61 @@ def _ci(r: dict, key: str) -> str:
     return f"{r[key]:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
-def claims(results: dict) -> list[tuple[str, str, bool]]:
-    """The paper's claims as the study's issue transposed them: (claim, what was measured, whether it holds)."""
+def _verdict(holds: bool, a: dict, b: dict, key: str) -> str:
+    """yes / **no**, and whether the two cells' 95% intervals separate them."""
+    if a[key] == b[key]:
+        return "yes (a tie)" if holds else "**no** (a tie)"
+    apart = a[key + "_ci95"][0] > b[key + "_ci95"][1] or b[key + "_ci95"][0] > a[key + "_ci95"][1]
+    return ("yes" if holds else "**no**") + ("" if apart else " (intervals overlap)")
+
+
+def claims(results: dict) -> list[tuple[str, str, str]]:
+    """The paper's claims as the study's issue transposed them: (claim, what was measured, verdict)."""
     m, multi, chance = results["methods"], results["multi"], results["chance_top1"]
-    nested, decoupled = m["nested"], m["decoupled"]
+    nested, decoupled, single, base = m["nested"], m["decoupled"], m["single_token"], m["base"]
     top1 = nested["identity_top1"]
+    n = nested["n"]
+    p_single = metrics.two_proportion_p(round(top1 * n), n, round(single["identity_top1"] * single["n"]), single["n"])
     return [
         (
             "the base follows the prompt: background >= 0.9",
-            f"{m['base']['background_acc']:.3f}",
-            m["base"]["background_acc"] >= 0.9,
+            _ci(base, "background_acc"),
+            "yes" if base["background_acc"] >= 0.9 else "**no**",
         ),
         (
             "nested identity top-1 >= 10x chance",
             f"{top1:.3f} = {top1 / chance:.1f}x chance {chance:.3f}",
-            top1 >= 10 * chance,
+            "yes" if top1 >= 10 * chance else "**no**",
         ),
         (
-            "nested identity above single_token and base",
-            f"{top1:.3f} vs {m['single_token']['identity_top1']:.3f} and {m['base']['identity_top1']:.3f}",
-            top1 > max(m["single_token"]["identity_top1"], m["base"]["identity_top1"]),
+            "nested identity above single_token",
+            f"{_ci(nested, 'identity_top1')} vs {_ci(single, 'identity_top1')}; two-proportion p = {p_single:.3f}",
+            _verdict(top1 > single["identity_top1"], nested, single, "identity_top1"),
+        ),
+        (
+            "nested identity above base",
+            f"{_ci(nested, 'identity_top1')} vs {_ci(base, 'identity_top1')}",
+            _verdict(top1 > base["identity_top1"], nested, base, "identity_top1"),
         ),
         (
             "nested background >= decoupled",
-            f"{nested['background_acc']:.3f} vs {decoupled['background_acc']:.3f}",
-            nested["background_acc"] >= decoupled["background_acc"],
+            f"{_ci(nested, 'background_acc')} vs {_ci(decoupled, 'background_acc')}",
+            _verdict(nested["background_acc"] >= decoupled["background_acc"], nested, decoupled, "background_acc"),
         ),
         (
             "nested background leak <= decoupled",
-            f"{nested['background_leak']:.3f} vs {decoupled['background_leak']:.3f}",
-            nested["background_leak"] <= decoupled["background_leak"],
+            f"{_ci(nested, 'background_leak')} vs {_ci(decoupled, 'background_leak')}",
+            _verdict(nested["background_leak"] <= decoupled["background_leak"], nested, decoupled, "background_leak"),
         ),
         (
             "two subjects: nested swap rate < decoupled",
             f"{_ci(multi['nested'], 'swap_rate')} vs {_ci(multi['decoupled'], 'swap_rate')}",
-            multi["nested"]["swap_rate"] < multi["decoupled"]["swap_rate"],
+            _verdict(
+                multi["nested"]["swap_rate"] < multi["decoupled"]["swap_rate"],
+                multi["nested"],
+                multi["decoupled"],
+                "swap_rate",
+            ),
         ),
     ]
 
@@ -191,7 +212,10 @@ def markdown(results: dict, stages: dict, figures: str, analysis: str, run_dir: 
         "",
         "| claim | measured | holds |",
         "|---|---|---|",
-        *[f"| {c} | {v} | {'yes' if ok else '**no**'} |" for c, v, ok in claims(results)],
+        *[f"| {c} | {v} | {verdict} |" for c, v, verdict in claims(results)],
+        "",
+        'A verdict follows the claim\'s point comparison; "intervals overlap" marks one the 95% intervals do not '
+        'separate, "a tie" equal values.',
         "",
         "## Main table (held-out identities, reference in another scene)",
         "",
@@ -221,10 +245,10 @@ def markdown(results: dict, stages: dict, figures: str, analysis: str, run_dir: 
         "",
         f"![trade-off]({figures}/tradeoff.png)",
         "",
-        "| method | strength | identity top-1 | background | placement | leak |",
+        "| method | strength | identity top-1 [95%] | background | placement | leak |",
         "|---|---|---|---|---|---|",
         *[
-            f"| {name} | {p['strength']:g} | {p['identity_top1']:.3f} | {p['background_acc']:.3f} | "
+            f"| {name} | {p['strength']:g} | {_ci(p, 'identity_top1')} | {p['background_acc']:.3f} | "
             f"{p['placement_acc']:.3f} | {p['background_leak']:.3f} |"
             for name, pts in results["sweep"].items()
             for p in pts
@@ -232,10 +256,10 @@ def markdown(results: dict, stages: dict, figures: str, analysis: str, run_dir: 
         "",
         f"## Trigger weight ({n_sweep} cases a point, strength 1)",
         "",
-        "| method | trigger weight | identity top-1 | background | placement | leak |",
+        "| method | trigger weight | identity top-1 [95%] | background | placement | leak |",
         "|---|---|---|---|---|---|",
         *[
-            f"| {name} | {p['trigger_weight']:g} | {p['identity_top1']:.3f} | {p['background_acc']:.3f} | "
+            f"| {name} | {p['trigger_weight']:g} | {_ci(p, 'identity_top1')} | {p['background_acc']:.3f} | "
             f"{p['placement_acc']:.3f} | {p['background_leak']:.3f} |"
             for name, pts in results["trigger_weight_sweep"].items()
             for p in pts
@@ -311,8 +335,9 @@ def readme_section(results: dict, figures: str) -> str:
             README_START,
             "## Does it work? A miniature world, trained here",
             "",
-            "Every model below was trained from scratch on a 2-core CPU, on procedural products (bottles, boxes, "
-            "mugs with continuous colours and patterns), by this project's own trainer and generator; the "
+            "Every model below was trained from scratch on a 2-core CPU (the CLIP vision tower stays random), on "
+            "procedural products (bottles, boxes, mugs with continuous colours and patterns), by this project's own "
+            "trainer and generator; the "
             f"{results['heldout_identities']} products shown were never seen in training. Each row: the reference "
             "photo, then one prompt through each method (base: no subject). Identity top-1 is the probe's retrieval "
             f"among the {results['heldout_identities']} held-out products (chance {results['chance_top1']:.3f}); "

@@ -134,7 +134,10 @@ def stage_report(run: Run) -> dict:
 
     docs = run.docs or run.out
     figures = os.path.join(docs, "study") if run.docs else run.path("report")
-    analysis = "" if run.scale.quick else open(ANALYSIS).read()  # written for the full run's numbers
+    analysis = ""
+    if not run.scale.quick:  # written by hand for the full run's numbers
+        with open(ANALYSIS) as f:
+            analysis = f.read()
     md = os.path.join(docs, "STUDY.md")
     record = report.write_report(run.out, run.identities()[1], figures, md, run.stages, analysis, run.readme)
     if run.docs:

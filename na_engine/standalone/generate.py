@@ -6,17 +6,19 @@ Catalogue: --batch jobs.csv (columns prompt, subject, trigger, seed; subject = i
            every combination
 Each image is written to --out with, unless --no-maps, its attention-map panel:
 [where the trigger attends | which subject token each pixel draws from | the reference coloured by token].
-A rerun skips the rows whose image exists.  `accelerate launch --multi_gpu --num_processes N -m na_engine
-generate ...` splits the rows across N processes (GPUs, or CPU processes where none is visible), each row
-the same image as one process gives; manifest.csv lists every row with the process that rendered it.
+A rerun skips the rows already rendered with the same job and settings.
+`accelerate launch --multi_gpu --num_processes N -m na_engine generate ...` splits the rows across N
+processes (GPUs, or CPU processes where none is visible), each row the same image as one process gives;
+manifest.csv lists every row with the process that rendered it.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import List, Sequence, Union
 
 import numpy as np
@@ -205,12 +207,15 @@ def run_jobs(
     maps: bool,
     trigger_weight: float = 1.0,
     mode: str = "nested",
+    models: str = "",
 ) -> List[str]:
     """Render the catalogue; returns every row's image path.
 
-    Under ``accelerate launch`` row i belongs to process i mod N.  A row whose image exists is
-    skipped, so an interrupted catalogue resumes.  Images are written under a temporary name and
-    renamed; the main process then writes manifest.csv with every row once."""
+    Under ``accelerate launch`` row i belongs to process i mod N.  A row is skipped when its image
+    exists and manifest.csv records it with the same key: its job, these settings, ``models`` (the base
+    and CLIP vision paths) and the adapter's weights.  So an interrupted catalogue resumes, and a changed
+    row is rendered again.  Images are written under a temporary name and renamed; the main process
+    then writes manifest.csv with every row once."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
@@ -218,8 +223,21 @@ def run_jobs(
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
     os.makedirs(out, exist_ok=True)
+    if state.is_main_process:  # images a killed run left half-written
+        for name in os.listdir(out):
+            if name.endswith(".partial"):
+                os.remove(os.path.join(out, name))
+    state.wait_for_everyone()
+    settings = [steps, cfg, size, strength, maps, trigger_weight, mode, models, generator.adapter.fingerprint()]
+    keys = [_row_key(job, settings) for job in jobs]
     stems = [os.path.join(out, f"{i:04d}_{job.name}_{job.seed}") for i, job in enumerate(jobs)]
-    mine = [i for i in range(rank, len(jobs), world) if not os.path.isfile(stems[i] + ".png")]
+    before = _read_manifest(out)
+
+    def done(i: int) -> bool:  # its image exists, recorded under the same key
+        file = os.path.basename(stems[i]) + ".png"
+        return os.path.isfile(stems[i] + ".png") and before.get(file, {}).get("key") == keys[i]
+
+    mine = [i for i in range(rank, len(jobs), world) if not done(i)]
     cache = {}
     for i in tqdm(mine, desc=f"catalogue (process {rank} of {world})", disable=not state.is_main_process):
         job = jobs[i]
@@ -231,12 +249,18 @@ def run_jobs(
         )
         if panel is not None:
             _save(panel, stems[i] + ".maps.png")
-        _save(image, stems[i] + ".png")  # last: its presence marks the row done
+        _save(image, stems[i] + ".png")
     rendered = dict(gather_object([(i, rank) for i in mine]))
     if state.is_main_process:
-        _write_manifest(out, jobs, stems, rendered)
+        _write_manifest(out, jobs, stems, keys, rendered, before)
+        print(f"rendered {len(rendered)} rows, kept {len(jobs) - len(rendered)} from an earlier run")
     state.wait_for_everyone()
     return [stem + ".png" for stem in stems]
+
+
+def _row_key(job: Job, settings: list) -> str:
+    """What a row's image depends on, hashed."""
+    return hashlib.sha256(json.dumps([asdict(job), settings], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _save(image, path: str) -> None:
@@ -245,19 +269,24 @@ def _save(image, path: str) -> None:
     os.replace(partial, path)
 
 
-def _write_manifest(out: str, jobs: Sequence[Job], stems: List[str], rendered: dict) -> None:
-    """manifest.csv: every row once, with the process that rendered it (this run, or the one recorded before)."""
+def _read_manifest(out: str) -> dict:
     path = os.path.join(out, "manifest.csv")
-    before = {}
-    if os.path.isfile(path):
-        with open(path, newline="") as f:
-            before = {r["file"]: r.get("rank", "") for r in csv.DictReader(f)}
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline="") as f:
+        return {r["file"]: r for r in csv.DictReader(f)}
+
+
+def _write_manifest(out: str, jobs: Sequence[Job], stems: List[str], keys: List[str], rendered: dict, before: dict):
+    """manifest.csv: every row once, with the process that rendered it (this run, or as recorded before)."""
+    path = os.path.join(out, "manifest.csv")
     with open(path + ".partial", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["file", "prompt", "subject", "trigger", "seed", "rank"])
-        for i, (job, stem) in enumerate(zip(jobs, stems)):
+        w.writerow(["file", "prompt", "subject", "trigger", "seed", "rank", "key"])
+        for i, (job, stem, key) in enumerate(zip(jobs, stems, keys)):
             file = os.path.basename(stem) + ".png"
-            w.writerow([file, job.prompt, job.name, job.trigger, job.seed, rendered.get(i, before.get(file, ""))])
+            rank = rendered[i] if i in rendered else before[file]["rank"]
+            w.writerow([file, job.prompt, job.name, job.trigger, job.seed, rank, key])
     os.replace(path + ".partial", path)
 
 
@@ -351,6 +380,7 @@ def generate(args) -> List[str]:
         not args.no_maps,
         args.trigger_weight,
         args.mode,
+        json.dumps([os.path.abspath(args.base), args.base_config, os.path.abspath(args.clip_vision), str(dtype)]),
     )
 
 

@@ -77,7 +77,10 @@ def _check_index(folder: str) -> None:
     if os.path.isfile(index_file):
         with open(index_file) as f:
             index = json.load(f)
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in index]
+    needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    if os.path.isdir(os.path.join(folder, "text_encoder_2")):  # SDXL
+        needed += ["text_encoder_2", "tokenizer_2"]
+    missing = [c for c in needed if c not in index]
     if missing:
         raise NestedAttentionError(
             f"--base-config {folder}: its model_index.json does not name {', '.join(missing)}; a single-file base "

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -94,7 +95,7 @@ class TrainSet(torch.utils.data.Dataset):
 
     def __getitem__(self, key) -> dict:
         step, row, index = key
-        rng = random.Random(self.seed * 1_000_003 + step * 1009 + row)
+        rng = random.Random(stream_seed(self.seed, AUGMENT, step, row))
         image, mask = self.load(index)
         target = _to_tensor(image.resize((self.resolution,) * 2)) * 2 - 1  # (3, R, R) in [-1, 1]
         reference = augment(subject_crop(image, mask), rng)
@@ -148,23 +149,33 @@ def _to_tensor(image) -> Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
+ORDER, DRAWS, AUGMENT = 1, 2, 3  # the random streams: data order, per-row draws, augmentation
+
+
+def stream_seed(seed: int, stream: int, *index: int) -> int:
+    """A seed for one stream at one index (step, row): independent across seeds, streams and indices."""
+    return int(np.random.SeedSequence([seed, stream, *index]).generate_state(1)[0])
+
+
 def step_batches(
     n: int, batch: int, start: int, stop: int, seed: int, rank: int, world: int, fixed: bool
 ) -> Iterator[List[tuple]]:
     """(step, global row, item) lists for micro-steps start..stop-1.
 
-    Each step draws the global batch (batch x world items) from a generator seeded by (seed, step)
-    and this process takes its slice: the data order depends on the global batch only, so one
-    process with batch 2B sees the rows that two processes with batch B share."""
+    Each step draws the global batch (batch x world items) from its own seed and this process
+    takes its slice: the data order depends on the global batch only, so one process with batch
+    2B sees the rows that two processes with batch B share."""
     for step in range(start, stop):
         key = 0 if fixed else step
-        items = torch.randint(n, (batch * world,), generator=torch.Generator().manual_seed(seed * 7919 + key))
+        g = torch.Generator().manual_seed(stream_seed(seed, ORDER, key))
+        items = torch.randint(n, (batch * world,), generator=g)
         yield [(key, row, int(items[row])) for row in range(rank * batch, (rank + 1) * batch)]
 
 
 @dataclass
 class RowDraws:
-    """A micro-step's random draws, made for the global batch and sliced to this process's rows."""
+    """A micro-step's random draws for this process's rows, each row's from its own seed
+    (step, global row): the same whatever the number of processes."""
 
     drop_caption: Tensor  # (b,) bool
     drop_subject: Tensor  # (b,) bool
@@ -173,15 +184,16 @@ class RowDraws:
     latent_eps: Tensor  # (b, 4, h, w): the VAE posterior's sample
 
     @classmethod
-    def draw(cls, cfg: TrainConfig, micro: int, rows: slice, total: int, latent: tuple, timesteps: int) -> "RowDraws":
-        g = torch.Generator().manual_seed(cfg.seed * 31 + (0 if cfg.fixed_batch else micro))
-        return cls(
-            (torch.rand(total, generator=g) < cfg.caption_dropout)[rows],
-            (torch.rand(total, generator=g) < cfg.subject_dropout)[rows],
-            torch.randint(0, timesteps, (total,), generator=g)[rows],
-            torch.randn((total, *latent), generator=g)[rows],
-            torch.randn((total, *latent), generator=g)[rows],
-        )
+    def draw(cls, cfg: TrainConfig, micro: int, rows: range, latent: tuple, timesteps: int) -> "RowDraws":
+        draws = []
+        for row in rows:
+            g = torch.Generator().manual_seed(stream_seed(cfg.seed, DRAWS, 0 if cfg.fixed_batch else micro, row))
+            u = torch.rand(2, generator=g)
+            t = torch.randint(0, timesteps, (1,), generator=g)
+            draws.append(
+                (u[0] < cfg.caption_dropout, u[1] < cfg.subject_dropout, t[0], *torch.randn((2, *latent), generator=g))
+            )
+        return cls(*(torch.stack(column) for column in zip(*draws)))
 
 
 def collate(items: Sequence[dict]) -> dict:
@@ -289,6 +301,12 @@ def check_inputs(cfg: TrainConfig):
         raise NestedAttentionError(f"--mode must be nested or decoupled, not {cfg.mode!r}.")
     if not cfg.out.endswith(".safetensors"):
         raise NestedAttentionError(f"--out must name a .safetensors adapter file, not {cfg.out!r}.")
+    earlier = _checkpoints(cfg.run_dir)
+    if earlier and not cfg.resume:
+        raise NestedAttentionError(
+            f"{cfg.run_dir} holds checkpoints of an earlier run (up to {earlier[-1]}). Continue it with --resume "
+            "latest, or start afresh with another --out (or after removing that folder)."
+        )
     unet_cfg, width = unet_config(cfg.base, cfg.base_config), clip_vision_width(cfg.clip_vision)
     init = load_adapter(cfg.init_from) if cfg.init_from else None
     check_match(unet_cfg, width, init, cfg.base, cfg.clip_vision)
@@ -309,6 +327,7 @@ def train(cfg: TrainConfig) -> str:
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         cpu=not torch.cuda.is_available(),
+        step_scheduler_with_optimizer=False,  # every process runs every step: one schedule step per optimizer step
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     device = accelerator.device
@@ -339,11 +358,13 @@ def train(cfg: TrainConfig) -> str:
     batches = step_batches(len(data), cfg.batch_size, *micro_steps, cfg.seed, rank, world, cfg.fixed_batch)
     loader = torch.utils.data.DataLoader(data, batch_sampler=list(batches), collate_fn=collate, num_workers=cfg.workers)
     noise_schedule = base.scheduler
-    rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+    rows = range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)  # this process's global rows
     if accelerator.is_main_process:  # what a killed run left half-written
         for name in os.listdir(cfg.run_dir) if os.path.isdir(cfg.run_dir) else []:
             if name.endswith(".partial"):
                 shutil.rmtree(os.path.join(cfg.run_dir, name), ignore_errors=True)
+        if os.path.isfile(cfg.out + ".partial"):
+            os.remove(cfg.out + ".partial")
     log = _Log(os.path.join(cfg.run_dir, "loss.csv"), accelerator.is_main_process, start)
     bar = tqdm(total=cfg.steps, initial=start, desc="training", disable=not accelerator.is_local_main_process)
     step, losses, t0 = start, [], time.time()
@@ -352,7 +373,7 @@ def train(cfg: TrainConfig) -> str:
             with torch.no_grad():
                 posterior = base.vae.encode(batch["target"].to(device)).latent_dist
                 n_steps = noise_schedule.config.num_train_timesteps
-                r = RowDraws.draw(cfg, micro, rows, cfg.batch_size * world, posterior.mean.shape[1:], n_steps)
+                r = RowDraws.draw(cfg, micro, rows, posterior.mean.shape[1:], n_steps)
                 latents = (posterior.mean + posterior.std * r.latent_eps.to(device)) * base.vae.config.scaling_factor
                 captions = ["" if d else c for d, c in zip(r.drop_caption.tolist(), batch["caption"])]
                 context, added = encode_prompts(base, captions, resolution, device)
@@ -442,19 +463,23 @@ def _checkpoint(accelerator, cfg: TrainConfig, step: int) -> None:
         }
         with open(os.path.join(folder + ".partial", "trainer.json"), "w") as f:
             json.dump(meta, f)
-        shutil.rmtree(folder, ignore_errors=True)
+        if os.path.isdir(folder):  # a resumed run passing a step again: the old one goes only once the new is in
+            os.replace(folder, folder + ".old.partial")
         os.replace(folder + ".partial", folder)
+        shutil.rmtree(folder + ".old.partial", ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _checkpoints(run_dir: str) -> List[str]:
+    """The complete checkpoint folders of a run, oldest first."""
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    return sorted(d for d in names if re.fullmatch(r"checkpoint-\d+", d))
 
 
 def _resume(accelerator, cfg: TrainConfig) -> int:
     folder = cfg.resume
     if folder == "latest":
-        found = (
-            sorted(d for d in os.listdir(cfg.run_dir) if re.fullmatch(r"checkpoint-\d+", d))
-            if os.path.isdir(cfg.run_dir)
-            else []
-        )
+        found = _checkpoints(cfg.run_dir)
         if not found:
             raise NestedAttentionError(f"--resume latest: no checkpoint in {cfg.run_dir}.")
         folder = os.path.join(cfg.run_dir, found[-1])

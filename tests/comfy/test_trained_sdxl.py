@@ -36,6 +36,9 @@ def test_sdxl_adapter_trains_and_the_comfy_loader_reproduces_the_processor(pack,
     assert [(x.comfy, x.width) for x in in_comfy.layers] == [(x.comfy, x.width) for x in in_diffusers.layers]
     assert len(in_diffusers.layers) == 8  # the second level's 2 transformer layers down, 2 x 2 up, 2 in the middle
 
+    features = torch.randn(2, 17, 32)  # (n, P, E): two photos' CLIP features
+    torch.testing.assert_close(in_comfy.resampler(features), in_diffusers.resampler(features), rtol=0, atol=0)
+
     unet = load_base(base).unet
     modules = dict(unet.named_modules())
     g = torch.Generator().manual_seed(0)

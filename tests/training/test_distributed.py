@@ -3,6 +3,7 @@ with one process, resume after a kill, and stop cleanly when a process dies."""
 
 import csv
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,6 +56,7 @@ def train_args(world, out, batch: int, steps: int = STEPS, *more: str) -> list:
         "train", "--base", world["base"], "--clip-vision", world["vision"], "--data", world["data"],
         "--out", str(out), "--steps", str(steps), "--batch-size", str(batch), "--lr", str(LR), "--tokens", "4",
         "--resampler-depth", "1", "--checkpoint-every", "2", "--caption-dropout", "0.2", "--subject-dropout", "0.2",
+        "--warmup", "4",
         *more,
     ]  # fmt: skip
 
@@ -68,9 +70,9 @@ def runs(world, tmp_path_factory):
     return root
 
 
-def losses(run_dir) -> list:
+def losses(run_dir, column: str = "loss") -> list:
     with open(os.path.join(run_dir, "loss.csv")) as f:
-        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+        return [(int(r["step"]), float(r[column])) for r in csv.DictReader(f)]
 
 
 def initial_adapter(world) -> dict:
@@ -94,7 +96,8 @@ def test_two_processes_train_as_one_at_the_same_global_batch(world, runs):
     1% of one step, LR / 100, bounds it with room, and is 600 times smaller than what 6 steps may move."""
     one_log, two_log = losses(runs / "one_run"), losses(runs / "two_run")
     assert [s for s, _ in one_log] == [s for s, _ in two_log]
-    assert [v for _, v in one_log] == pytest.approx([v for _, v in two_log], abs=1e-5)
+    assert [v for _, v in one_log] == pytest.approx([v for _, v in two_log], abs=1e-5)  # the logs print 6 decimals
+    assert losses(runs / "one_run", "lr") == losses(runs / "two_run", "lr")  # the warm-up: one step per step
     one, two = load_file(str(runs / "one.safetensors")), load_file(str(runs / "two.safetensors"))
     assert one.keys() == two.keys()
     differ = max((one[k] - two[k]).abs().max().item() for k in one)
@@ -156,17 +159,21 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(world, runs, tmp_path):
     proc.wait(timeout=60)
     assert not out.exists()
     resume = str(tmp_path / "killed_run" / "checkpoint-0000002")
+    (tmp_path / "killed_run" / "checkpoint-0000009.partial").mkdir()  # as a kill during a save leaves them
+    (tmp_path / "killed.safetensors.partial").write_bytes(b"half")
     run(2, *train_args(world, out, 1, STEPS, "--resume", resume))
     resumed, uninterrupted = load_file(str(out)), load_file(str(runs / "two.safetensors"))
     for k in uninterrupted:
         torch.testing.assert_close(resumed[k], uninterrupted[k], rtol=0, atol=0, msg=k)
     assert not any(n.endswith(".partial") for n in os.listdir(tmp_path / "killed_run"))
+    assert not (tmp_path / "killed.safetensors.partial").exists()
     assert [step for step, _ in losses(tmp_path / "killed_run")] == list(range(1, STEPS + 1))
 
 
-def test_resume_under_another_process_count_is_refused(world, runs):
+def test_resume_under_another_process_count_is_refused(world, runs, tmp_path):
+    shutil.copytree(runs / "two_run", tmp_path / "two_run")
     done = subprocess.run(
-        command(1, *train_args(world, runs / "two.safetensors", 1, STEPS + 2, "--resume", "latest")),
+        command(1, *train_args(world, tmp_path / "two.safetensors", 1, STEPS + 2, "--resume", "latest")),
         cwd=REPO,
         env=ENV,
         capture_output=True,
@@ -176,6 +183,7 @@ def test_resume_under_another_process_count_is_refused(world, runs):
     assert done.returncode != 0
     assert "made by 2 process(es) with --batch-size 1 --grad-accum 1; this run has 1" in done.stderr
     assert "Traceback" not in done.stderr
+    assert not (tmp_path / "two.safetensors").exists()
 
 
 def test_a_process_that_dies_stops_the_others(world, tmp_path):
@@ -190,7 +198,7 @@ def test_a_process_that_dies_stops_the_others(world, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
-    assert "na_engine FAILED" in log and "SIGKILL" in log, log[-3000:]
+    assert "na_engine FAILED" in log and "SIGKILL" in log, log[-3000:]  # torchrun's report
     assert not any(
         os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in workers
     )
@@ -220,7 +228,8 @@ def catalogue(world, tmp_path_factory):
     save_adapter(random_adapter(config, diffusers_layers(unet_config(world["base"])), seed=1), adapter)
     photos = make_photos(str(root / "photos"), count=2)
     rows = [("a photo of a dog", 3), ("a dog in snow", 4), ("a dog on the beach", 5)]
-    for name, chosen in (("three.csv", rows), ("one.csv", rows[:1])):
+    changed = rows[:2] + [("a red dog on the beach", 5)]
+    for name, chosen in (("three.csv", rows), ("changed.csv", changed), ("one.csv", rows[:1])):
         with open(root / name, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["prompt", "subject", "trigger", "seed"])
@@ -252,13 +261,16 @@ def test_two_processes_render_each_row_once_with_the_same_pixels(world, catalogu
         a, b = (np.asarray(Image.open(d / r["file"])) for d in (tmp_path / "one", two))
         assert np.array_equal(a, b), r["file"]
 
-    # an interrupted catalogue: row 1's image is missing; a rerun renders it alone and keeps the manifest whole
+    # an interrupted catalogue (row 1's image missing) whose row 2 has since changed: a rerun renders those two
     kept = {r["file"]: os.stat(two / r["file"]).st_mtime_ns for r in rows}
     os.remove(two / rows[1]["file"])
-    run(2, *generate_args(world, catalogue, "three.csv", two))
-    assert [r["rank"] for r in manifest(two)] == ["0", "1", "0"]
-    for r in (rows[0], rows[2]):
-        assert os.stat(two / r["file"]).st_mtime_ns == kept[r["file"]]  # not rendered again
+    done = run(2, *generate_args(world, catalogue, "changed.csv", two))
+    assert "rendered 2 rows, kept 1 from an earlier run" in done.stdout
+    after = manifest(two)
+    assert [r["rank"] for r in after] == ["0", "1", "0"] and after[2]["prompt"] == "a red dog on the beach"
+    assert after[2]["key"] != rows[2]["key"] and after[0]["key"] == rows[0]["key"]
+    assert os.stat(two / rows[0]["file"]).st_mtime_ns == kept[rows[0]["file"]]  # not rendered again
+    assert os.stat(two / rows[2]["file"]).st_mtime_ns != kept[rows[2]["file"]]
     again = np.asarray(Image.open(two / rows[1]["file"]))
     assert np.array_equal(again, np.asarray(Image.open(tmp_path / "one" / rows[1]["file"])))
 
@@ -266,7 +278,7 @@ def test_two_processes_render_each_row_once_with_the_same_pixels(world, catalogu
 def test_more_processes_than_rows(world, catalogue, tmp_path):
     done = run(2, *generate_args(world, catalogue, "one.csv", tmp_path))
     assert [r["rank"] for r in manifest(tmp_path)] == ["0"]
-    assert done.stdout.count("images in") == 1  # the main process reports, once
+    assert done.stdout.count("1 images in") == 1 and "rendered 1 rows, kept 0" in done.stdout  # the main process
 
 
 def test_cpu_launch_that_starts_one_process_is_refused(world, catalogue, tmp_path):

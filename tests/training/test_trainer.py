@@ -327,8 +327,10 @@ def test_single_file_base_trains_and_generates_as_its_folder(world, tmp_path):
     from na_engine.standalone.generate import main as generate
 
     single = write_single_file(world["base"], str(tmp_path / "tiny.safetensors"))
+    configs = tmp_path / "configs"  # the folder without its weights: everything must come from the file
+    shutil.copytree(world["base"], configs, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     from_folder = config(world, "folder.safetensors", steps=2)
-    from_file = config(world, "file.safetensors", steps=2, base_config=world["base"])
+    from_file = config(world, "file.safetensors", steps=2, base_config=str(configs))
     from_file.base = single
     train(from_folder)
     train(from_file)
@@ -338,7 +340,7 @@ def test_single_file_base_trains_and_generates_as_its_folder(world, tmp_path):
     common = ["--clip-vision", world["vision"], "--adapter", from_file.out, "--subject", str(world["root"] / "photos")]
     common += ["--trigger", "dog", "--prompt", "a photo of a dog", "--steps", "2", "--size", "32", "--no-maps"]
     assert generate(["--base", world["base"], *common, "--out", str(tmp_path / "a")]) == 0
-    assert generate(["--base", single, "--base-config", world["base"], *common, "--out", str(tmp_path / "b")]) == 0
+    assert generate(["--base", single, "--base-config", str(configs), *common, "--out", str(tmp_path / "b")]) == 0
     pixels = [np.asarray(Image.open(tmp_path / d / "0000_photos_0.png")) for d in ("a", "b")]
     assert np.array_equal(*pixels)
 
@@ -348,4 +350,11 @@ def test_single_file_base_trains_and_generates_as_its_folder(world, tmp_path):
     cfg = config(world, "bare.safetensors", steps=1, base_config=str(bare))
     cfg.base = single
     with pytest.raises(NestedAttentionError, match=r"model_index.json does not name unet, vae, text_encoder"):
+        train(cfg)
+
+
+def test_a_fresh_run_beside_an_earlier_runs_checkpoints_is_refused(world):
+    cfg = config(world, "twice.safetensors", steps=2)
+    train(cfg)
+    with pytest.raises(NestedAttentionError, match=r"holds checkpoints of an earlier run \(up to checkpoint-0000002\)"):
         train(cfg)
