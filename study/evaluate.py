@@ -237,6 +237,23 @@ class Evaluator:
         own = [self.gallery.position(c.identity.index) for c in cases]
         return _rates(identity_top1=[h == o for h, o in zip(hits, own)]) | {"n": len(cases)}
 
+    @torch.no_grad()
+    def trigger_share(self, cases) -> dict:
+        """The attention the trigger word receives, p(q), which scales nested's correction at a pixel: its mean
+        over the layers and steps of nested generations, on the prompt's product pixels and on the rest."""
+        product, rest = [], []
+        for case in cases:
+            self.generate("nested", case.prompt, [case.reference], case.seed, 1.0, 1.0, maps=True)
+            capture = self.generators["nested"].capture
+            share = (capture.outer[0][0, 0] / capture.calls).numpy()  # (h, w): the mean over layers and steps
+            _, mask = world.render(case.prompt, self.resolution)
+            inside = np.asarray(mask.resize(share.shape[::-1], Image.BOX), dtype=np.float32) / 255 > 0.5
+            if inside.any() and not inside.all():
+                product.append(share[inside].mean())
+                rest.append(share[~inside].mean())
+        summary = {"product": np.mean(product), "background": np.mean(rest)}
+        return {k: round(float(v), 4) for k, v in summary.items()} | {"n": len(product)}
+
     def multi(self, method: str, cases, keep=0) -> dict:
         top1, swaps, backgrounds = [], [], []
         for k, (prompt, refs, seed) in enumerate(cases):
@@ -318,6 +335,7 @@ def evaluate(run_dir: str, heldout, cfg: EvalConfig, log=print) -> dict:
     results["sweep"] = {
         m: [{"strength": s, **point(m, s)} for s in cfg.strengths] for m in ("nested", "bridge", "decoupled")
     }
+    results["trigger_share"] = _without_settings(ev.cell("trigger_share", lambda: ev.trigger_share(few)))
     results["trigger_weight_sweep"] = {
         m: [{"trigger_weight": w, **point(m, 1.0, w)} for w in cfg.trigger_weights] for m in ("nested", "bridge")
     }

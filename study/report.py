@@ -265,6 +265,11 @@ def markdown(results: dict, stages: dict, figures: str, analysis: str, run_dir: 
             for p in pts
         ],
         "",
+        f"The attention the trigger word receives, p(q), which scales nested's correction at a pixel (mean over "
+        f"layers and steps of {results['trigger_share']['n']} nested generations at weight 1): "
+        f"{results['trigger_share']['product']:.3f} on the product's pixels, "
+        f"{results['trigger_share']['background']:.3f} elsewhere.",
+        "",
         f"The bridge's recommended trigger weight, chosen by rule ({bridge['rule']}): **{bridge['chosen']:g}**. "
         f"Checked against weight 1 on {results['settings']['cases']} fresh cases, paired:",
         "",

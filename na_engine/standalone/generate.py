@@ -115,7 +115,7 @@ class NestedGenerator:
         legends = [
             None if s.token_attention is None else token_legend(s.token_attention, s.reference) for s in subjects
         ]
-        capture = AttentionCapture(legends) if maps else None
+        capture = self.capture = AttentionCapture(legends) if maps else None  # kept: its sums, for measurements
         call = ModelCall(placements, (size // self.pipe.vae_scale_factor,) * 2, capture, 2 if cfg > 1 else 1)
         with self.processors.bound(call):
             generator = torch.Generator("cpu").manual_seed(seed)

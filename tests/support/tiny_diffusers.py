@@ -16,8 +16,8 @@ WORDS = ["a", "photo", "of", "dog", "bottle", "on", "the", "beach", "in", "snow"
 def make_base(folder: str, seed: int = 0) -> str:
     """A tiny SD1.5-shaped diffusers folder: 2 levels, 1 layer per block, cross-attention width 32."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     if os.path.isfile(os.path.join(folder, "model_index.json")):
         return folder
@@ -34,33 +34,11 @@ def make_base(folder: str, seed: int = 0) -> str:
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-        sample_size=32,
-    )
+    vae = tiny_vae()
     tok_dir = os.path.join(folder, "tokenizer")
     write_tokenizer(tok_dir, WORDS, max_length=16)  # each of WORDS one token; other words fall back to letters
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.eos_token_id,
-        )
-    )
+    text = CLIPTextModel(text_config(tokenizer, 32))
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
     )
@@ -76,8 +54,8 @@ def make_base_xl(folder: str, seed: int = 0) -> str:
     """A tiny SDXL-shaped diffusers folder: two text encoders (16 + 16 = context 32), pooled text and time ids
     through the added embedding, cross-attention at the second level only (2 transformer layers there)."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if os.path.isfile(os.path.join(folder, "model_index.json")):
         return folder
@@ -97,29 +75,12 @@ def make_base_xl(folder: str, seed: int = 0) -> str:
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + 16,  # six time ids x 8 + the pooled text (16)
     )
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = tiny_vae()
     for sub in ("tokenizer", "tokenizer_2"):
         write_tokenizer(os.path.join(folder, sub), WORDS, max_length=16)
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
-    )
-    CLIPTextModel(CLIPTextConfig(**text)).save_pretrained(os.path.join(folder, "text_encoder"))
-    second = CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=16))
+    CLIPTextModel(text_config(tokenizer, 16)).save_pretrained(os.path.join(folder, "text_encoder"))
+    second = CLIPTextModelWithProjection(text_config(tokenizer, 16, projection_dim=16))
     second.save_pretrained(os.path.join(folder, "text_encoder_2"))
     unet.save_pretrained(os.path.join(folder, "unet"))
     vae.save_pretrained(os.path.join(folder, "vae"))
@@ -134,6 +95,39 @@ def make_base_xl(folder: str, seed: int = 0) -> str:
         tokenizer_2=["transformers", "CLIPTokenizer"],
     )
     return folder
+
+
+def tiny_vae():
+    """A 2-level AutoencoderKL: 32 px images, 16 px latents of 4 channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=32,
+    )
+
+
+def text_config(tokenizer, width: int, **more):
+    """A 2-layer CLIP text encoder's config of the given width, for this tokenizer."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        **more,
+    )
 
 
 def write_index(folder: str, pipeline: str, scheduler: str, **more) -> None:
