@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -83,7 +84,9 @@ def write_photos(folder: str, identities, per_identity: int, resolution: int, se
     return folder
 
 
-def train_method(name: str, base: str, vision: str, data: str, out: str, cfg: EncoderConfig) -> dict:
+def train_method(
+    name: str, base: str, vision: str, data: str, out: str, cfg: EncoderConfig, trigger_weight: float = 1.0
+) -> dict:
     """One method through the project's trainer; returns its final loss and time."""
     import csv
 
@@ -105,6 +108,7 @@ def train_method(name: str, base: str, vision: str, data: str, out: str, cfg: En
         resume="latest" if _has_checkpoint(out) else None,
         seed=cfg.seed,
         mode=mode,
+        trigger_weight=trigger_weight,
     )
     train(run)
     with open(os.path.join(run.run_dir, "loss.csv")) as f:
@@ -115,11 +119,11 @@ def train_method(name: str, base: str, vision: str, data: str, out: str, cfg: En
 
 def _has_checkpoint(out: str) -> bool:
     run_dir = os.path.splitext(out)[0] + "_run"
-    return os.path.isdir(run_dir) and any(d.startswith("checkpoint-") for d in os.listdir(run_dir))
+    return os.path.isdir(run_dir) and any(re.fullmatch(r"checkpoint-\d+", d) for d in os.listdir(run_dir))
 
 
-def build_encoders(folder: str, base: str, train_ids, resolution: int, cfg: EncoderConfig, log=print) -> dict:
-    """vision/, data/ (re-rendered, not kept in git), and adapters/<method>.safetensors."""
+def ensure_training_set(folder: str, train_ids, resolution: int, cfg: EncoderConfig) -> tuple[str, str]:
+    """vision/ and data/prepared/ (re-rendered when absent: not kept in git); returns their paths."""
     from na_engine.standalone.prepare import prepare
 
     vision = os.path.join(folder, "vision")
@@ -137,6 +141,12 @@ def build_encoders(folder: str, base: str, train_ids, resolution: int, cfg: Enco
             keep_captions=True,
             masks=os.path.join(photos, "masks"),
         )
+    return vision, prepared
+
+
+def build_encoders(folder: str, base: str, train_ids, resolution: int, cfg: EncoderConfig, log=print) -> dict:
+    """vision/, data/, and adapters/<method>.safetensors."""
+    vision, prepared = ensure_training_set(folder, train_ids, resolution, cfg)
     os.makedirs(os.path.join(folder, "adapters"), exist_ok=True)
     record = {"config": asdict(cfg), "methods": {}}
     for name in METHODS:

@@ -130,19 +130,29 @@ class Evaluator:
         self.settings = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
         self._subjects = {}
 
+    def generator(self, method: str):
+        """The method's generator: its adapter's (base: the nested one's, at strength 0)."""
+        return self.generators[ADAPTER.get(method) or (method if method in self.generators else "nested")]
+
+    def add_adapter(self, name: str, path: str) -> None:
+        """A further adapter, evaluated as the method ``name`` (nested)."""
+        from na_engine.formats import load_adapter
+        from na_engine.standalone.generate import NestedGenerator
+
+        nested = self.generators["nested"]
+        self.generators[name] = NestedGenerator(nested.base, nested.vision, load_adapter(path), "cpu")
+
     def subject(self, method: str, scene: world.Scene):
         key = (method, id(scene))
         if key not in self._subjects:
             photo = reference_photo(scene, self.resolution)
             kind = scene.products[0].identity.kind
-            generator = self.generators[ADAPTER.get(method, "nested")]
-            self._subjects[key] = generator.encode([photo], kind, mode=MODE.get(method, "nested"))
+            self._subjects[key] = self.generator(method).encode([photo], kind, mode=MODE.get(method, "nested"))
         return self._subjects[key]
 
     def generate(self, method: str, prompt: world.Scene, refs, seed: int, strength: float, weight: float, maps=False):
         subjects = [self.subject(method, r) for r in refs]
-        generator = self.generators[ADAPTER.get(method, "nested")]
-        return generator(
+        return self.generator(method)(
             world.caption(prompt),
             subjects,
             seed,

@@ -185,6 +185,32 @@ def claims(results: dict) -> list[tuple[str, str, str]]:
     ]
 
 
+def followup_section(results: dict) -> list[str]:
+    """Nested trained at a raised trigger weight (study/followup.py), beside the main table's nested row."""
+    if "followup" not in results:
+        return []
+    f, nested = results["followup"], results["methods"]["nested"]
+    cell, w = f["main"], f["trigger_weight"]
+    keys = ("identity_top1", "identity_cos", "background_acc", "placement_acc", "size_acc", "background_leak")
+    return [
+        f"## Follow-up: nested trained at trigger weight {w:g}",
+        "",
+        "Run after the evaluation to test its explanation (study/followup.py): the same trainer, data and budget as "
+        f"nested, with the trigger's attention multiplied by {w:g} in training and sampling (the weight fixed by rule "
+        "before training: the bridge's chosen one); the main table's cases, seeds, probe and metrics. Not a method "
+        "of the main table.",
+        "",
+        "| method | identity top-1 | identity cos | background | placement | size | background leak | n |",
+        "|---|---|---|---|---|---|---|---|",
+        "| nested | " + " | ".join(_ci(nested, k) for k in keys) + f" | {nested['n']} |",
+        f"| nested trained at weight {w:g} | " + " | ".join(_ci(cell, k) for k in keys) + f" | {cell['n']} |",
+        "",
+        f"Identity top-1 against nested: two-proportion p = {f['p_vs_nested']:.3f}; training loss over its last "
+        f"tenth {f['training']['final_loss']:.4f}.",
+        "",
+    ]
+
+
 def main_table(results: dict) -> list[str]:
     keys = ("identity_top1", "identity_cos", "background_acc", "placement_acc", "size_acc", "background_leak")
     return [
@@ -284,6 +310,7 @@ def markdown(results: dict, stages: dict, figures: str, analysis: str, run_dir: 
         f"Cases only the chosen weight identifies: {bridge['pairs_only_chosen']}; only weight 1: "
         f"{bridge['pairs_only_weight_1']}; exact sign test p = {bridge['sign_test_p']:.3f}.",
         "",
+        *followup_section(results),
         "## Samples",
         "",
         f"![samples]({figures}/samples.png)",

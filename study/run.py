@@ -1,7 +1,7 @@
 """python -m study run --out DIR [--quick]: the whole study, stage by stage, each cached and resumable.
 python -m study demo --out DIR: personalised images of held-out products from the committed weights.
 
-    world -> base -> encoders -> probe -> evaluation -> report
+    world -> base -> encoders -> probe -> evaluation -> followup -> report
 
 A stage that has finished is recorded in DIR/stages.json with what it measured, and is skipped
 when the run is started again; an interrupted stage starts over. Commit DIR after each stage
@@ -129,6 +129,16 @@ def stage_evaluation(run: Run) -> dict:
     return {"results": "results.json"}
 
 
+def stage_followup(run: Run) -> dict:
+    from . import encoders, evaluate, followup
+
+    enc_cfg = encoders.QUICK if run.scale.quick else encoders.EncoderConfig()
+    eval_cfg = evaluate.QUICK if run.scale.quick else evaluate.EvalConfig()
+    train, heldout = run.identities()
+    resolution = run.stages["base"]["config"]["resolution"]
+    return followup.run_followup(run.out, train, heldout, resolution, enc_cfg, eval_cfg, run.log)
+
+
 def stage_report(run: Run) -> dict:
     from . import report
 
@@ -152,6 +162,7 @@ STAGES = [
     ("encoders", stage_encoders),
     ("probe", stage_probe),
     ("evaluation", stage_evaluation),
+    ("followup", stage_followup),
     ("report", stage_report),
 ]
 

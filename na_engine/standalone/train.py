@@ -70,6 +70,7 @@ class TrainConfig:
     workers: int = 0
     fixed_batch: bool = False  # repeat step 0's batch, noise and timesteps (overfitting checks)
     mode: str = "nested"  # or "decoupled": IP-Adapter Plus training, saved in its file layout
+    trigger_weight: float = 1.0  # multiplies the attention the trigger word receives, as at inference
 
     @property
     def run_dir(self) -> str:
@@ -211,9 +212,9 @@ def collate(items: Sequence[dict]) -> dict:
 class NestedDenoiser(nn.Module):
     """The adapter around the frozen UNet: one forward is one noise prediction, so DDP wraps the whole use."""
 
-    def __init__(self, adapter: NestedAdapter, unet, trigger: str, mode: str = "nested"):
+    def __init__(self, adapter: NestedAdapter, unet, trigger: str, mode: str = "nested", trigger_weight: float = 1.0):
         super().__init__()
-        self.adapter, self.trigger, self.mode = adapter, trigger, mode
+        self.adapter, self.trigger, self.mode, self.trigger_weight = adapter, trigger, mode, trigger_weight
         self.__dict__["unet"] = unet  # frozen, not a submodule: DDP ignores it
         self.__dict__["processors"] = install(unet, adapter.layers)
 
@@ -224,7 +225,11 @@ class NestedDenoiser(nn.Module):
         tokens = self.adapter.resampler(features)  # (B, M, D)
         rows = torch.eye(len(where), dtype=torch.bool, device=where.device)  # row i binds subject i only
         placements = [
-            Placement(Subject(tokens[i], self.adapter, self.trigger, mode=self.mode), where & rows[i][:, None])
+            Placement(
+                Subject(tokens[i], self.adapter, self.trigger, mode=self.mode),
+                where & rows[i][:, None],
+                trigger_weight=self.trigger_weight,
+            )
             for i in range(len(where))
             if bool(where[i].any())
         ]
@@ -297,6 +302,10 @@ def check_inputs(cfg: TrainConfig):
         raise NestedAttentionError(f"--mixed-precision must be no, fp16 or bf16, not {cfg.mixed_precision!r}.")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise NestedAttentionError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no.")
+    if cfg.trigger_weight <= 0:
+        raise NestedAttentionError(
+            f"--trigger-weight must be above 0 (1 = the paper's formula), not {cfg.trigger_weight}."
+        )
     if cfg.mode not in ("nested", "decoupled"):
         raise NestedAttentionError(f"--mode must be nested or decoupled, not {cfg.mode!r}.")
     if not cfg.out.endswith(".safetensors"):
@@ -340,7 +349,7 @@ def train(cfg: TrainConfig) -> str:
     else:
         adapter = adapter_for(base, fresh_config(unet_cfg, width, cfg.tokens, cfg.resampler_depth), cfg.seed)
         init_nested_from_unet(adapter, base.unet)
-    model = NestedDenoiser(adapter, base.unet, record["class_word"], cfg.mode)
+    model = NestedDenoiser(adapter, base.unet, record["class_word"], cfg.mode, cfg.trigger_weight)
     if cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing(model.processors.checkpoint)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=1e-2)
@@ -517,7 +526,9 @@ def validate(
     folder = os.path.join(cfg.run_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     for i, prompt in enumerate(prompts):
-        picture, panel = generator(prompt, subject, cfg.seed, cfg.validation_steps, 7.0, data.resolution)
+        picture, panel = generator(
+            prompt, subject, cfg.seed, cfg.validation_steps, 7.0, data.resolution, trigger_weight=cfg.trigger_weight
+        )
         picture.save(os.path.join(folder, f"step{step:07d}_{i}.png"))
         panel.save(os.path.join(folder, f"step{step:07d}_{i}.maps.png"))
 
@@ -547,6 +558,8 @@ HELP = {  # the options of python -m na_engine train; their defaults are TrainCo
     "seed": "seed of data order, augmentation, noise and a fresh adapter",
     "workers": "data loader processes",
     "mode": "nested, or decoupled: IP-Adapter Plus (added image attention), saved in the IP-Adapter Plus layout",
+    "trigger_weight": "multiplies the attention the trigger word receives while training (1 = the paper's formula); "
+    "sample the adapter with the same --trigger-weight / trigger_weight",
 }
 
 

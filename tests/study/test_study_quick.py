@@ -51,6 +51,7 @@ def test_results_hold_every_key(quick_run):
     assert confirm["chosen"] in (1.0, 4.0) and set(confirm["confirm"]) == {"1.0", str(confirm["chosen"])}
     assert 0 <= confirm["sign_test_p"] <= 1
     assert {"render", "vae", "vision_features"} == set(results["ceiling"])
+    assert results["followup"]["trigger_weight"] == confirm["chosen"] and results["followup"]["main"]["n"] == 4
     assert 0 <= results["trigger_share"]["product"] <= 1 and 0 <= results["trigger_share"]["background"] <= 1
     assert json.loads((docs / "study" / "results.json").read_text()) == results
 
