@@ -211,6 +211,17 @@ def test_decoupled_and_nested_training_differ(world):
     assert not torch.equal(load_adapter(nested.out).to_k[0].weight, load_adapter(decoupled.out).to_k[0].weight)
 
 
+def test_trigger_weight_changes_training_and_is_checked(world, tmp_path):
+    """--trigger-weight reaches the training step (other weights from the same seed and data); 0 is refused."""
+    plain = config(world, "w1.safetensors", steps=2, subject_dropout=0.0)
+    heavy = config(world, "w4.safetensors", steps=2, subject_dropout=0.0, trigger_weight=4.0)
+    train(plain), train(heavy)
+    assert read_loss(plain) != read_loss(heavy)
+    assert not torch.equal(load_adapter(plain.out).to_v[0].weight, load_adapter(heavy.out).to_v[0].weight)
+    with pytest.raises(NestedAttentionError, match=r"--trigger-weight must be above 0"):
+        train(config(world, "w0.safetensors", steps=1, trigger_weight=0.0))
+
+
 def test_validation_writes_images_and_maps(world):
     cfg = config(
         world,
