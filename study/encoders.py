@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -90,7 +89,7 @@ def train_method(
     """One method through the project's trainer; returns its final loss and time."""
     import csv
 
-    from na_engine.standalone.train import TrainConfig, train
+    from na_engine.standalone.train import TrainConfig, checkpoints, train
 
     tokens, mode = METHODS[name]
     run = TrainConfig(
@@ -105,7 +104,7 @@ def train_method(
         tokens=tokens or cfg.tokens,
         resampler_depth=cfg.resampler_depth,
         checkpoint_every=max(1, cfg.steps // 5),
-        resume="latest" if _has_checkpoint(out) else None,
+        resume="latest" if checkpoints(os.path.splitext(out)[0] + "_run") else None,
         seed=cfg.seed,
         mode=mode,
         trigger_weight=trigger_weight,
@@ -115,11 +114,6 @@ def train_method(
         losses = [float(row["loss"]) for row in csv.DictReader(f)]
     tail = losses[-max(1, len(losses) // 10) :]
     return {"tokens": run.tokens, "mode": mode, "final_loss": round(sum(tail) / len(tail), 5), "steps": cfg.steps}
-
-
-def _has_checkpoint(out: str) -> bool:
-    run_dir = os.path.splitext(out)[0] + "_run"
-    return os.path.isdir(run_dir) and any(re.fullmatch(r"checkpoint-\d+", d) for d in os.listdir(run_dir))
 
 
 def ensure_training_set(folder: str, train_ids, resolution: int, cfg: EncoderConfig) -> tuple[str, str]:

@@ -39,9 +39,7 @@ def run_followup(
     ev.add_adapter("nested_trained_weight", out)
     cases = evaluate.single_cases(heldout, eval_cfg.cases, eval_cfg.seed)
     cell = ev.cell(f"followup_nested_w{weight:g}", lambda: ev.single("nested_trained_weight", cases, weight=weight))
-    nested = results["methods"]["nested"]
-    n, k = cell["n"], round(cell["identity_top1"] * cell["n"])
-    p = metrics.two_proportion_p(k, n, round(nested["identity_top1"] * nested["n"]), nested["n"])
+    p = metrics.cells_p(cell, results["methods"]["nested"], "identity_top1")
     with open(done) as f:
         training = json.load(f)
     record = {"trigger_weight": weight, "training": training, "main": cell, "p_vs_nested": round(p, 4)}

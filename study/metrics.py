@@ -91,3 +91,8 @@ def two_proportion_p(k1: int, n1: int, k2: int, n2: int) -> float:
         return 1.0
     z = abs(k1 / n1 - k2 / n2) / se
     return math.erfc(z / math.sqrt(2))
+
+
+def cells_p(a: dict, b: dict, key: str) -> float:
+    """two_proportion_p of two evaluation cells' rates ``key`` (a rate times the cell's n is its count)."""
+    return two_proportion_p(round(a[key] * a["n"]), a["n"], round(b[key] * b["n"]), b["n"])

@@ -139,8 +139,7 @@ def claims(results: dict) -> list[tuple[str, str, str]]:
     m, multi, chance = results["methods"], results["multi"], results["chance_top1"]
     nested, decoupled, single, base = m["nested"], m["decoupled"], m["single_token"], m["base"]
     top1 = nested["identity_top1"]
-    n = nested["n"]
-    p_single = metrics.two_proportion_p(round(top1 * n), n, round(single["identity_top1"] * single["n"]), single["n"])
+    p_single = metrics.cells_p(nested, single, "identity_top1")
     return [
         (
             "the base follows the prompt: background >= 0.9",
@@ -190,8 +189,7 @@ def followup_section(results: dict) -> list[str]:
     if "followup" not in results:
         return []
     f, nested = results["followup"], results["methods"]["nested"]
-    cell, w = f["main"], f["trigger_weight"]
-    keys = ("identity_top1", "identity_cos", "background_acc", "placement_acc", "size_acc", "background_leak")
+    w = f["trigger_weight"]
     return [
         f"## Follow-up: nested trained at trigger weight {w:g}",
         "",
@@ -200,10 +198,7 @@ def followup_section(results: dict) -> list[str]:
         "before training: the bridge's chosen one); the main table's cases, seeds, probe and metrics. Not a method "
         "of the main table.",
         "",
-        "| method | identity top-1 | identity cos | background | placement | size | background leak | n |",
-        "|---|---|---|---|---|---|---|---|",
-        "| nested | " + " | ".join(_ci(nested, k) for k in keys) + f" | {nested['n']} |",
-        f"| nested trained at weight {w:g} | " + " | ".join(_ci(cell, k) for k in keys) + f" | {cell['n']} |",
+        *method_table({"nested": nested, f"nested trained at weight {w:g}": f["main"]}),
         "",
         f"Identity top-1 against nested: two-proportion p = {f['p_vs_nested']:.3f}; training loss over its last "
         f"tenth {f['training']['final_loss']:.4f}.",
@@ -211,16 +206,18 @@ def followup_section(results: dict) -> list[str]:
     ]
 
 
-def main_table(results: dict) -> list[str]:
+def method_table(rows: dict) -> list[str]:
+    """The main table's columns for ``rows`` (name -> cell), each value with its 95% interval."""
     keys = ("identity_top1", "identity_cos", "background_acc", "placement_acc", "size_acc", "background_leak")
     return [
         "| method | identity top-1 | identity cos | background | placement | size | background leak | n |",
         "|---|---|---|---|---|---|---|---|",
-        *[
-            f"| {name} | " + " | ".join(_ci(r, k) for k in keys) + f" | {r['n']} |"
-            for name, r in results["methods"].items()
-        ],
+        *[f"| {name} | " + " | ".join(_ci(r, k) for k in keys) + f" | {r['n']} |" for name, r in rows.items()],
     ]
+
+
+def main_table(results: dict) -> list[str]:
+    return method_table(results["methods"])
 
 
 def markdown(results: dict, stages: dict, figures: str, analysis: str, run_dir: str) -> str:

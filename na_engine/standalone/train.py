@@ -310,7 +310,7 @@ def check_inputs(cfg: TrainConfig):
         raise NestedAttentionError(f"--mode must be nested or decoupled, not {cfg.mode!r}.")
     if not cfg.out.endswith(".safetensors"):
         raise NestedAttentionError(f"--out must name a .safetensors adapter file, not {cfg.out!r}.")
-    earlier = _checkpoints(cfg.run_dir)
+    earlier = checkpoints(cfg.run_dir)
     if earlier and not cfg.resume:
         raise NestedAttentionError(
             f"{cfg.run_dir} holds checkpoints of an earlier run (up to {earlier[-1]}). Continue it with --resume "
@@ -479,7 +479,7 @@ def _checkpoint(accelerator, cfg: TrainConfig, step: int) -> None:
     accelerator.wait_for_everyone()
 
 
-def _checkpoints(run_dir: str) -> List[str]:
+def checkpoints(run_dir: str) -> List[str]:
     """The complete checkpoint folders of a run, oldest first."""
     names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
     return sorted(d for d in names if re.fullmatch(r"checkpoint-\d+", d))
@@ -488,7 +488,7 @@ def _checkpoints(run_dir: str) -> List[str]:
 def _resume(accelerator, cfg: TrainConfig) -> int:
     folder = cfg.resume
     if folder == "latest":
-        found = _checkpoints(cfg.run_dir)
+        found = checkpoints(cfg.run_dir)
         if not found:
             raise NestedAttentionError(f"--resume latest: no checkpoint in {cfg.run_dir}.")
         folder = os.path.join(cfg.run_dir, found[-1])
