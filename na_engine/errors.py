@@ -8,15 +8,44 @@ class NestedAttentionError(ValueError):
     """Bad input to Nested Attention, with a message meant for the person who made it."""
 
 
+def describe(e: BaseException) -> str:
+    """An unexpected error as one sentence: what failed, on which file, without a traceback."""
+    if isinstance(e, OSError) and e.filename:
+        return (
+            f"{e.strerror or type(e).__name__}: {e.filename}. Check that the path exists and that you may write there."
+        )
+    if isinstance(e, MemoryError):
+        return "out of memory. Use smaller images, a smaller batch or fewer rows at once."
+    return f"{type(e).__name__}: {e}"
+
+
 def command_line(main):
-    """Wrap a ``main(argv) -> int``: a NestedAttentionError prints 'error: ...' and exits 2."""
+    """Wrap a ``main(argv) -> int`` so that no failure prints a raw traceback:
+
+    - a NestedAttentionError prints 'error: ...' and exits 2;
+    - Ctrl-C prints that it was interrupted (finished work is kept) and exits 130;
+    - any other error prints one line naming it and exits 1; ``--debug`` anywhere in argv re-raises it
+      with its traceback instead."""
 
     @functools.wraps(main)
     def wrapped(argv=None) -> int:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        debug = "--debug" in argv
+        argv = [a for a in argv if a != "--debug"]
         try:
             return main(argv)
         except NestedAttentionError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print("interrupted: what was finished is kept; run the same command again to continue.", file=sys.stderr)
+            return 130
+        except Exception as e:
+            if debug:
+                raise
+            print(
+                f"error: {describe(e)}\n(an unexpected failure: rerun with --debug for the traceback)", file=sys.stderr
+            )
+            return 1
 
     return wrapped

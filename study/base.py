@@ -8,6 +8,13 @@ Three models, trained in two steps and saved as one diffusers SD1.5-layout folde
 The text encoder is trained jointly with the UNet (a frozen random one hardly conditions it,
 shared/research/feasibility.md), then frozen with it.
 
+Beside the denoising loss, a localisation loss (after FastComposer's) makes each class word attend to its
+own product: in every cross-attention layer, the word's attention share on the product's pixels must be at
+least LOCALISE_RATIO times its share elsewhere (a hinge, so the other words keep their share of the product).
+Nested attention scales its correction by that share, so without it a subject has little leverage and two
+subjects cannot be told apart. The folder's na_engine.json records that the UNet was trained on the VAE
+posterior's mean, which `python -m na_engine train` then follows.
+
 The base never sees a held-out identity: its renders are of train identities only.
 """
 
@@ -23,12 +30,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from . import world
 
 # Every word the world's captions use; other words fall back to letters (e.g. "photo").
 WORDS = [
-    "a", "an", "and", "on", "of", "the", "in", "background", "photo",
+    "a", "an", "and", "on", "of", "the", "in", "background", "photo", "with", "cap", "lit", "from", "lying",
     *world.KINDS, *world.BACKGROUNDS, *world.PLACEMENTS, *world.SIZES,
 ]  # fmt: skip
 PUNCTUATION = [","]
@@ -47,10 +55,14 @@ class BaseConfig:
     lr: float = 4e-4
     caption_dropout: float = 0.1
     ema: float = 0.999
+    localise: float = 0.05  # weight of the localisation loss; 0 = off
+    share_cases: int = 48  # held-out prompts on which the class words' attention shares are measured
     seed: int = 0
 
 
-QUICK = BaseConfig(images=96, vae_steps=20, vae_widths=(8, 16, 16), unet_steps=20, unet_widths=(16, 32, 32), batch=8)
+QUICK = BaseConfig(
+    images=96, vae_steps=20, vae_widths=(8, 16, 16), unet_steps=20, unet_widths=(16, 32, 32), batch=8, share_cases=2
+)
 
 
 # -- tokenizer ----------------------------------------------------------------------------------
@@ -83,13 +95,28 @@ def write_tokenizer(folder: str, words, punctuation=(), max_length: int = 32) ->
     CLIPTokenizer(vocab_file, merges_file, model_max_length=max_length).save_pretrained(folder)
 
 
+# The localisation loss is zero once a word's share on its product is this many times its share elsewhere.
+LOCALISE_RATIO = 4.0
+LATENTS = "mean"  # what the UNet is trained on: the VAE posterior's mean (recorded in na_engine.json)
+
+
 # -- data ----------------------------------------------------------------------------------------
 
 
-def render_set(identities, count: int, resolution: int, seed: int):
-    """(count, 3, R, R) float in [-1, 1] and captions: one product, or two of different kinds (1 in 4)."""
+@dataclass
+class RenderSet:
+    images: torch.Tensor  # (n, 3, R, R) float in [-1, 1]
+    captions: list
+    masks: torch.Tensor  # (n, 2, r, r) float in [0, 1]: each product's coverage at the latent grid (0 = no product)
+    kinds: list  # per image, its products' class words in order
+
+
+def render_set(identities, count: int, resolution: int, seed: int, latent: int | None = None) -> RenderSet:
+    """Renders with captions and per-product masks: one product, or two of different kinds (1 in 4)."""
     rng = np.random.default_rng(seed)
-    images, captions = np.empty((count, resolution, resolution, 3), np.uint8), []
+    latent = latent or resolution // 4
+    images, captions, kinds = np.empty((count, resolution, resolution, 3), np.uint8), [], []
+    masks = np.zeros((count, 2, latent, latent), np.float32)
     for i in range(count):
         first = identities[int(rng.integers(len(identities)))]
         second = None
@@ -99,7 +126,81 @@ def render_set(identities, count: int, resolution: int, seed: int):
         scene = world.random_scene(rng, first, second)
         images[i] = np.asarray(world.render(scene, resolution)[0])
         captions.append(world.caption(scene))
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, captions
+        kinds.append([p.identity.kind for p in scene.products])
+        for k, mask in enumerate(world.product_masks(scene, resolution)):
+            masks[i, k] = np.asarray(mask.resize((latent, latent), resample=Image.BOX), np.float32) / 255
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return RenderSet(pixels, captions, torch.from_numpy(masks), kinds)
+
+
+def word_positions(tokenizer, ids: torch.Tensor, kinds: list) -> torch.Tensor:
+    """(n, 2) long: the token position of each image's products' class words in its caption ids; -1 = none."""
+    out = torch.full((len(kinds), 2), -1, dtype=torch.long)
+    for i, words in enumerate(kinds):
+        for k, word in enumerate(words):
+            found = (ids[i] == tokenizer.convert_tokens_to_ids(word + "</w>")).nonzero()
+            out[i, k] = int(found[0, 0]) if len(found) else -1
+    return out
+
+
+# -- cross-attention recording -------------------------------------------------------------------
+
+
+class CrossAttentionMaps:
+    """A diffusers attention processor for the UNet's cross-attention layers that computes attention
+    explicitly and, while ``recording``, keeps each layer's probabilities averaged over heads, (B, N, T)."""
+
+    def __init__(self):
+        self.recording, self.maps, self.names = False, {}, {}
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+        b, n, _ = hidden_states.shape
+        h = attn.heads
+        q = attn.to_q(hidden_states)
+        k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        q, k, v = (x.view(b, -1, h, x.shape[-1] // h).transpose(1, 2) for x in (q, k, v))  # (B, h, N or T, d)
+        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # (B, h, N, T)
+        if self.recording:
+            self.maps.setdefault(self.names[id(attn)], []).append(probs.mean(1))
+        out = (probs @ v).transpose(1, 2).reshape(b, n, -1)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def install(self, unet) -> "CrossAttentionMaps":
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                self.names[id(module)] = name
+                module.set_processor(self)
+        return self
+
+    def take(self) -> dict:
+        """The maps recorded since the last take: layer name -> a list of (B, N, T), one per call."""
+        maps, self.maps = self.maps, {}
+        return maps
+
+
+def word_shares(probs: torch.Tensor, positions: torch.Tensor, masks: torch.Tensor):
+    """One layer's class-word shares: probs (B, N, T), positions (B, K) (-1 = none), masks (B, K, r, r) ->
+    (share on the product's pixels, share elsewhere), each (B, K), weighted by the mask's coverage at the layer."""
+    side = int(round(probs.shape[1] ** 0.5))
+    m = F.adaptive_avg_pool2d(masks, side).flatten(2)  # (B, K, N)
+    p = probs.gather(2, positions.clamp(min=0)[:, None, :].expand(-1, probs.shape[1], -1)).transpose(1, 2)  # (B, K, N)
+    inside = (p * m).sum(-1) / m.sum(-1).clamp(min=1e-6)
+    outside = (p * (1 - m)).sum(-1) / (1 - m).sum(-1).clamp(min=1e-6)
+    return inside, outside
+
+
+def localisation_loss(maps: list, positions: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean over layers and products of the hinge log(LOCALISE_RATIO) - log(share on / share off), floored at 0."""
+    valid = positions >= 0  # (B, K)
+    if not bool(valid.any()):
+        return torch.zeros(())
+    losses = []
+    for layer in maps.values():
+        for probs in layer:
+            inside, outside = word_shares(probs, positions, masks)
+            gap = math.log(LOCALISE_RATIO) - (torch.log(inside + 1e-4) - torch.log(outside + 1e-4))
+            losses.append(F.relu(gap)[valid].mean())
+    return torch.stack(losses).mean()
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -163,7 +264,11 @@ def make_scheduler():
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        steps_offset=1,  # as DDIM expects of it (otherwise diffusers warns at every sampling)
     )
 
 
@@ -216,14 +321,19 @@ def train_vae(cfg: BaseConfig, images: torch.Tensor, log) -> tuple:
     return vae, latents * scale, 10 * math.log10(1 / max(mse, 1e-12))
 
 
-def train_unet(cfg: BaseConfig, latents: torch.Tensor, captions, tokenizer, log):
-    """The UNet and the text encoder together on v-prediction; returns their EMA copies."""
+def train_unet(cfg: BaseConfig, latents: torch.Tensor, renders: RenderSet, tokenizer, log):
+    """The UNet and the text encoder together on v-prediction (plus the localisation loss); returns their EMA
+    copies and the last 100 steps' mean losses."""
     torch.manual_seed(cfg.seed + 1)
     text = make_text_encoder(cfg, tokenizer)
     unet = make_unet(cfg, latents.shape[-1])
+    maps = CrossAttentionMaps().install(unet)
+    maps.recording = cfg.localise > 0
     scheduler = make_scheduler()
-    ids = tokenizer(list(captions), padding="max_length", truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(list(renders.captions), padding="max_length", truncation=True, return_tensors="pt").input_ids
+    positions = word_positions(tokenizer, ids, renders.kinds)  # (n, 2)
     empty = tokenizer([""], padding="max_length", return_tensors="pt").input_ids  # (1, T)
+    tail = {"denoise": [], "localise": []}
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
@@ -234,12 +344,20 @@ def train_unet(cfg: BaseConfig, latents: torch.Tensor, captions, tokenizer, log)
             group["lr"] = _lr(step, cfg.unet_steps, cfg.lr)
         x0 = latents[idx]
         tok = ids[idx].clone()
-        tok[torch.rand(len(idx), generator=g) < cfg.caption_dropout] = empty[0]
+        dropped = torch.rand(len(idx), generator=g) < cfg.caption_dropout
+        tok[dropped] = empty[0]
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g)
         noisy = scheduler.add_noise(x0, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=text(tok)[0]).sample
-        loss = F.mse_loss(pred, scheduler.get_velocity(x0, noise, t))
+        denoise = F.mse_loss(pred, scheduler.get_velocity(x0, noise, t))
+        loss = denoise
+        if cfg.localise > 0:
+            where = positions[idx].masked_fill(dropped[:, None], -1)
+            localise = localisation_loss(maps.take(), where, renders.masks[idx])
+            loss = loss + cfg.localise * localise
+            tail["localise"].append(localise.item())
+        tail["denoise"].append(float(denoise))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -250,8 +368,11 @@ def train_unet(cfg: BaseConfig, latents: torch.Tensor, captions, tokenizer, log)
                 for e, p in zip(ema.parameters(), live.parameters()):
                     e.lerp_(p, 1 - decay)
         if step % 100 == 0 or step == cfg.unet_steps - 1:
-            log(f"unet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
-    return ema_unet.eval(), ema_text.eval(), scheduler
+            extra = f" localise {tail['localise'][-1]:.4f}" if tail["localise"] else ""
+            log(f"unet step {step} loss {denoise.item():.4f}{extra} ({time.time() - t0:.0f} s)")
+    maps.recording = False
+    losses = {name: round(float(np.mean(v[-100:])), 5) for name, v in tail.items() if v}
+    return ema_unet.eval(), ema_text.eval(), scheduler, losses
 
 
 def save_pipeline(folder: str, vae, text, unet, scheduler, cfg: BaseConfig) -> None:
@@ -275,21 +396,80 @@ def save_pipeline(folder: str, vae, text, unet, scheduler, cfg: BaseConfig) -> N
         json.dump(index, f, indent=1)
     with open(os.path.join(folder, "study_base.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
+    with open(os.path.join(folder, "na_engine.json"), "w") as f:  # read by python -m na_engine train|generate
+        json.dump({"latents": LATENTS, "resolution": cfg.resolution}, f, indent=1)
 
 
-def build_base(folder: str, train_ids, cfg: BaseConfig, log=print) -> dict:
-    """Render, train the VAE, then the UNet with the text encoder; save the folder. Returns the stage's record."""
+@torch.no_grad()
+def trigger_shares(
+    folder: str, identities, count: int, seed: int, steps: int = 20, guidance: float = 4.0, attributes: bool = True
+) -> dict:
+    """The class word's attention share on its product's pixels and elsewhere, in every cross-attention layer,
+    while the saved base draws one-product prompts of ``identities`` (the prompt scene's mask marks the product).
+    Shares are means over the layer's sampling steps, its queries and the cases; 'product' and 'elsewhere' are
+    their means over layers."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from na_engine.standalone.models import load_base
+
+    base = load_base(folder)
+    maps = CrossAttentionMaps().install(base.unet)
+    pipe = StableDiffusionPipeline(
+        base.vae, base.text_encoders[0], base.tokenizers[0], base.unet,
+        DDIMScheduler.from_config(base.scheduler.config), None, None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    tokenizer, latent = base.tokenizers[0], int(base.unet.config.sample_size)
+    resolution = latent * pipe.vae_scale_factor
+    rng = np.random.default_rng(seed)
+    sums: dict = {}
+    for k in range(count):
+        scene = world.random_scene(rng, identities[k % len(identities)], attributes=attributes)
+        caption = world.caption(scene)
+        ids = tokenizer([caption], padding="max_length", truncation=True, return_tensors="pt").input_ids
+        positions = word_positions(tokenizer, ids, [[scene.products[0].identity.kind]])[:, :1]  # (1, 1)
+        mask = world.product_masks(scene, resolution)[0].resize((latent, latent), resample=Image.BOX)
+        masks = torch.from_numpy(np.asarray(mask, np.float32) / 255)[None, None]  # (1, 1, r, r)
+        maps.recording = True
+        pipe(caption, num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
+             generator=torch.Generator().manual_seed(seed + k), output_type="latent")  # fmt: skip
+        maps.recording = False
+        for name, calls in maps.take().items():
+            shares = [word_shares(probs[-1:], positions, masks) for probs in calls]  # the conditional row
+            inside, outside = (float(torch.stack([s[i] for s in shares]).mean()) for i in (0, 1))
+            total = sums.setdefault(name, [0.0, 0.0])
+            total[0], total[1] = total[0] + inside / count, total[1] + outside / count
+    layers = {name: {"product": round(a, 4), "elsewhere": round(b, 4)} for name, (a, b) in sums.items()}
+    return {
+        "product": round(float(np.mean([v["product"] for v in layers.values()])), 4),
+        "elsewhere": round(float(np.mean([v["elsewhere"] for v in layers.values()])), 4),
+        "layers": layers,
+        "n": count,
+    }
+
+
+def build_base(folder: str, train_ids, heldout, cfg: BaseConfig, log=print) -> dict:
+    """Render, train the VAE, then the UNet with the text encoder; save the folder; measure the class words'
+    attention shares on held-out products. Returns the stage's record."""
     from transformers import CLIPTokenizer
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
-    images, captions = render_set(train_ids, cfg.images, cfg.resolution, cfg.seed)
-    log(f"rendered {len(images)} training images in {time.time() - t0:.0f} s")
-    vae, latents, psnr = train_vae(cfg, images, log)
+    renders = render_set(train_ids, cfg.images, cfg.resolution, cfg.seed)
+    log(f"rendered {len(renders.images)} training images in {time.time() - t0:.0f} s")
+    vae, latents, psnr = train_vae(cfg, renders.images, log)
     log(f"vae: reconstruction PSNR {psnr:.1f} dB, latents {tuple(latents.shape[1:])}")
     tok_dir = os.path.join(folder, "tokenizer")
     write_tokenizer(tok_dir, WORDS, PUNCTUATION)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    unet, text, scheduler = train_unet(cfg, latents, captions, tokenizer, log)
+    unet, text, scheduler, losses = train_unet(cfg, latents, renders, tokenizer, log)
     save_pipeline(folder, vae, text, unet, scheduler, cfg)
-    return {"vae_psnr_db": round(psnr, 2), "seconds": round(time.time() - t0, 1), "config": asdict(cfg)}
+    shares = trigger_shares(folder, heldout, cfg.share_cases, cfg.seed + 4)
+    log(f"class-word share: {shares['product']:.3f} on the product, {shares['elsewhere']:.3f} elsewhere")
+    return {
+        "vae_psnr_db": round(psnr, 2),
+        "trigger_share": shares,
+        "final_losses": losses,
+        "seconds": round(time.time() - t0, 1),
+        "config": asdict(cfg),
+    }

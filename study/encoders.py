@@ -1,11 +1,14 @@
-"""The encoders stage: a CLIP vision tower, a training set of train identities, and the three trained methods.
+"""The encoders stage: a CLIP vision tower, a training set of train identities, and the trained methods.
 
-Every method is trained by the project's own trainer (na_engine.standalone.train, `python -m na_engine
-train`) with the same data, steps, batch and learning rate; only what the issue compares differs:
-- nested:        M = 16 subject tokens, nested into the class word's value;
-- single_token:  M = 1 (the paper's ablation: the nested softmax over one token is constant);
-- decoupled:     M = 16, IP-Adapter Plus's added image attention (--mode decoupled), saved in its layout.
-The bridge is the decoupled file read through the nested path: it needs no training.
+Every method of study.methods.TRAINED is trained by the project's own trainer (na_engine.standalone.train,
+`python -m na_engine train`) with the same data, steps, batch, schedule and learning rate; only what the
+issue compares differs (the number of tokens, nested or decoupled). The bridge is the decoupled file read
+through the nested path: it needs no training.
+
+The training set is what a user with several photos per product gives `python -m na_engine prepare`: one
+subfolder of photos per train identity (random scenes and attributes), so each row's reference is another
+photo of its product, background kept; and a quarter of the rows are two-product scenes, each product bound
+to its own class word (a <name>.json names them).
 
 The CLIP vision tower stays randomly initialised (seeded): a pretrained one cannot be downloaded, and a
 tower trained here on identities would share the probe's objective. The resampler, trained per method,
@@ -21,15 +24,21 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import world
+from .methods import TRAINED
 
 
 @dataclass
 class EncoderConfig:
     scenes_per_identity: int = 12  # renders of each train identity, each in a random scene
+    pair_share: float = 0.25  # of the training rows: two-product scenes
     steps: int = 2500
     batch_size: int = 16
     lr: float = 5e-4
     warmup: int = 100
+    timestep_bias: str = "later"  # identity is decided at the noisy end (issue 17's measurement)
+    timestep_bias_multiplier: float = 3.0
+    timestep_bias_portion: float = 0.4
+    ema: float = 0.999
     tokens: int = 16
     resampler_depth: int = 2
     vision_width: int = 64
@@ -37,11 +46,6 @@ class EncoderConfig:
 
 
 QUICK = EncoderConfig(scenes_per_identity=2, steps=4, batch_size=2, tokens=4, resampler_depth=1, vision_width=32)
-METHODS = {  # name -> (tokens, mode); tokens None = the config's
-    "nested": (None, "nested"),
-    "single_token": (1, "nested"),
-    "decoupled": (None, "decoupled"),
-}
 
 
 def make_vision(folder: str, resolution: int, width: int, seed: int) -> str:
@@ -67,19 +71,38 @@ def make_vision(folder: str, resolution: int, width: int, seed: int) -> str:
     return folder
 
 
-def write_photos(folder: str, identities, per_identity: int, resolution: int, seed: int) -> str:
-    """Renders of each identity in random one-product scenes: <i>.png, <i>.txt (caption), masks/<i>.png."""
-    os.makedirs(os.path.join(folder, "masks"), exist_ok=True)
+def _subject(ident) -> str:
+    return f"id{ident.index:04d}"
+
+
+def write_photos(folder: str, masks: str, identities, cfg: EncoderConfig, resolution: int, seed: int) -> str:
+    """Renders of each identity in random one-product scenes, a subfolder each (<id>/<k>.png, .txt; masks in
+    ``masks`` alike), and two-product scenes pair<k>.png, .txt, .json with masks pair<k>.<word>.png."""
     rng = np.random.default_rng(seed)
+
+    def save(name: str, scene) -> None:
+        image, _ = world.render(scene, resolution)
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        image.save(os.path.join(folder, name + ".png"))
+        with open(os.path.join(folder, name + ".txt"), "w") as f:
+            f.write(world.caption(scene))
+        products = world.product_masks(scene, resolution)
+        for p, mask in zip(scene.products, products):
+            suffix = "" if len(products) == 1 else f".{p.identity.kind}"
+            os.makedirs(os.path.dirname(os.path.join(masks, name)), exist_ok=True)
+            mask.save(os.path.join(masks, name + suffix + ".png"))
+
     for ident in identities:
-        for k in range(per_identity):
-            scene = world.random_scene(rng, ident)
-            image, mask = world.render(scene, resolution)
-            name = f"id{ident.index:04d}_{k:02d}"
-            image.save(os.path.join(folder, name + ".png"))
-            mask.save(os.path.join(folder, "masks", name + ".png"))
-            with open(os.path.join(folder, name + ".txt"), "w") as f:
-                f.write(world.caption(scene))
+        for k in range(cfg.scenes_per_identity):
+            save(f"{_subject(ident)}/{k:02d}", world.random_scene(rng, ident))
+    singles = len(identities) * cfg.scenes_per_identity
+    for k in range(int(round(singles * cfg.pair_share / (1 - cfg.pair_share)))):
+        first = identities[int(rng.integers(len(identities)))]
+        others = [i for i in identities if i.kind != first.kind]
+        scene = world.random_scene(rng, first, others[int(rng.integers(len(others)))])
+        save(f"pair{k:05d}", scene)
+        with open(os.path.join(folder, f"pair{k:05d}.json"), "w") as f:
+            json.dump({"subjects": {p.identity.kind: _subject(p.identity) for p in scene.products}}, f)
     return folder
 
 
@@ -91,7 +114,8 @@ def train_method(
 
     from na_engine.standalone.train import TrainConfig, checkpoints, train
 
-    tokens, mode = METHODS[name]
+    method = TRAINED[name]
+    tokens, mode = method.tokens, method.mode
     run = TrainConfig(
         base=base,
         clip_vision=vision,
@@ -101,6 +125,10 @@ def train_method(
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         warmup=cfg.warmup,
+        timestep_bias=cfg.timestep_bias,
+        timestep_bias_multiplier=cfg.timestep_bias_multiplier,
+        timestep_bias_portion=cfg.timestep_bias_portion,
+        ema=cfg.ema,
         tokens=tokens or cfg.tokens,
         resampler_depth=cfg.resampler_depth,
         checkpoint_every=max(1, cfg.steps // 5),
@@ -125,16 +153,10 @@ def ensure_training_set(folder: str, train_ids, resolution: int, cfg: EncoderCon
         make_vision(vision, resolution, cfg.vision_width, cfg.seed)
     photos = os.path.join(folder, "data", "photos")
     prepared = os.path.join(folder, "data", "prepared")
+    masks = os.path.join(folder, "data", "masks")
     if not os.path.isfile(os.path.join(prepared, "dataset.json")):
-        write_photos(photos, train_ids, cfg.scenes_per_identity, resolution, cfg.seed + 1)
-        prepare(
-            photos,
-            prepared,
-            list(world.KINDS),
-            resolution=resolution,
-            keep_captions=True,
-            masks=os.path.join(photos, "masks"),
-        )
+        write_photos(photos, masks, train_ids, cfg, resolution, cfg.seed + 1)
+        prepare(photos, prepared, list(world.KINDS), resolution=resolution, keep_captions=True, masks=masks)
     return vision, prepared
 
 
@@ -143,7 +165,7 @@ def build_encoders(folder: str, base: str, train_ids, resolution: int, cfg: Enco
     vision, prepared = ensure_training_set(folder, train_ids, resolution, cfg)
     os.makedirs(os.path.join(folder, "adapters"), exist_ok=True)
     record = {"config": asdict(cfg), "methods": {}}
-    for name in METHODS:
+    for name in TRAINED:
         out = os.path.join(folder, "adapters", f"{name}.safetensors")
         done = os.path.splitext(out)[0] + ".json"  # written once the adapter is: a method is trained once
         if not os.path.isfile(done):

@@ -1,13 +1,19 @@
 """The evaluation: every method generates the same held-out cases, read by the fixed probe and pixel metrics.
 
-A case is a held-out identity, a prompt scene and a reference scene that differs from it in background,
-placement and size. The reference is the product's box cropped from its render, background included
-(as a user crops a product photo), so a method that copies the reference's background is caught.
+A case is a held-out identity, a prompt scene and a reference scene that contradicts it: another
+background, placement and size, and every product attribute (pose, light, cap) at its other value. The
+reference is the product's box cut from its render, background included (as a user crops a product photo),
+so a method that copies the reference instead of following the prompt is caught by the attribute readings.
 Each cell (method x setting) is generated through na_engine's NestedGenerator and cached in
-DIR/eval/<cell>.json, so an interrupted evaluation continues where it stopped.
+DIR/eval/<cell>.json with its per-case readings, so an interrupted evaluation continues where it stopped
+and methods can be compared case by case (same prompt, reference and seed).
 
-Methods: base (strength 0: no subject), single_token, decoupled (IP-Adapter's added attention),
-bridge (the decoupled file read as nested, no training) and nested.
+The methods and metrics are study.methods'. Tables:
+- main: one product; every SINGLE_METRICS reading;
+- multi: two products of two kinds, each with its own reference; each half of the image is read against
+  its own subject: "own" when its own subject is the probe's top-1 among the held-out products, "swap" when
+  the other subject is, "blend" otherwise (both or neither). The image is the unit: its two halves average.
+- tradeoff: identity against the prompt's product attributes as the subject's strength grows.
 """
 
 from __future__ import annotations
@@ -22,23 +28,22 @@ import torch
 from PIL import Image
 
 from . import metrics, probe, world
+from .methods import ATTRIBUTE_METRICS, METHODS, MULTI_METRICS, SINGLE_METRICS, TRAINED, Metric, in_table
 
 
 @dataclass
 class EvalConfig:
-    cases: int = 200  # per cell of the main and multi-subject tables
-    sweep_cases: int = 40  # per point of the sweeps (fewer than the tables' 200: 23 points)
-    strengths: tuple = (0.0, 0.5, 1.0, 1.5, 2.0)
-    trigger_weights: tuple = (1.0, 2.0, 4.0, 8.0)
+    cases: int = 150  # per cell of the main table
+    multi_cases: int = 100  # two-product images per cell
+    tradeoff_cases: int = 50  # per point of the trade-off (the main cells' first ones at strength 1)
+    strengths: tuple = (0.0, 0.5, 1.0, 2.0, 3.0)
     steps: int = 25
     cfg: float = 4.0
     samples: int = 8  # images kept per method for the report
     seed: int = 1000
 
 
-QUICK = EvalConfig(cases=4, sweep_cases=2, strengths=(0.0, 1.0), trigger_weights=(1.0, 4.0), steps=3, samples=2)
-ADAPTER = {"single_token": "single_token", "decoupled": "decoupled", "bridge": "decoupled", "nested": "nested"}
-MODE = {"decoupled": "decoupled"}  # every other method acts nested
+QUICK = EvalConfig(cases=4, multi_cases=2, tradeoff_cases=2, strengths=(0.0, 1.0, 2.0), steps=3, samples=2)
 
 
 @dataclass(frozen=True)
@@ -49,35 +54,40 @@ class Case:
     seed: int
 
 
+def _other(rng, names: list, avoid: str) -> str:
+    rest = [n for n in names if n != avoid]
+    return rest[int(rng.integers(len(rest)))]
+
+
 def single_cases(heldout, count: int, seed: int) -> list[Case]:
-    """Held-out identities in turn; the reference scene differs from the prompt's in all three attributes."""
+    """Held-out identities in turn; the reference differs from the prompt in every scene and product attribute."""
     rng = np.random.default_rng(seed)
     out = []
     for k in range(count):
         ident = heldout[k % len(heldout)]
         prompt = world.random_scene(rng, ident)
         p = prompt.products[0]
-        reference = world.Scene(
-            _other(rng, list(world.BACKGROUNDS), prompt.background),
-            [
-                world.Placed(
-                    ident, _other(rng, list(world.PLACEMENTS), p.placement), _other(rng, list(world.SIZES), p.size)
-                )
-            ],
+        flipped = p.flipped()
+        placed = world.Placed(
+            ident,
+            _other(rng, list(world.PLACEMENTS), p.placement),
+            _other(rng, list(world.SIZES), p.size),
+            flipped.marked,
         )
+        reference = world.Scene(_other(rng, list(world.BACKGROUNDS), prompt.background), [placed])
         out.append(Case(ident, prompt, reference, seed + k))
     return out
 
 
 def multi_cases(heldout, count: int, seed: int) -> list[tuple]:
-    """(left identity, right identity, prompt scene, two reference scenes, seed): two kinds, held out."""
+    """(prompt scene, two reference scenes, seed): two held-out products of two kinds, attributes at their defaults."""
     rng = np.random.default_rng(seed + 1)
     out = []
     for k in range(count):
         first = heldout[k % len(heldout)]
         others = [i for i in heldout if i.kind != first.kind]
         second = others[int(rng.integers(len(others)))]
-        prompt = world.random_scene(rng, first, second)
+        prompt = world.random_scene(rng, first, second, attributes=False)
         refs = [
             world.Scene(
                 _other(rng, list(world.BACKGROUNDS), prompt.background),
@@ -87,11 +97,6 @@ def multi_cases(heldout, count: int, seed: int) -> list[tuple]:
         ]
         out.append((prompt, refs, seed + 10_000 + k))
     return out
-
-
-def _other(rng, names: list, avoid: str) -> str:
-    rest = [n for n in names if n != avoid]
-    return rest[int(rng.integers(len(rest)))]
 
 
 def reference_photo(scene: world.Scene, resolution: int) -> Image.Image:
@@ -104,6 +109,36 @@ def reference_photo(scene: world.Scene, resolution: int) -> Image.Image:
     )
 
 
+# -- summaries ------------------------------------------------------------------------------------
+
+
+def summarise(rows: list[dict], metric_list) -> dict:
+    """Per metric, the mean over rows and its 95% interval: Wilson over the rows for a rate (a row's value may be
+    a fraction, e.g. an image's two halves), normal for a mean."""
+    out = {}
+    for m in metric_list:
+        v = np.array([float(r[m.key]) for r in rows])
+        n = len(v)
+        if m.rate:
+            low, high = metrics.proportion_interval(v.sum(), n)
+        else:
+            half = 1.96 * v.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0
+            low, high = v.mean() - half, v.mean() + half
+        out[m.key] = round(float(v.mean()), 4) if n else 0.0
+        out[m.key + "_ci95"] = [round(float(low), 4), round(float(high), 4)]
+    return out | {"n": len(rows)}
+
+
+def paired_sign(a: list[dict], b: list[dict], key: str) -> dict:
+    """Case-by-case comparison of two cells on ``key``: cases where a is higher, where b is, exact sign test."""
+    above = sum(float(x[key]) > float(y[key]) for x, y in zip(a, b))
+    below = sum(float(x[key]) < float(y[key]) for x, y in zip(a, b))
+    return {"a_higher": above, "b_higher": below, "sign_test_p": round(metrics.sign_test(above, below), 4)}
+
+
+# -- the evaluator --------------------------------------------------------------------------------
+
+
 class Evaluator:
     def __init__(self, run_dir: str, heldout, cfg: EvalConfig, log=print):
         from na_engine.formats import load_adapter
@@ -112,14 +147,12 @@ class Evaluator:
 
         self.dir, self.cfg, self.log, self.heldout = os.path.join(run_dir, "eval"), cfg, log, heldout
         os.makedirs(os.path.join(self.dir, "samples"), exist_ok=True)
-        base, vision = (
-            load_base(os.path.join(run_dir, "base")),
-            load_vision(os.path.join(run_dir, "encoders", "vision")),
-        )
+        base = load_base(os.path.join(run_dir, "base"))
+        vision = load_vision(os.path.join(run_dir, "encoders", "vision"))
         adapters = os.path.join(run_dir, "encoders", "adapters")
         self.generators = {
             name: NestedGenerator(base, vision, load_adapter(os.path.join(adapters, f"{name}.safetensors")), "cpu")
-            for name in sorted(set(ADAPTER.values()))
+            for name in TRAINED
         }
         any_pipe = next(iter(self.generators.values())).pipe
         self.resolution = int(base.unet.config.sample_size) * any_pipe.vae_scale_factor
@@ -130,38 +163,34 @@ class Evaluator:
         self.settings = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
         self._subjects = {}
 
-    def generator(self, method: str):
-        """The method's generator: its adapter's (base: the nested one's, at strength 0)."""
-        return self.generators[ADAPTER.get(method) or (method if method in self.generators else "nested")]
-
-    def add_adapter(self, name: str, path: str) -> None:
-        """A further adapter, evaluated as the method ``name`` (nested)."""
-        from na_engine.formats import load_adapter
-        from na_engine.standalone.generate import NestedGenerator
-
-        nested = self.generators["nested"]
-        self.generators[name] = NestedGenerator(nested.base, nested.vision, load_adapter(path), "cpu")
-
     def subject(self, method: str, scene: world.Scene):
         key = (method, id(scene))
         if key not in self._subjects:
+            m = METHODS[method]
             photo = reference_photo(scene, self.resolution)
             kind = scene.products[0].identity.kind
-            self._subjects[key] = self.generator(method).encode([photo], kind, mode=MODE.get(method, "nested"))
+            self._subjects[key] = self.generators[m.adapter].encode([photo], kind, mode=m.mode)
         return self._subjects[key]
 
-    def generate(self, method: str, prompt: world.Scene, refs, seed: int, strength: float, weight: float, maps=False):
+    def generate(self, method: str, prompt: world.Scene, refs, seed: int, strength: float = 1.0, maps=False):
+        """One image of ``prompt`` with one subject per reference; ``strength`` multiplies the method's own."""
+        m = METHODS[method]
         subjects = [self.subject(method, r) for r in refs]
-        return self.generator(method)(
+        if m.masked:  # each subject limited to its product's true region in the prompt's scene
+            regions = world.product_masks(prompt, self.resolution)
+            subjects = [
+                s.with_(mask=torch.from_numpy(np.asarray(r, np.float32) / 255)) for s, r in zip(subjects, regions)
+            ]
+        return self.generators[m.adapter](
             world.caption(prompt),
             subjects,
             seed,
             self.cfg.steps,
             self.cfg.cfg,
             self.resolution,
-            strength=0.0 if method == "base" else strength,
+            strength=m.strength * strength,
             maps=maps,
-            trigger_weight=weight,
+            trigger_weight=m.trigger_weight,
         )
 
     def cell(self, name: str, fn) -> dict:
@@ -175,214 +204,134 @@ class Evaluator:
         self.log(f"evaluate: {name}")
         result = {**fn(), "settings": self.settings}
         with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(result, f)
         os.replace(path + ".tmp", path)
         return result
 
-    # -- the cells ----------------------------------------------------------------------------
-
-    def single(self, method: str, cases, strength=1.0, weight=1.0, keep=0, rows=False) -> dict:
-        """The cell's rates; ``rows`` keeps each case's readings too (for paired comparisons)."""
-        readings = []
-        for k, case in enumerate(cases):
-            image, panel = self.generate(
-                method, case.prompt, [case.reference], case.seed, strength, weight, maps=k < keep
-            )
-            if k < keep:
-                image.save(os.path.join(self.dir, "samples", f"{method}_{k}.png"))
-                if panel is not None and method == "nested":
-                    panel.save(os.path.join(self.dir, "samples", f"{method}_{k}.maps.png"))
-            readings.append(self.read_single(image, case))
-        return summarise(readings) | ({"rows": readings} if rows else {})
+    # -- readings ---------------------------------------------------------------------------------
 
     def read_single(self, image: Image.Image, case: Case) -> dict:
+        """A value per SINGLE_METRICS key (booleans for rates)."""
         p = case.prompt.products[0]
         background = metrics.read_background(image)
         sims = self.gallery.similarities(probe.crop(image))
         own = self.gallery.position(case.identity.index)
-        return {
-            "background": background == case.prompt.background,
-            "placement": metrics.read_placement(image) == p.placement,
-            "size": metrics.read_size(image) == p.size,
-            "leak": background == case.reference.background,
-            "top1": sims is not None and int(np.argmax(sims)) == own,
-            "cos": float(sims[own]) if sims is not None else 0.0,
+        row = {
+            "identity_top1": sims is not None and int(np.argmax(sims)) == own,
+            "identity_cos": float(sims[own]) if sims is not None else 0.0,
+            "background_acc": background == case.prompt.background,
+            "placement_acc": metrics.read_placement(image) == p.placement,
+            "size_acc": metrics.read_size(image) == p.size,
+            "background_leak": background == case.reference.background,
         }
+        for m, attribute in zip(ATTRIBUTE_METRICS, world.ATTRIBUTES):
+            row[m.key] = metrics.READERS[attribute](image) == p.value(attribute)
+        return row
+
+    def read_multi(self, image: Image.Image, prompt: world.Scene) -> dict:
+        """A value per MULTI_METRICS key: each half's own / swap / blend, averaged over the image's two halves."""
+        placed = [p.identity.index for p in prompt.products]
+        halves = []
+        for p, other in zip(prompt.products, reversed(placed)):
+            columns = (0.0, 0.5) if p.placement == "left" else (0.5, 1.0)
+            sims = self.gallery.similarities(probe.crop(image, columns))
+            top = None if sims is None else self.gallery.indices[int(np.argmax(sims))]
+            halves.append((top == p.identity.index, top == other))
+        own, swap = (float(np.mean([h[i] for h in halves])) for i in (0, 1))
+        return {
+            "identity_top1": own,
+            "swap_rate": swap,
+            "blend_rate": 1.0 - own - swap,
+            "background_acc": metrics.read_background(image) == prompt.background,
+        }
+
+    # -- the cells --------------------------------------------------------------------------------
+
+    def single(self, method: str, cases, strength: float = 1.0, keep: int = 0) -> dict:
+        rows = []
+        for k, case in enumerate(cases):
+            image, panel = self.generate(method, case.prompt, [case.reference], case.seed, strength, maps=k < keep)
+            if k < keep:
+                image.save(os.path.join(self.dir, "samples", f"{method}_{k}.png"))
+                if panel is not None and method == "nested":
+                    panel.save(os.path.join(self.dir, "samples", f"{method}_{k}.maps.png"))
+            rows.append(self.read_single(image, case))
+        return summarise(rows, SINGLE_METRICS) | {"rows": rows}
+
+    def multi(self, method: str, cases, keep: int = 0) -> dict:
+        rows = []
+        for k, (prompt, refs, seed) in enumerate(cases):
+            image, _ = self.generate(method, prompt, refs, seed)
+            if k < keep:
+                image.save(os.path.join(self.dir, "samples", f"multi_{method}_{k}.png"))
+            rows.append(self.read_multi(image, prompt))
+        return summarise(rows, MULTI_METRICS) | {"rows": rows}
 
     @torch.no_grad()
     def ceiling(self, cases, through_vae: bool) -> dict:
         """The readings of the true product rendered in each prompt's scene, raw or encoded and decoded by the
         base's VAE: what a method that drew the product exactly could score, before and after the VAE."""
         vae = self.generators["nested"].base.vae
-        readings = []
+        rows = []
         for case in cases:
             image, _ = world.render(case.prompt, self.resolution)
             if through_vae:
                 x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
                 y = vae.decode(vae.encode(x).latent_dist.mean).sample[0]  # (3, R, R) in [-1, 1]
                 image = Image.fromarray(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-            readings.append(self.read_single(image, case))
-        return summarise(readings)
-
-    @torch.no_grad()
-    def vision_retrieval(self, cases, per_identity: int = 4) -> dict:
-        """What the encoders' input holds: top-1 retrieval of each case's reference photo among the held-out
-        identities by its CLIP vision features (penultimate, mean over patches, cosine to each identity's mean over
-        reference photos in other random scenes). Low here would mean identity is lost before any encoder."""
-        from na_engine.standalone.models import image_features
-
-        vision = self.generators["nested"].vision
-        rng = np.random.default_rng(self.cfg.seed + 7)
-
-        def embed(photos) -> torch.Tensor:  # (n, E), unit length
-            return torch.nn.functional.normalize(image_features(vision, photos, "cpu").mean(1), dim=-1)
-
-        def identity_mean(identity) -> torch.Tensor:  # (E,): its photos in random scenes
-            photos = [reference_photo(world.random_scene(rng, identity), self.resolution) for _ in range(per_identity)]
-            return torch.nn.functional.normalize(embed(photos).mean(0), dim=-1)
-
-        gallery = torch.stack([identity_mean(i) for i in self.heldout])  # (H, E)
-        refs = embed([reference_photo(c.reference, self.resolution) for c in cases])  # (cases, E)
-        hits = (refs @ gallery.T).argmax(1).tolist()
-        own = [self.gallery.position(c.identity.index) for c in cases]
-        return _rates(identity_top1=[h == o for h, o in zip(hits, own)]) | {"n": len(cases)}
-
-    @torch.no_grad()
-    def trigger_share(self, cases) -> dict:
-        """The attention the trigger word receives, p(q), which scales nested's correction at a pixel: its mean
-        over the layers and steps of nested generations, on the prompt's product pixels and on the rest."""
-        product, rest = [], []
-        for case in cases:
-            self.generate("nested", case.prompt, [case.reference], case.seed, 1.0, 1.0, maps=True)
-            capture = self.generators["nested"].capture
-            share = (capture.outer[0][0, 0] / capture.calls).numpy()  # (h, w): the mean over layers and steps
-            _, mask = world.render(case.prompt, self.resolution)
-            inside = np.asarray(mask.resize(share.shape[::-1], Image.BOX), dtype=np.float32) / 255 > 0.5
-            if inside.any() and not inside.all():
-                product.append(share[inside].mean())
-                rest.append(share[~inside].mean())
-        summary = {"product": np.mean(product), "background": np.mean(rest)}
-        return {k: round(float(v), 4) for k, v in summary.items()} | {"n": len(product)}
-
-    def multi(self, method: str, cases, keep=0) -> dict:
-        top1, swaps, backgrounds = [], [], []
-        for k, (prompt, refs, seed) in enumerate(cases):
-            image, _ = self.generate(method, prompt, refs, seed, 1.0, 1.0)
-            if k < keep:
-                image.save(os.path.join(self.dir, "samples", f"multi_{method}_{k}.png"))
-            backgrounds.append(metrics.read_background(image) == prompt.background)
-            placed = [p.identity.index for p in prompt.products]
-            for p, other in zip(prompt.products, reversed(placed)):
-                half = (0.0, 0.5) if p.placement == "left" else (0.5, 1.0)
-                sims = self.gallery.similarities(probe.crop(image, half))
-                own, theirs = self.gallery.position(p.identity.index), self.gallery.position(other)
-                top1.append(sims is not None and int(np.argmax(sims)) == own)
-                swaps.append(sims is not None and sims[theirs] > sims[own])
-        return {**_rates(identity_top1=top1, swap_rate=swaps, background_acc=backgrounds), "n": len(cases)}
+            rows.append(self.read_single(image, case))
+        return summarise(rows, SINGLE_METRICS)
 
 
-def _rates(**values) -> dict:
-    """name=list of booleans -> {name: proportion, name_ci95: its 95% Wilson interval}."""
-    out = {}
-    for name, v in values.items():
-        n, k = len(v), int(sum(bool(x) for x in v))
-        low, high = metrics.proportion_interval(k, n)
-        out[name], out[name + "_ci95"] = round(k / n, 4) if n else 0.0, [round(low, 4), round(high, 4)]
-    return out
+def _attribute_acc(row: dict) -> float:
+    return float(np.mean([row[m.key] for m in ATTRIBUTE_METRICS]))
 
 
-def summarise(rows: list[dict]) -> dict:
-    cos = np.array([r["cos"] for r in rows])
-    half = 1.96 * cos.std(ddof=1) / np.sqrt(len(cos)) if len(cos) > 1 else 0.0
-    return {
-        **_rates(
-            identity_top1=[r["top1"] for r in rows],
-            background_acc=[r["background"] for r in rows],
-            placement_acc=[r["placement"] for r in rows],
-            size_acc=[r["size"] for r in rows],
-            background_leak=[r["leak"] for r in rows],
-        ),
-        "identity_cos": round(float(cos.mean()), 4),
-        "identity_cos_ci95": [round(float(cos.mean() - half), 4), round(float(cos.mean() + half), 4)],
-        "n": len(rows),
-    }
-
-
-METHODS = ("base", "single_token", "decoupled", "bridge", "nested")
+def tradeoff_point(strength: float, rows: list[dict]) -> dict:
+    """Identity top-1 and the mean of the attribute accuracies over ``rows``, with their intervals."""
+    merged = [{"identity_top1": r["identity_top1"], "attribute_acc": _attribute_acc(r)} for r in rows]
+    return {"strength": strength, **summarise(merged, [Metric("identity_top1", ""), Metric("attribute_acc", "")])}
 
 
 def evaluate(run_dir: str, heldout, cfg: EvalConfig, log=print) -> dict:
     """Every cell, then results.json's dictionary."""
     ev = Evaluator(run_dir, heldout, cfg, log)
     cases = single_cases(heldout, cfg.cases, cfg.seed)
-    pairs = multi_cases(heldout, cfg.cases, cfg.seed)
+    pairs = multi_cases(heldout, cfg.multi_cases, cfg.seed)
+    main = {m: ev.cell(f"main_{m}", lambda m=m: ev.single(m, cases, keep=cfg.samples)) for m in in_table("main")}
+    multi = {m: ev.cell(f"multi_{m}", lambda m=m: ev.multi(m, pairs, keep=cfg.samples)) for m in in_table("multi")}
+    few = cases[: cfg.tradeoff_cases]
+
+    def point(method: str, strength: float) -> dict:
+        if strength == 0:  # no subject: the base, for every method
+            return tradeoff_point(0.0, main["base"]["rows"][: len(few)])
+        if strength == 1:
+            return tradeoff_point(1.0, main[method]["rows"][: len(few)])
+        cell = ev.cell(f"tradeoff_{method}_{strength:g}", lambda: ev.single(method, few, strength=strength))
+        return tradeoff_point(strength, cell["rows"])
+
     results = {
         "heldout_identities": len(heldout),
         "chance_top1": round(1 / len(heldout), 4),
         "settings": asdict(cfg),
-        "methods": {m: ev.cell(f"main_{m}", lambda m=m: ev.single(m, cases, keep=cfg.samples)) for m in METHODS},
-        "multi": {
-            m: ev.cell(f"multi_{m}", lambda m=m: ev.multi(m, pairs, keep=cfg.samples))
-            for m in ("decoupled", "bridge", "nested")
+        "methods": {m: _summary(c) for m, c in main.items()},
+        "attributes": {m: {k.key: c[k.key] for k in ATTRIBUTE_METRICS} for m, c in main.items()},
+        "multi": {m: _summary(c) for m, c in multi.items()},
+        "tradeoff": {m: [point(m, s) for s in cfg.strengths] for m in in_table("tradeoff")},
+        "paired": {
+            "nested_vs_single_token_identity": paired_sign(
+                main["nested"]["rows"], main["single_token"]["rows"], "identity_top1"
+            ),
+            "nested_vs_decoupled_swap": paired_sign(multi["nested"]["rows"], multi["decoupled"]["rows"], "swap_rate"),
         },
     }
     results["ceiling"] = {
-        name: _without_settings(ev.cell(f"ceiling_{name}", lambda v=v: ev.ceiling(cases, v)))
+        name: _summary(ev.cell(f"ceiling_{name}", lambda v=v: ev.ceiling(cases, v)))
         for name, v in (("render", False), ("vae", True))
     }
-    results["ceiling"]["vision_features"] = _without_settings(
-        ev.cell("ceiling_vision", lambda: ev.vision_retrieval(cases))
-    )
-    few = cases[: cfg.sweep_cases]
-
-    def point(method: str, strength: float, weight: float = 1.0) -> dict:
-        """One sweep point; strength 0 is the base for every method, and weight 1 is the strength sweep's point."""
-        name = "sweep_base_0.0" if strength == 0 else f"sweep_{method}_{strength}"
-        name = name if weight == 1 else f"weight_{method}_{weight}"
-        who = "base" if strength == 0 else method
-        return _point(ev.cell(name, lambda: ev.single(who, few, strength=strength, weight=weight)))
-
-    results["sweep"] = {
-        m: [{"strength": s, **point(m, s)} for s in cfg.strengths] for m in ("nested", "bridge", "decoupled")
-    }
-    results["trigger_share"] = _without_settings(ev.cell("trigger_share", lambda: ev.trigger_share(few)))
-    results["trigger_weight_sweep"] = {
-        m: [{"trigger_weight": w, **point(m, 1.0, w)} for w in cfg.trigger_weights] for m in ("nested", "bridge")
-    }
-    results["bridge_trigger_weight"] = confirm_bridge_weight(ev, results["trigger_weight_sweep"]["bridge"], heldout)
     return results
 
 
-CONFIRM_SEED = 50_000  # fresh cases: none is among the sweep's
-
-
-def confirm_bridge_weight(ev: Evaluator, sweep: list[dict], heldout) -> dict:
-    """The bridge's recommended trigger weight: the sweep's best (ties: the smaller weight), then checked
-    against weight 1 on fresh cases, paired (same case and seed), with an exact sign test on the pairs
-    where only one of the two identifies the product."""
-    best = max(sweep, key=lambda p: (p["identity_top1"], -p["trigger_weight"]))["trigger_weight"]
-    fresh = single_cases(heldout, ev.cfg.cases, ev.cfg.seed + CONFIRM_SEED)
-    cells = {
-        w: ev.cell(f"confirm_bridge_{w}", lambda w=w: ev.single("bridge", fresh, weight=w, rows=True))
-        for w in (1.0, best)
-    }
-    ones, bests = [r["top1"] for r in cells[1.0]["rows"]], [r["top1"] for r in cells[best]["rows"]]
-    only_best = sum(b and not o for o, b in zip(ones, bests))
-    only_one = sum(o and not b for o, b in zip(ones, bests))
-    return {
-        "chosen": best,
-        "rule": "the bridge's trigger-weight sweep point with the highest identity top-1 (ties: the smaller weight)",
-        "confirm": {str(w): _point(c) for w, c in cells.items()},
-        "pairs_only_chosen": only_best,
-        "pairs_only_weight_1": only_one,
-        "sign_test_p": round(metrics.sign_test(only_best, only_one), 4),
-    }
-
-
-def _without_settings(cell: dict) -> dict:
-    return {k: v for k, v in cell.items() if k != "settings"}
-
-
-def _point(cell: dict) -> dict:
-    keys = ("identity_top1", "identity_top1_ci95", "background_acc", "placement_acc", "background_leak", "n")
-    return {k: cell[k] for k in keys}
+def _summary(cell: dict) -> dict:
+    """A cell without its per-case rows and settings hash: what results.json keeps."""
+    return {k: v for k, v in cell.items() if k not in ("rows", "settings")}

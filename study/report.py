@@ -10,8 +10,8 @@ import os
 
 from PIL import Image, ImageDraw
 
-from . import metrics
-from .evaluate import METHODS, multi_cases, reference_photo, single_cases
+from .evaluate import multi_cases, reference_photo, single_cases
+from .methods import MULTI_METRICS, SINGLE_METRICS, TRAINED, in_table
 
 COLOURS = {"nested": (200, 40, 40), "bridge": (40, 90, 200), "decoupled": (40, 150, 60), "single_token": (150, 90, 20)}
 CELL = 128  # grid cell side in pixels
@@ -21,14 +21,14 @@ def _label(draw: ImageDraw.ImageDraw, xy, text: str, fill=(0, 0, 0)) -> None:
     draw.text(xy, text, fill=fill)
 
 
-def tradeoff_plot(sweep: dict, path: str, size=(560, 420)) -> None:
-    """Identity top-1 (y) against background accuracy (x), one line per method over the strengths."""
+def tradeoff_plot(tradeoff: dict, path: str, size=(560, 420)) -> None:
+    """Identity top-1 (y) against the prompt's product attributes kept (x), one line per method over strengths."""
     w, h = size
     left, right, top, bottom = 60, 20, 20, 50
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     d.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
-    ymax = max(0.05, max(p["identity_top1"] for pts in sweep.values() for p in pts)) * 1.1
+    ymax = max(0.05, max(p["identity_top1"] for pts in tradeoff.values() for p in pts)) * 1.1
 
     def at(x, y):
         return left + x * (w - left - right), h - bottom - (y / ymax) * (h - top - bottom)
@@ -37,15 +37,16 @@ def tradeoff_plot(sweep: dict, path: str, size=(560, 420)) -> None:
         x, y = at(i / 5, ymax * i / 5)
         _label(d, (x - 10, h - bottom + 5), f"{i / 5:.1f}")
         _label(d, (5, y - 5), f"{ymax * i / 5:.2f}")
-    _label(d, (w // 2 - 60, h - 20), "background accuracy (prompt)")
+    _label(d, (w // 2 - 100, h - 20), "attribute accuracy (pose, light, cap: the prompt's)")
     _label(d, (5, 2), "identity top-1")
-    for k, (method, points) in enumerate(sweep.items()):
-        xy = [at(p["background_acc"], p["identity_top1"]) for p in points]
-        d.line(xy, fill=COLOURS[method], width=2)
+    for k, (method, points) in enumerate(tradeoff.items()):
+        colour = COLOURS.get(method, (90, 90, 90))
+        xy = [at(p["attribute_acc"], p["identity_top1"]) for p in points]
+        d.line(xy, fill=colour, width=2)
         for p, (x, y) in zip(points, xy):
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLOURS[method])
-            _label(d, (x + 4, y - 12), f"{p['strength']:g}", COLOURS[method])
-        _label(d, (left + 10, top + 8 + 14 * k), method, COLOURS[method])
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+            _label(d, (x + 4, y - 12), f"{p['strength']:g}", colour)
+        _label(d, (left + 10, top + 8 + 14 * k), method, colour)
     img.save(path)
 
 
@@ -74,25 +75,25 @@ def sample_grid(run_dir: str, heldout, results: dict, path: str) -> None:
     resolution = _resolution(run_dir)
     rows = []
     for k, case in enumerate(cases):
-        row = [_cell(reference_photo(case.reference, resolution), case.reference.background)]
-        for m in METHODS:
+        row = [_cell(reference_photo(case.reference, resolution), "reference")]
+        for m in in_table("main"):
             row.append(_cell(Image.open(os.path.join(run_dir, "eval", "samples", f"{m}_{k}.png")), _short(case)))
         rows.append(row)
-    _grid(rows, ["reference", *METHODS]).save(path)
+    _grid(rows, ["reference", *in_table("main")]).save(path)
 
 
 def multi_grid(run_dir: str, heldout, results: dict, path: str) -> None:
     s = results["settings"]
-    pairs = multi_cases(heldout, s["samples"], s["seed"])
+    pairs = multi_cases(heldout, min(s["samples"], s["multi_cases"]), s["seed"])
     resolution = _resolution(run_dir)
     rows = []
     for k, (prompt, refs, _) in enumerate(pairs):
         row = [_cell(reference_photo(r, resolution), r.products[0].identity.kind) for r in refs]
-        for m in ("decoupled", "bridge", "nested"):
+        for m in in_table("multi"):
             image = Image.open(os.path.join(run_dir, "eval", "samples", f"multi_{m}_{k}.png"))
             row.append(_cell(image, prompt.background))
         rows.append(row)
-    _grid(rows, ["reference 1", "reference 2", "decoupled", "bridge", "nested"]).save(path)
+    _grid(rows, ["reference 1", "reference 2", *in_table("multi")]).save(path)
 
 
 def maps_grid(run_dir: str, count: int, path: str) -> None:
@@ -112,8 +113,10 @@ def maps_grid(run_dir: str, count: int, path: str) -> None:
 
 
 def _short(case) -> str:
+    """The prompt in a few letters: background, placement and size initials, and its marked attributes."""
     p = case.prompt.products[0]
-    return f"{case.prompt.background} {p.placement[0]} {p.size[0]}"
+    marks = "".join({"pose": "P", "light": "L", "cap": "C"}[a] for a in sorted(p.marked))
+    return f"{case.prompt.background} {p.placement[0]}{p.size[0]} {marks}".strip()
 
 
 def _resolution(run_dir: str) -> int:
@@ -134,95 +137,139 @@ def _verdict(holds: bool, a: dict, b: dict, key: str) -> str:
     return ("yes" if holds else "**no**") + ("" if apart else " (intervals overlap)")
 
 
+def _yes(holds: bool) -> str:
+    return "yes" if holds else "**no**"
+
+
+def _curve(points: list[dict]):
+    """A method's trade-off as (identity, attribute accuracy) sorted by identity, for interpolation."""
+    import numpy as np
+
+    pts = sorted((p["identity_top1"], p["attribute_acc"]) for p in points)
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+
+
+def matched_attributes(tradeoff: dict, a: str, b: str, levels: int = 5) -> dict | None:
+    """Attribute accuracy of a and b at the same identity: both curves interpolated at ``levels`` identities
+    spread over the range both reach; None when their identity ranges do not overlap."""
+    import numpy as np
+
+    (xa, ya), (xb, yb) = _curve(tradeoff[a]), _curve(tradeoff[b])
+    low, high = max(xa.min(), xb.min()), min(xa.max(), xb.max())
+    if high <= low:
+        return None
+    at = np.linspace(low, high, levels)
+    diff = np.interp(at, xa, ya) - np.interp(at, xb, yb)
+    return {"identity_range": [round(float(low), 3), round(float(high), 3)], "mean_difference": float(diff.mean())}
+
+
 def claims(results: dict) -> list[tuple[str, str, str]]:
     """The paper's claims as the study's issue transposed them: (claim, what was measured, verdict)."""
-    m, multi, chance = results["methods"], results["multi"], results["chance_top1"]
-    nested, decoupled, single, base = m["nested"], m["decoupled"], m["single_token"], m["base"]
-    top1 = nested["identity_top1"]
-    p_single = metrics.cells_p(nested, single, "identity_top1")
-    return [
+    m, multi = results["methods"], results["multi"]
+    nested, single, base = m["nested"], m["single_token"], m["base"]
+    paired = results["paired"]
+    share = results["base"]["trigger_share"]
+    p_single = paired["nested_vs_single_token_identity"]
+    p_swap = paired["nested_vs_decoupled_swap"]
+    matched = matched_attributes(results["tradeoff"], "nested", "decoupled")
+    swap_n, swap_d = multi["nested"], multi["decoupled"]
+    rows = [
         (
-            "the base follows the prompt: background >= 0.9",
-            _ci(base, "background_acc"),
-            "yes" if base["background_acc"] >= 0.9 else "**no**",
+            "the base follows the prompt: background >= 0.9, placement >= 0.8",
+            f"{_ci(base, 'background_acc')}; {_ci(base, 'placement_acc')}",
+            _yes(base["background_acc"] >= 0.9 and base["placement_acc"] >= 0.8),
         ),
         (
-            "nested identity top-1 >= 10x chance",
-            f"{top1:.3f} = {top1 / chance:.1f}x chance {chance:.3f}",
-            "yes" if top1 >= 10 * chance else "**no**",
+            "the base's class word localises: share on its product >= 3x elsewhere",
+            f"{share['product']:.3f} vs {share['elsewhere']:.3f} ({share['product'] / share['elsewhere']:.1f}x)",
+            _yes(share["product"] >= 3 * share["elsewhere"]),
         ),
         (
-            "nested identity above single_token",
-            f"{_ci(nested, 'identity_top1')} vs {_ci(single, 'identity_top1')}; two-proportion p = {p_single:.3f}",
-            _verdict(top1 > single["identity_top1"], nested, single, "identity_top1"),
+            "nested identity top-1 >= 0.5",
+            f"{_ci(nested, 'identity_top1')} (chance {results['chance_top1']:.3f})",
+            _yes(nested["identity_top1"] >= 0.5),
         ),
         (
-            "nested identity above base",
-            f"{_ci(nested, 'identity_top1')} vs {_ci(base, 'identity_top1')}",
-            _verdict(top1 > base["identity_top1"], nested, base, "identity_top1"),
+            "nested identity above single_token, p < 0.05",
+            f"{_ci(nested, 'identity_top1')} vs {_ci(single, 'identity_top1')}; cases only nested identifies "
+            f"{p_single['a_higher']}, only single_token {p_single['b_higher']}: "
+            f"sign test p = {p_single['sign_test_p']:.3f}",
+            _yes(nested["identity_top1"] > single["identity_top1"] and p_single["sign_test_p"] < 0.05),
         ),
         (
-            "nested background >= decoupled",
-            f"{_ci(nested, 'background_acc')} vs {_ci(decoupled, 'background_acc')}",
-            _verdict(nested["background_acc"] >= decoupled["background_acc"], nested, decoupled, "background_acc"),
+            "at matched identity, nested keeps the attributes at least as well as decoupled",
+            "identity ranges do not overlap"
+            if matched is None
+            else f"nested minus decoupled {matched['mean_difference']:+.3f} attribute accuracy over identity "
+            f"{matched['identity_range'][0]:.2f}-{matched['identity_range'][1]:.2f}",
+            "not comparable" if matched is None else _yes(matched["mean_difference"] >= 0),
         ),
         (
-            "nested background leak <= decoupled",
-            f"{_ci(nested, 'background_leak')} vs {_ci(decoupled, 'background_leak')}",
-            _verdict(nested["background_leak"] <= decoupled["background_leak"], nested, decoupled, "background_leak"),
-        ),
-        (
-            "two subjects: nested swap rate < decoupled",
-            f"{_ci(multi['nested'], 'swap_rate')} vs {_ci(multi['decoupled'], 'swap_rate')}",
-            _verdict(
-                multi["nested"]["swap_rate"] < multi["decoupled"]["swap_rate"],
-                multi["nested"],
-                multi["decoupled"],
-                "swap_rate",
+            "two subjects: nested swap rate <= 0.2 and below decoupled, p < 0.05",
+            f"{_ci(swap_n, 'swap_rate')} vs {_ci(swap_d, 'swap_rate')}; images where nested swaps less "
+            f"{p_swap['b_higher']}, more {p_swap['a_higher']}: sign test p = {p_swap['sign_test_p']:.3f}",
+            _yes(
+                swap_n["swap_rate"] <= 0.2
+                and swap_n["swap_rate"] < swap_d["swap_rate"]
+                and p_swap["sign_test_p"] < 0.05
             ),
         ),
     ]
+    if "run_seconds" in results:
+        seconds = results["run_seconds"]
+        rows.append(
+            ("a run from nothing in <= 3 h", f"{seconds:.0f} s = {seconds / 3600:.2f} h", _yes(seconds <= 10800))
+        )
+    return rows
 
 
-def followup_section(results: dict) -> list[str]:
-    """Nested trained at a raised trigger weight (study/followup.py), beside the main table's nested row."""
-    if "followup" not in results:
-        return []
-    f, nested = results["followup"], results["methods"]["nested"]
-    w = f["trigger_weight"]
+def metric_table(rows: dict, metric_list) -> list[str]:
+    """A table of ``rows`` (name -> cell) with a column per metric, each value with its 95% interval."""
     return [
-        f"## Follow-up: nested trained at trigger weight {w:g}",
-        "",
-        "Run after the evaluation to test its explanation (study/followup.py): the same trainer, data and budget as "
-        f"nested, with the trigger's attention multiplied by {w:g} in training and sampling (the weight fixed by rule "
-        "before training: the bridge's chosen one); the main table's cases, seeds, probe and metrics. Not a method "
-        "of the main table.",
-        "",
-        *method_table({"nested": nested, f"nested trained at weight {w:g}": f["main"]}),
-        "",
-        f"Identity top-1 against nested: two-proportion p = {f['p_vs_nested']:.3f}; training loss over its last "
-        f"tenth {f['training']['final_loss']:.4f}.",
-        "",
-    ]
-
-
-def method_table(rows: dict) -> list[str]:
-    """The main table's columns for ``rows`` (name -> cell), each value with its 95% interval."""
-    keys = ("identity_top1", "identity_cos", "background_acc", "placement_acc", "size_acc", "background_leak")
-    return [
-        "| method | identity top-1 | identity cos | background | placement | size | background leak | n |",
-        "|---|---|---|---|---|---|---|---|",
-        *[f"| {name} | " + " | ".join(_ci(r, k) for k in keys) + f" | {r['n']} |" for name, r in rows.items()],
+        "| method | " + " | ".join(m.label for m in metric_list) + " | n |",
+        "|---|" + "---|" * (len(metric_list) + 1),
+        *[
+            f"| {name} | " + " | ".join(_ci(r, m.key) for m in metric_list) + f" | {r['n']} |"
+            for name, r in rows.items()
+        ],
     ]
 
 
 def main_table(results: dict) -> list[str]:
-    return method_table(results["methods"])
+    return metric_table(results["methods"], SINGLE_METRICS)
+
+
+def share_section(results: dict) -> list[str]:
+    share = results["base"]["trigger_share"]
+    lines = [
+        "## Where the class word attends (the base)",
+        "",
+        f"The class word's attention share on its product's pixels and elsewhere, while the base draws "
+        f"{share['n']} held-out one-product prompts (mean over each layer's sampling steps and queries):",
+        "",
+        "| layer | on the product | elsewhere | ratio |",
+        "|---|---|---|---|",
+        *[
+            f"| {name} | {v['product']:.3f} | {v['elsewhere']:.3f} | {v['product'] / max(v['elsewhere'], 1e-6):.1f} |"
+            for name, v in share["layers"].items()
+        ],
+        f"| **mean over layers** | {share['product']:.3f} | {share['elsewhere']:.3f} | "
+        f"{share['product'] / max(share['elsewhere'], 1e-6):.1f} |",
+        "",
+    ]
+    before = results["base"].get("trigger_share_round1")
+    if before:
+        lines += [
+            f"Before the localisation loss (the first round's base, measured the same way: {before['what']}): "
+            f"{before['product']:.3f} on the product, {before['elsewhere']:.3f} elsewhere "
+            f"({before['product'] / before['elsewhere']:.1f}x).",
+            "",
+        ]
+    return lines
 
 
 def markdown(results: dict, stages: dict, figures: str, analysis: str, run_dir: str) -> str:
-    chance, bridge = results["chance_top1"], results["bridge_trigger_weight"]
-    n_sweep = results["settings"]["sweep_cases"]
+    chance, s = results["chance_top1"], results["settings"]
     lines = [
         "# The study: nested attention in a miniature product world",
         "",
@@ -238,79 +285,47 @@ def markdown(results: dict, stages: dict, figures: str, analysis: str, run_dir: 
         *[f"| {c} | {v} | {verdict} |" for c, v, verdict in claims(results)],
         "",
         'A verdict follows the claim\'s point comparison; "intervals overlap" marks one the 95% intervals do not '
-        'separate, "a tie" equal values.',
+        'separate, "a tie" equal values. Paired tests compare the same cases (prompt, reference, seed).',
         "",
-        "## Main table (held-out identities, reference in another scene)",
+        "## Main table (held-out identities; the reference contradicts the prompt in scene and attributes)",
         "",
         *main_table(results),
         "",
-        "95% Wilson intervals for proportions, normal intervals for the mean cosine.",
+        "95% Wilson intervals for proportions, normal intervals for the mean cosine. Pose, light and cap: the "
+        "prompt's value read from the pixels, where the reference always shows the other value.",
         "",
-        "Ceilings, on the same cases: the true product rendered in the prompt's scene reads identity top-1 "
-        f"{_ci(results['ceiling']['render'], 'identity_top1')}; the same render encoded and decoded by the base's "
-        f"VAE reads {_ci(results['ceiling']['vae'], 'identity_top1')}. No method that goes through this VAE can "
-        "be expected above the second. What the encoders receive: the reference photo's CLIP vision features "
-        "retrieve its product among the held-out ones with top-1 "
-        f"{_ci(results['ceiling']['vision_features'], 'identity_top1')} (mean-pooled features, nearest identity).",
+        "Ceilings, on the same cases: the true product rendered in the prompt's scene, and that render through "
+        "the base's VAE:",
+        "",
+        *metric_table(results["ceiling"], SINGLE_METRICS),
         "",
         "## Two subjects in one image",
         "",
-        "| method | identity top-1 (per half) | swap/blend rate (per half) | background | prompts |",
-        "|---|---|---|---|---|",
-        *[
-            f"| {name} | {_ci(r, 'identity_top1')} | {_ci(r, 'swap_rate')} | {_ci(r, 'background_acc')} | {r['n']} |"
-            for name, r in results["multi"].items()
-        ],
+        *metric_table(results["multi"], MULTI_METRICS),
         "",
-        "Each prompt has two halves, each read against its own subject and the other one.",
+        "Each half of an image is read against its own subject: own when it is the probe's top-1 among the held-out "
+        "products, swap when the other subject is, blend otherwise. The image is the unit (its two halves average), "
+        "so n counts images.",
         "",
-        f"## Identity against the prompt (strength 0 to 2, {n_sweep} cases a point)",
+        f"## Identity against the prompt ({s['tradeoff_cases']} cases a point)",
         "",
         f"![trade-off]({figures}/tradeoff.png)",
         "",
-        "| method | strength | identity top-1 [95%] | background | placement | leak |",
-        "|---|---|---|---|---|---|",
+        "| method | strength | identity top-1 | attribute accuracy |",
+        "|---|---|---|---|",
         *[
-            f"| {name} | {p['strength']:g} | {_ci(p, 'identity_top1')} | {p['background_acc']:.3f} | "
-            f"{p['placement_acc']:.3f} | {p['background_leak']:.3f} |"
-            for name, pts in results["sweep"].items()
+            f"| {name} | {p['strength']:g} | {_ci(p, 'identity_top1')} | {_ci(p, 'attribute_acc')} |"
+            for name, pts in results["tradeoff"].items()
             for p in pts
         ],
         "",
-        f"## Trigger weight ({n_sweep} cases a point, strength 1)",
-        "",
-        "| method | trigger weight | identity top-1 [95%] | background | placement | leak |",
-        "|---|---|---|---|---|---|",
-        *[
-            f"| {name} | {p['trigger_weight']:g} | {_ci(p, 'identity_top1')} | {p['background_acc']:.3f} | "
-            f"{p['placement_acc']:.3f} | {p['background_leak']:.3f} |"
-            for name, pts in results["trigger_weight_sweep"].items()
-            for p in pts
-        ],
-        "",
-        f"The attention the trigger word receives, p(q), which scales nested's correction at a pixel (mean over "
-        f"layers and steps of {results['trigger_share']['n']} nested generations at weight 1): "
-        f"{results['trigger_share']['product']:.3f} on the product's pixels, "
-        f"{results['trigger_share']['background']:.3f} elsewhere.",
-        "",
-        f"The bridge's recommended trigger weight, chosen by rule ({bridge['rule']}): **{bridge['chosen']:g}**. "
-        f"Checked against weight 1 on {results['settings']['cases']} fresh cases, paired:",
-        "",
-        "| bridge trigger weight | identity top-1 | background | placement | leak |",
-        "|---|---|---|---|---|",
-        *[
-            f"| {w} | {_ci(p, 'identity_top1')} | {p['background_acc']:.3f} | {p['placement_acc']:.3f} | "
-            f"{p['background_leak']:.3f} |"
-            for w, p in bridge["confirm"].items()
-        ],
-        "",
-        f"Cases only the chosen weight identifies: {bridge['pairs_only_chosen']}; only weight 1: "
-        f"{bridge['pairs_only_weight_1']}; exact sign test p = {bridge['sign_test_p']:.3f}.",
-        "",
-        *followup_section(results),
+        *share_section(results),
         "## Samples",
         "",
         f"![samples]({figures}/samples.png)",
+        "",
+        "Each cell's caption: the prompt's background, placement and size initials, and its marked attributes "
+        "(P lying, L lit from the left, C with a cap).",
         "",
         f"![two subjects]({figures}/multi.png)",
         "",
@@ -330,22 +345,15 @@ def markdown(results: dict, stages: dict, figures: str, analysis: str, run_dir: 
     return "\n".join(lines) + "\n"
 
 
-def training_losses(
-    run_dir: str,
-    methods=("nested", "single_token", "decoupled", "nested_trained_weight"),
-    paired=("single_token", "decoupled"),
-    last: int = 1000,
-) -> list[str]:
+def training_losses(run_dir: str, last: int = 1000) -> list[str]:
     """The encoders' training loss over their last steps, and each method's difference from nested.
 
-    The methods of ``paired`` were trained with nested's seed and random streams, so step s saw the same
-    images, noise and timesteps: their differences are paired. The follow-up was trained after the
-    trainer's per-row random streams changed, so its steps saw other draws: its interval is unpaired.
-    Empty when the loss logs are absent."""
+    Every trained method has nested's seed and random streams, so step s saw the same images, references,
+    noise and timesteps: the differences are paired. Empty when the loss logs are absent."""
     import numpy as np
 
     curves = {}
-    for m in methods:
+    for m in TRAINED:
         path = os.path.join(run_dir, "encoders", "adapters", f"{m}_run", "loss.csv")
         if os.path.isfile(path):
             with open(path) as f:
@@ -353,17 +361,14 @@ def training_losses(
     if "nested" not in curves:
         return []
     ref = curves["nested"]
-    lines = ["| method | mean loss, last steps | minus nested [95%] |", "|---|---|---|"]
+    lines = ["| method | mean loss, last steps | minus nested [95%, paired] |", "|---|---|---|"]
     for m, c in curves.items():
         if m == "nested":
             lines.append(f"| {m} | {c.mean():.4f} | |")
             continue
         d = c.mean() - ref.mean()
-        if m in paired:
-            half, kind = 1.96 * (c - ref).std(ddof=1) / np.sqrt(len(c)), "paired"
-        else:
-            half, kind = 1.96 * np.sqrt(c.var(ddof=1) / len(c) + ref.var(ddof=1) / len(ref)), "unpaired"
-        lines.append(f"| {m} | {c.mean():.4f} | {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] {kind} |")
+        half = 1.96 * (c - ref).std(ddof=1) / np.sqrt(len(c)) if len(c) > 1 else 0.0
+        lines.append(f"| {m} | {c.mean():.4f} | {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] |")
     return [f"Training loss of the encoders over their last {len(ref)} steps:", "", *lines, ""]
 
 
@@ -381,15 +386,15 @@ def readme_section(results: dict, figures: str) -> str:
             "procedural products (bottles, boxes, mugs with continuous colours and patterns), by this project's own "
             "trainer and generator; the "
             f"{results['heldout_identities']} products shown were never seen in training. Each row: the reference "
-            "photo, then one prompt through each method (base: no subject). Identity top-1 is the probe's retrieval "
-            f"among the {results['heldout_identities']} held-out products (chance {results['chance_top1']:.3f}); "
-            "background, placement and size are read from the pixels against the prompt.",
+            "photo, then one prompt through each method (base: no subject). The reference contradicts the prompt: "
+            "another scene, and the product's pose, light and cap at their other values. Identity top-1 is the "
+            f"probe's retrieval among the {results['heldout_identities']} held-out products (chance "
+            f"{results['chance_top1']:.3f}); the rest is read from the pixels against the prompt.",
             "",
             f"![study samples]({figures}/samples.png)",
             "",
             *main_table(results),
             "",
-            *_followup_line(results),
             "It shows the whole path working end to end (base model, encoder training, nested layer, "
             "generation) and how nested attention compares with its baselines under equal budgets; it does not "
             "show quality on real photographs or SDXL, which needs the released weights. Claims, sweeps, "
@@ -397,18 +402,6 @@ def readme_section(results: dict, figures: str) -> str:
             README_END,
         ]
     )
-
-
-def _followup_line(results: dict) -> list[str]:
-    if "followup" not in results:
-        return []
-    f = results["followup"]
-    return [
-        f"A follow-up testing why nested is not ahead (its trigger word gets little attention): nested trained and "
-        f"sampled at trigger weight {f['trigger_weight']:g} reaches identity top-1 {_ci(f['main'], 'identity_top1')} "
-        f"(p = {f['p_vs_nested']:.3f} against nested).",
-        "",
-    ]
 
 
 def update_readme(path: str, section: str) -> bool:
@@ -431,7 +424,7 @@ def write_report(
     with open(os.path.join(run_dir, "results.json")) as f:
         results = json.load(f)
     os.makedirs(out_dir, exist_ok=True)
-    tradeoff_plot(results["sweep"], os.path.join(out_dir, "tradeoff.png"))
+    tradeoff_plot(results["tradeoff"], os.path.join(out_dir, "tradeoff.png"))
     sample_grid(run_dir, heldout, results, os.path.join(out_dir, "samples.png"))
     multi_grid(run_dir, heldout, results, os.path.join(out_dir, "multi.png"))
     maps_grid(run_dir, min(4, results["settings"]["samples"]), os.path.join(out_dir, "maps.png"))

@@ -1,7 +1,7 @@
 """python -m study run --out DIR [--quick]: the whole study, stage by stage, each cached and resumable.
 python -m study demo --out DIR: personalised images of held-out products from the committed weights.
 
-    world -> base -> encoders -> probe -> evaluation -> followup -> report
+    world -> base -> encoders -> probe -> evaluation -> report
 
 A stage that has finished is recorded in DIR/stages.json with what it measured, and is skipped
 when the run is started again; an interrupted stage starts over. Commit DIR after each stage
@@ -18,6 +18,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from na_engine.errors import command_line
+
 from . import world
 
 
@@ -30,7 +32,8 @@ class Scale:
     quick: bool
 
 
-ANALYSIS = os.path.join(os.path.dirname(__file__), "analysis.md")  # by hand, on the committed full run
+ANALYSIS = os.path.join(os.path.dirname(__file__), "analysis.md")  # by hand, on the committed full run, if any
+ROUND1_SHARE = os.path.join(os.path.dirname(__file__), "round1_trigger_share.json")  # the base before the loss
 FULL = Scale(identities=300, heldout=60, quick=False)
 QUICK = Scale(identities=30, heldout=6, quick=True)
 WORLD_SEED = 0
@@ -91,7 +94,7 @@ def stage_base(run: Run) -> dict:
     from . import base
 
     cfg = base.QUICK if run.scale.quick else base.BaseConfig()
-    return base.build_base(run.path("base"), run.identities()[0], cfg, run.log)
+    return base.build_base(run.path("base"), *run.identities(), cfg, run.log)
 
 
 def stage_encoders(run: Run) -> dict:
@@ -124,19 +127,13 @@ def stage_evaluation(run: Run) -> dict:
     cfg = evaluate.QUICK if run.scale.quick else evaluate.EvalConfig()
     results = evaluate.evaluate(run.out, run.identities()[1], cfg, run.log)
     results["probe_render_top1"] = run.stages["probe"]["heldout_render_top1"]
+    results["base"] = {"trigger_share": run.stages["base"]["trigger_share"]}
+    if os.path.isfile(ROUND1_SHARE) and not run.scale.quick:
+        with open(ROUND1_SHARE) as f:
+            results["base"]["trigger_share_round1"] = json.load(f)
     with open(run.path("results.json"), "w") as f:
         json.dump(results, f, indent=1)
     return {"results": "results.json"}
-
-
-def stage_followup(run: Run) -> dict:
-    from . import encoders, evaluate, followup
-
-    enc_cfg = encoders.QUICK if run.scale.quick else encoders.EncoderConfig()
-    eval_cfg = evaluate.QUICK if run.scale.quick else evaluate.EvalConfig()
-    train, heldout = run.identities()
-    resolution = run.stages["base"]["config"]["resolution"]
-    return followup.run_followup(run.out, train, heldout, resolution, enc_cfg, eval_cfg, run.log)
 
 
 def stage_report(run: Run) -> dict:
@@ -145,9 +142,15 @@ def stage_report(run: Run) -> dict:
     docs = run.docs or run.out
     figures = os.path.join(docs, "study") if run.docs else run.path("report")
     analysis = ""
-    if not run.scale.quick:  # written by hand for the full run's numbers
+    if not run.scale.quick and os.path.isfile(ANALYSIS):  # written by hand for the full run's numbers
         with open(ANALYSIS) as f:
             analysis = f.read()
+    with open(run.path("results.json")) as f:
+        results = json.load(f)
+    stages = {k: v for k, v in run.stages.items() if isinstance(v, dict) and "stage_seconds" in v}
+    results["run_seconds"] = round(sum(v["stage_seconds"] for v in stages.values()), 1)  # every stage before this
+    with open(run.path("results.json"), "w") as f:
+        json.dump(results, f, indent=1)
     md = os.path.join(docs, "STUDY.md")
     record = report.write_report(run.out, run.identities()[1], figures, md, run.stages, analysis, run.readme)
     if run.docs:
@@ -155,18 +158,23 @@ def stage_report(run: Run) -> dict:
     return record
 
 
-CACHES = {"encoders": ["encoders/adapters"], "probe": ["probe"], "evaluation": ["eval"]}  # what --again deletes
+CACHES = {  # what --again deletes
+    "base": ["base"],
+    "encoders": ["encoders/adapters", "encoders/data"],
+    "probe": ["probe"],
+    "evaluation": ["eval"],
+}
 STAGES = [
     ("world", stage_world),
     ("base", stage_base),
     ("encoders", stage_encoders),
     ("probe", stage_probe),
     ("evaluation", stage_evaluation),
-    ("followup", stage_followup),
     ("report", stage_report),
 ]
 
 
+@command_line
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m study", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)

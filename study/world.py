@@ -5,11 +5,16 @@
     scene = Scene("teal", [Placed(ids[0], "left", "large")])
     image, mask = render(scene)                        # PIL RGB (size x size), PIL L mask of the products
     caption(scene)                                     # "a bottle on the left, large, on a teal background"
+    lying = Placed(ids[0], "left", "small", marked=frozenset({"pose", "cap"}))
+    caption(Scene("teal", [lying]))                    # "a lying bottle with a cap on the left, small, ..."
 
 An identity is one product: its kind's class word, a shape variant, a continuous body colour and a
 label pattern (stripes, dots, checks or a band) with its own colour and frequency. Nothing in the
 vocabulary names those, so an identity can only come from a reference photo. A scene names what the
-prompt can say: a background colour, and per product a placement and a size.
+prompt can say: a background colour, and per product a placement, a size and three attributes that act
+on the product itself (ATTRIBUTES): its pose, the side its light comes from and a white cap. Each is
+binary; the default value goes unsaid, the marked one is said. They are what a reference photo can
+contradict, so the identity-prompt trade-off can appear.
 """
 
 from __future__ import annotations
@@ -34,6 +39,15 @@ BACKGROUNDS = {  # name -> RGB; far apart, and each pixel's nearest name is the 
 }
 PLACEMENTS = {"left": 0.25, "centre": 0.5, "right": 0.75}  # horizontal centre, as a fraction of the width
 SIZES = {"small": 0.42, "large": 0.72}  # product height, as a fraction of the image height
+ATTRIBUTES = {  # name -> (default value, marked value, the caption's words for the marked value)
+    "pose": ("standing", "lying", "lying"),  # lying: turned 90 degrees, its top to the left
+    "light": ("right", "left", "lit from the left"),  # the side the shading's light comes from
+    "cap": ("bare", "cap", "with a cap"),  # a white cap over the top of the product
+}
+LYING_LENGTH = 0.7  # a lying product's length, as a fraction of its standing height (it fits the placements)
+CAP = (250, 250, 250)  # RGB; never a body, ink or background colour (those are saturated or dark)
+CAP_DEPTH = 0.18  # fraction of the product's height, from its top
+SHADE = (0.7, 1.1)  # the shading from the far side to the lit side
 SUPERSAMPLE = 4  # drawn at 4x then box-filtered, so edges and patterns are anti-aliased
 
 
@@ -41,7 +55,7 @@ SUPERSAMPLE = 4  # drawn at 4x then box-filtered, so edges and patterns are anti
 class Identity:
     index: int
     kind: str
-    aspect: float  # width / height of the body
+    aspect: float  # width / height of the product (a mug's includes its handle)
     variant: float  # kind-specific shape knob in [0, 1]: neck length, lid depth, handle size
     body: tuple[float, float, float]  # RGB in [0, 1]
     pattern: str
@@ -62,6 +76,21 @@ class Placed:
     identity: Identity
     placement: str
     size: str
+    marked: frozenset = frozenset()  # the ATTRIBUTES that take their marked value
+
+    def value(self, attribute: str) -> str:
+        default, marked, _ = ATTRIBUTES[attribute]
+        return marked if attribute in self.marked else default
+
+    def describe(self) -> str:
+        """The kind with its marked attributes' words: "lying bottle with a cap, lit from the left,"."""
+        words = ("lying " if "pose" in self.marked else "") + self.identity.kind
+        words += " with a cap" if "cap" in self.marked else ""
+        return words + (", lit from the left," if "light" in self.marked else "")
+
+    def flipped(self) -> "Placed":
+        """The same product with every attribute at its other value: how a reference contradicts a prompt."""
+        return Placed(self.identity, self.placement, self.size, frozenset(ATTRIBUTES) - self.marked)
 
 
 @dataclass(frozen=True)
@@ -79,8 +108,8 @@ def _colour(rng: np.random.Generator) -> tuple[float, float, float]:
 def _stands_out(body: tuple[float, float, float]) -> bool:
     """A body colour far from every background at every shade, so the product never melts into the scene."""
     palette = np.array(list(BACKGROUNDS.values()), np.float32)
-    shades = np.array([0.8, 1.0, 1.15])[:, None] * np.array(body) * 255
-    return bool(np.linalg.norm(np.clip(shades, 0, 255)[:, None] - palette[None], axis=-1).min() > 90)
+    shades = np.array([SHADE[0], 0.9, SHADE[1]])[:, None] * np.array(body) * 255
+    return bool(np.linalg.norm(np.clip(shades, 0, 255)[:, None] - palette[None], axis=-1).min() > 80)
 
 
 def sample_identities(seed: int, count: int) -> list[Identity]:
@@ -98,7 +127,7 @@ def sample_identities(seed: int, count: int) -> list[Identity]:
             Identity(
                 index=i,
                 kind=KINDS[i % len(KINDS)],
-                aspect=round(float(rng.uniform(0.55, 0.95)), 4),
+                aspect=round(float(rng.uniform(0.5, 0.85)), 4),  # standing: narrower than tall, lying: wider
                 variant=round(float(rng.uniform(0, 1)), 4),
                 body=body,
                 pattern=PATTERNS[int(rng.integers(len(PATTERNS)))],
@@ -119,8 +148,8 @@ def caption(scene: Scene) -> str:
     """One product: "a mug on the right, small, on a red background"; two: sizes are left out (both small)."""
     if len(scene.products) == 1:
         p = scene.products[0]
-        return f"a {p.identity.kind} on the {p.placement}, {p.size}, on a {scene.background} background"
-    parts = [f"a {p.identity.kind} on the {p.placement}" for p in scene.products]
+        return f"a {p.describe()} on the {p.placement}, {p.size}, on a {scene.background} background"
+    parts = [f"a {p.describe()} on the {p.placement}" for p in scene.products]
     return " and ".join(parts) + f", on a {scene.background} background"
 
 
@@ -161,21 +190,35 @@ def _pattern(ident: Identity, h: int, w: int) -> np.ndarray:
     return np.abs(v - centre) < 0.5 / f
 
 
+def _product(placed: Placed, H: int) -> tuple[np.ndarray, np.ndarray]:
+    """The product in its own box as it stands in the scene: (h, w) bool silhouette and (h, w, 3) colour."""
+    ident = placed.identity
+    lying = placed.value("pose") == "lying"
+    h = int(round(SIZES[placed.size] * H * (LYING_LENGTH if lying else 1.0)))  # along the product's own axis
+    w = int(round(h * ident.aspect))
+    shape = _silhouette(ident, h, w)
+    colour = np.where(_pattern(ident, h, w)[..., None], np.array(ident.ink), np.array(ident.body))
+    cap = np.zeros((h, w), bool)
+    if placed.value("cap") == "cap":
+        cap[: int(round(CAP_DEPTH * h))] = True
+    if lying:  # its top to the left
+        shape, colour, cap = np.rot90(shape), np.rot90(colour), np.rot90(cap)
+    # shading across the scene's x axis, brighter toward the light, so the product reads as a solid
+    ramp = np.linspace(*SHADE, shape.shape[1])
+    ramp = ramp[::-1] if placed.value("light") == "left" else ramp
+    colour = np.clip(colour * ramp[None, :, None], 0, 1)
+    colour[cap] = np.array(CAP) / 255  # unshaded: the metrics find the cap by its colour
+    return shape, colour
+
+
 def _draw(canvas: np.ndarray, mask: np.ndarray, placed: Placed) -> None:
     """Draws one product into canvas (H, W, 3) float and mask (H, W) float, both at supersampled size."""
     H, W = mask.shape
-    ident = placed.identity
-    h = int(round(SIZES[placed.size] * H))
-    w = int(round(h * ident.aspect * (1.25 if ident.kind == "mug" else 1.0)))
+    shape, colour = _product(placed, H)
+    h, w = shape.shape
     cx = PLACEMENTS[placed.placement] * W
     top = int(round(0.92 * H)) - h  # products stand on a common floor line
     left = int(round(cx - w / 2))
-    shape = _silhouette(ident, h, w)
-    ink = _pattern(ident, h, w)
-    colour = np.where(ink[..., None], np.array(ident.ink), np.array(ident.body))
-    # shade the body left to right, so the product reads as a solid
-    shade = 0.8 + 0.35 * np.sin(np.linspace(0.2, np.pi - 0.2, w))[None, :, None]
-    colour = np.clip(colour * shade, 0, 1)
     y0, x0 = max(top, 0), max(left, 0)
     y1, x1 = min(top + h, H), min(left + w, W)
     sub = shape[y0 - top : y1 - top, x0 - left : x1 - left]
@@ -195,14 +238,30 @@ def render(scene: Scene, size: int = 64) -> tuple[Image.Image, Image.Image]:
     return image, Image.fromarray((mask * 255).round().astype(np.uint8)).resize((size, size), Image.BOX)
 
 
-def random_scene(rng: np.random.Generator, identity: Identity, second: Identity | None = None) -> Scene:
-    """A random background, placement and size for `identity` (and `second`, placed apart from it)."""
+def product_masks(scene: Scene, size: int = 64) -> list[Image.Image]:
+    """Each product's own mask (L, 255 = product), in the scene's order: where its class word should attend."""
+    return [render(Scene(scene.background, [p]), size)[1] for p in scene.products]
+
+
+def random_marked(rng: np.random.Generator, share: float = 0.5) -> frozenset:
+    """Each attribute marked independently with probability ``share``."""
+    return frozenset(a for a in ATTRIBUTES if rng.random() < share)
+
+
+def random_scene(
+    rng: np.random.Generator, identity: Identity, second: Identity | None = None, attributes: bool = True
+) -> Scene:
+    """A random background, placement, size and attributes for `identity` (and `second`, placed apart from it);
+    ``attributes=False`` keeps every attribute at its default."""
     background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
     if second is None:
         placement = list(PLACEMENTS)[int(rng.integers(len(PLACEMENTS)))]
-        return Scene(background, [Placed(identity, placement, list(SIZES)[int(rng.integers(2))])])
+        size = list(SIZES)[int(rng.integers(2))]
+        marked = random_marked(rng) if attributes else frozenset()
+        return Scene(background, [Placed(identity, placement, size, marked)])
     order = ("left", "right") if rng.integers(2) == 0 else ("right", "left")
+    marks = [random_marked(rng) if attributes else frozenset() for _ in range(2)]
     return Scene(
         background,
-        [Placed(identity, order[0], "small"), Placed(second, order[1], "small")],
+        [Placed(identity, order[0], "small", marks[0]), Placed(second, order[1], "small", marks[1])],
     )

@@ -18,8 +18,39 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
-def parser(command: str, doc: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"python -m na_engine {command}", description=doc.split("\n")[0])
+def parser(command: str, doc: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m na_engine {command}",
+        description=doc.split("\n")[0],
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected failure")
+    return p
+
+
+def at_least(low, kind=int):
+    """An argparse type: a number of ``kind`` no smaller than ``low``, with a message saying so."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {'whole ' * (kind is int)}number, not {text!r}") from None
+        if value < low or value != value:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
+        return value
+
+    parse.__name__ = f"at_least_{low}"
+    return parse
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed torch accepts, 0 to 2**63 - 1."""
+    value = at_least(0)(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be below 2**63, not {text}")
+    return value
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,7 +81,7 @@ def add_config_arguments(p: argparse.ArgumentParser, config: type, helps: Dict[s
             kind = dict(action="append", default=default)
         else:
             kind = dict(type=str if default is None else type(default), default=default)
-        p.add_argument(flag, dest=f.name, help=helps[f.name], **kind, **more)
+        p.add_argument(flag, dest=f.name, help=helps[f.name], **{**kind, **more})
 
 
 def check_launch() -> None:

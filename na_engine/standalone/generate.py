@@ -1,9 +1,15 @@
 """python -m na_engine generate: standalone Nested Attention inference with diffusers pipelines.
 
 One run:   --prompt "a photo of a bottle on a desk" --subject ref1.jpg --trigger bottle --seed 1 2
-Catalogue: --batch jobs.csv (columns prompt, subject, trigger, seed; subject = image or folder of images)
+Catalogue: --batch jobs.csv, one image a row:
+             prompt    the text; it must hold the trigger word
+             subject   a reference photo, or a folder of photos of one subject (relative to the CSV's folder)
+             trigger   the prompt word the subject binds to ("bottle", "dog", ...)
+             seed      a whole number, 0 to 2**63 - 1
+             negative  optional: a negative prompt
            --batch jobs.json ({"prompts": [...], "subjects": [{"name", "images", "trigger"}], "seeds": [...]}):
            every combination
+           With --batch, --prompt, --subject, --trigger, --seed and --negative are refused: the file says them.
 Each image is written to --out with, unless --no-maps, its attention-map panel:
 [where the trigger attends | which subject token each pixel draws from | the reference coloured by token].
 A rerun skips the rows already rendered with the same job and settings.
@@ -14,10 +20,12 @@ manifest.csv lists every row with the process that rendered it.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from typing import List, Sequence, Union
 
@@ -140,33 +148,71 @@ class NestedGenerator:
 # -- jobs -----------------------------------------------------------------------------------
 
 
+CSV_COLUMNS = ("prompt", "subject", "trigger", "seed")
+
+
 def read_jobs(path: str) -> List[Job]:
-    """A CSV of explicit rows, or a JSON of prompts x subjects x seeds."""
+    """A CSV of explicit rows, or a JSON of prompts x subjects x seeds; every bad row is reported at once."""
     if not os.path.isfile(path):
         raise NestedAttentionError(f"Batch file not found: {path}")
-    base = os.path.dirname(os.path.abspath(path))
     if path.lower().endswith(".csv"):
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        missing = {"prompt", "subject", "trigger"} - set(rows[0] if rows else {})
-        if not rows or missing:
-            raise NestedAttentionError(
-                f"{os.path.basename(path)} needs a header with prompt, subject, trigger (and optionally seed, "
-                f"negative); missing: {', '.join(sorted(missing)) or 'rows'}."
-            )
-        return [
-            Job(
-                r["prompt"],
-                cli.photo_files(_rel(base, r["subject"])),
-                r["trigger"],
-                int(r.get("seed") or 0),
-                os.path.splitext(os.path.basename(r["subject"].rstrip("/")))[0],
-                r.get("negative") or "",
-            )
-            for r in rows
-        ]
-    with open(path) as f:
-        spec = json.load(f)
+        return _csv_jobs(path)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            spec = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise NestedAttentionError(f"{path} is not valid JSON ({e}); see --help for the catalogue format.") from None
+    return _json_jobs(path, spec)
+
+
+def _csv_jobs(path: str) -> List[Job]:
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a spreadsheet's byte-order mark
+        reader = csv.DictReader(f)
+        header = [c.strip() for c in reader.fieldnames or []]
+        reader.fieldnames = header
+        rows = list(reader)
+    missing = [c for c in CSV_COLUMNS if c not in header]
+    if missing:
+        raise NestedAttentionError(
+            f"{path}: the header {header or '(empty)'} lacks {', '.join(missing)}; a catalogue's columns are "
+            f"{', '.join(CSV_COLUMNS)} and optionally negative (see --help)."
+        )
+    if not rows:
+        raise NestedAttentionError(f"{path} has a header but no rows.")
+    jobs, faults = [], []
+    for number, r in enumerate(rows, start=2):  # line 1 is the header
+        if None in r or any(r[c] is None for c in header):
+            faults.append(f"line {number}: {len(header)} columns expected, the row has another number")
+            continue
+        problems = []
+        if not r["prompt"].strip():
+            problems.append("prompt is empty")
+        try:
+            seed = cli.seed(r["seed"].strip())
+        except Exception as e:
+            problems.append(f"seed {r['seed']!r}: {e}")
+        images = []
+        try:
+            images = cli.photo_files(_rel(base, r["subject"].strip()))
+        except NestedAttentionError as e:
+            problems.append(f"subject: {e}")
+        if r["trigger"].strip() and r["prompt"] and not has_word(r["prompt"], r["trigger"].strip()):
+            problems.append(f"the trigger {r['trigger']!r} is not in the prompt")
+        if not r["trigger"].strip():
+            problems.append("trigger is empty")
+        if problems:
+            faults.append(f"line {number}: " + "; ".join(problems))
+            continue
+        name = os.path.splitext(os.path.basename(r["subject"].strip().rstrip("/\\")))[0]
+        jobs.append(Job(r["prompt"], images, r["trigger"].strip(), seed, name, r.get("negative") or ""))
+    if faults:
+        raise NestedAttentionError(f"{path}: {len(faults)} bad rows, nothing rendered:\n  " + "\n  ".join(faults))
+    return jobs
+
+
+def _json_jobs(path: str, spec) -> List[Job]:
+    base = os.path.dirname(os.path.abspath(path))
     try:
         subjects = [
             (
@@ -178,13 +224,14 @@ def read_jobs(path: str) -> List[Job]:
             )
             for s in spec["subjects"]
         ]
+        seeds = [cli.seed(str(s)) for s in spec.get("seeds", [0])]
         return [
-            Job(p, imgs, trig, int(seed), name, spec.get("negative", ""))
+            Job(p, imgs, trig, seed, name, spec.get("negative", ""))
             for name, imgs, trig in subjects
             for p in spec["prompts"]
-            for seed in spec.get("seeds", [0])
+            for seed in seeds
         ]
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError, argparse.ArgumentTypeError) as e:
         raise NestedAttentionError(
             f"{os.path.basename(path)} must be "
             f'{{"prompts": [...], "subjects": [{{"name", "images", "trigger"}}], "seeds": [...]}}; '
@@ -213,9 +260,10 @@ def run_jobs(
 
     Under ``accelerate launch`` row i belongs to process i mod N.  A row is skipped when its image
     exists and manifest.csv records it with the same key: its job, these settings, ``models`` (the base
-    and CLIP vision paths) and the adapter's weights.  So an interrupted catalogue resumes, and a changed
-    row is rendered again.  Images are written under a temporary name and renamed; the main process
-    then writes manifest.csv with every row once."""
+    and CLIP vision paths) and the adapter's weights.  Each finished row is appended to manifest.csv at
+    once, so an interrupted or failed catalogue resumes from its last finished row, and a changed row is
+    rendered again.  A row that fails is reported and the others go on.  Images are written under a
+    temporary name and renamed; files the catalogue did not write are never replaced or deleted."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
@@ -223,38 +271,53 @@ def run_jobs(
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
     os.makedirs(out, exist_ok=True)
-    if state.is_main_process:  # images a killed run left half-written
-        for name in os.listdir(out):
-            if name.endswith(".partial"):
-                os.remove(os.path.join(out, name))
-    state.wait_for_everyone()
     settings = [steps, cfg, size, strength, maps, trigger_weight, mode, models, generator.adapter.fingerprint()]
     keys = [_row_key(job, settings) for job in jobs]
-    stems = [os.path.join(out, f"{i:04d}_{job.name}_{job.seed}") for i, job in enumerate(jobs)]
+    stems = [os.path.join(out, f"{i:04d}_{_safe(job.name)}_{job.seed}") for i, job in enumerate(jobs)]
     before = _read_manifest(out)
+    _refuse_foreign(stems, before, out)
+    if state.is_main_process:  # what a killed run of this catalogue left half-written (only its own names)
+        for stem in stems:
+            for partial in (stem + ".png.partial", stem + ".maps.png.partial"):
+                if os.path.isfile(partial):
+                    os.remove(partial)
+        _start_manifest(out)
+    state.wait_for_everyone()
 
     def done(i: int) -> bool:  # its image exists, recorded under the same key
         file = os.path.basename(stems[i]) + ".png"
         return os.path.isfile(stems[i] + ".png") and before.get(file, {}).get("key") == keys[i]
 
     mine = [i for i in range(rank, len(jobs), world) if not done(i)]
-    cache = {}
+    cache, failed = {}, []
     for i in tqdm(mine, desc=f"catalogue (process {rank} of {world})", disable=not state.is_main_process):
         job = jobs[i]
-        key = (tuple(job.images), job.trigger)
-        if key not in cache:
-            cache[key] = generator.encode([_open(p) for p in job.images], job.trigger, mode=mode)
-        image, panel = generator(
-            job.prompt, cache[key], job.seed, steps, cfg, size, job.negative, strength, maps, trigger_weight
-        )
-        if panel is not None:
-            _save(panel, stems[i] + ".maps.png")
-        _save(image, stems[i] + ".png")
-    rendered = dict(gather_object([(i, rank) for i in mine]))
+        try:
+            key = (tuple(job.images), job.trigger)
+            if key not in cache:
+                cache[key] = generator.encode([_open(p) for p in job.images], job.trigger, mode=mode)
+            image, panel = generator(
+                job.prompt, cache[key], job.seed, steps, cfg, size, job.negative, strength, maps, trigger_weight
+            )
+            if panel is not None:
+                _save(panel, stems[i] + ".maps.png")
+            _save(image, stems[i] + ".png")
+        except (NestedAttentionError, RuntimeError, OSError, ValueError) as e:
+            failed.append((i, f"{type(e).__name__}: {e}"))
+            print(f"row {i + 1} ({os.path.basename(stems[i])}) failed, the others go on: {e}", file=sys.stderr)
+            continue
+        _append_manifest(out, _manifest_row(job, stems[i], keys[i], rank))
+    failed = sorted(f for part in gather_object([failed]) for f in part)
+    attempted = sum(gather_object([len(mine)]))
     if state.is_main_process:
-        _write_manifest(out, jobs, stems, keys, rendered, before)
-        print(f"rendered {len(rendered)} rows, kept {len(jobs) - len(rendered)} from an earlier run")
+        _write_manifest(out, stems, keys)  # one row per finished file, in the catalogue's order
+        print(f"rendered {attempted - len(failed)} rows, kept {len(jobs) - attempted} from an earlier run")
     state.wait_for_everyone()
+    if failed:
+        raise NestedAttentionError(
+            f"{len(failed)} of {len(jobs)} rows failed (the rest are in {out}; run again to retry them):\n  "
+            + "\n  ".join(f"row {i + 1}: {why}" for i, why in failed)
+        )
     return [stem + ".png" for stem in stems]
 
 
@@ -269,24 +332,72 @@ def _save(image, path: str) -> None:
     os.replace(partial, path)
 
 
+MANIFEST_COLUMNS = ["file", "prompt", "subject", "trigger", "seed", "rank", "key"]
+
+
+def _safe(name: str) -> str:
+    """A subject name usable in a file name (a '/' or other separator would make a folder)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "subject"
+
+
 def _read_manifest(out: str) -> dict:
+    """file -> its last recorded row (a row appended later supersedes an earlier one)."""
     path = os.path.join(out, "manifest.csv")
     if not os.path.isfile(path):
         return {}
     with open(path, newline="") as f:
-        return {r["file"]: r for r in csv.DictReader(f)}
+        return {r["file"]: r for r in csv.DictReader(f) if r.get("file") and r.get("key")}
 
 
-def _write_manifest(out: str, jobs: Sequence[Job], stems: List[str], keys: List[str], rendered: dict, before: dict):
-    """manifest.csv: every row once, with the process that rendered it (this run, or as recorded before)."""
+def _refuse_foreign(stems: List[str], before: dict, out: str) -> None:
+    """A row's image name taken by a file the manifest does not list is a file this catalogue did not write."""
+    foreign = [
+        os.path.basename(s) + ext
+        for s in stems
+        for ext in (".png", ".maps.png")
+        if os.path.isfile(s + ext) and os.path.basename(s) + ".png" not in before
+    ]
+    if foreign:
+        raise NestedAttentionError(
+            f"{out} holds {len(foreign)} files with this catalogue's names that it did not write (e.g. {foreign[0]}); "
+            "they would be replaced. Use another --out, or move them."
+        )
+
+
+def _manifest_row(job: Job, stem: str, key: str, rank) -> list:
+    return [os.path.basename(stem) + ".png", job.prompt, job.name, job.trigger, job.seed, rank, key]
+
+
+def _start_manifest(out: str) -> None:
     path = os.path.join(out, "manifest.csv")
+    if not os.path.isfile(path):
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerow(MANIFEST_COLUMNS)
+
+
+def _append_manifest(out: str, row: list) -> None:
+    """One finished row, in one write of one line (appends of a line are not interleaved across processes)."""
+    import io
+
+    line = io.StringIO()
+    csv.writer(line).writerow(row)
+    with open(os.path.join(out, "manifest.csv"), "a", newline="") as f:
+        f.write(line.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_manifest(out: str, stems: List[str], keys: List[str]) -> None:
+    """manifest.csv rewritten with one row per finished file, in the catalogue's order (atomically)."""
+    path = os.path.join(out, "manifest.csv")
+    recorded = _read_manifest(out)
     with open(path + ".partial", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["file", "prompt", "subject", "trigger", "seed", "rank", "key"])
-        for i, (job, stem, key) in enumerate(zip(jobs, stems, keys)):
-            file = os.path.basename(stem) + ".png"
-            rank = rendered[i] if i in rendered else before[file]["rank"]
-            w.writerow([file, job.prompt, job.name, job.trigger, job.seed, rank, key])
+        w.writerow(MANIFEST_COLUMNS)
+        for stem, key in zip(stems, keys):
+            row = recorded.get(os.path.basename(stem) + ".png")
+            if row is not None and row["key"] == key and os.path.isfile(stem + ".png"):
+                w.writerow([row[c] for c in MANIFEST_COLUMNS])
     os.replace(path + ".partial", path)
 
 
@@ -307,15 +418,21 @@ def main(argv=None) -> int:
     p.add_argument(
         "--adapter", required=True, help="Nested Attention adapter (.safetensors) or IP-Adapter Plus checkpoint"
     )
-    p.add_argument("--subject", nargs="*", default=[], help="reference photo(s) or a folder of them")
+    p.add_argument("--subject", nargs="*", help="reference photo(s) or a folder of them")
     p.add_argument("--trigger", help="the prompt word the subject binds to")
-    p.add_argument("--prompt", nargs="*", default=[])
-    p.add_argument("--seed", type=int, nargs="*", default=[0])
-    p.add_argument("--negative", default="")
-    p.add_argument("--batch", help="CSV or JSON of prompts x subjects (see the module doc)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--cfg", type=float, default=7.0)
-    p.add_argument("--size", type=int, default=None, help="image side; default 512 for SD1.5, 1024 for SDXL")
+    p.add_argument("--prompt", nargs="*")
+    p.add_argument("--seed", type=cli.seed, nargs="*", help="default 0")
+    p.add_argument("--negative")
+    p.add_argument("--batch", help="a catalogue, CSV or JSON (its format above)")
+    p.add_argument("--steps", type=cli.at_least(1), default=30)
+    p.add_argument("--cfg", type=cli.at_least(0.0, float), default=7.0)
+    p.add_argument(
+        "--size",
+        type=cli.at_least(8),
+        default=None,
+        help="image side, a multiple of 8; default: the resolution the base records (its na_engine.json), else 512 "
+        "for SD1.5 and 1024 for SDXL",
+    )
     p.add_argument("--strength", type=float, default=1.0)
     p.add_argument(
         "--trigger-weight",
@@ -333,12 +450,47 @@ def main(argv=None) -> int:
     p.add_argument("--no-maps", action="store_true", help="skip the attention-map panels")
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)
+    check_arguments(args)
     from accelerate import PartialState
 
     written = generate(args)
     if PartialState().is_main_process:
         print(f"{len(written)} images in {args.out}, listed in manifest.csv")
     return 0
+
+
+def check_arguments(args) -> None:
+    """The options' combinations and the output folder, before anything loads."""
+    single = {"--prompt": args.prompt, "--subject": args.subject, "--trigger": args.trigger, "--seed": args.seed}
+    single["--negative"] = args.negative
+    if args.batch:
+        given = [flag for flag, value in single.items() if value is not None]
+        if given:
+            raise NestedAttentionError(
+                f"--batch takes every row's prompt, subject, trigger and seed from its file; {', '.join(given)} "
+                "would be ignored. Drop them, or put them in the catalogue."
+            )
+    if args.size is not None and args.size % 8:
+        raise NestedAttentionError(f"--size must be a multiple of 8 (the VAE's factor), not {args.size}.")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise NestedAttentionError(f"--out {args.out} is a file; give a folder for the images.")
+    existing = os.path.abspath(args.out)
+    while not os.path.isdir(existing):
+        if os.path.exists(existing):
+            raise NestedAttentionError(f"--out {args.out}: {existing} is a file, not a folder.")
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        raise NestedAttentionError(f"--out {args.out}: {existing} is not writable.")
+
+
+def base_resolution(path: str, config: str | None) -> int | None:
+    """The resolution a base folder records in its na_engine.json (the study's base does), if any."""
+    for folder in (path, config):
+        record = os.path.join(folder, "na_engine.json") if folder and os.path.isdir(folder) else ""
+        if os.path.isfile(record):
+            with open(record) as f:
+                return json.load(f).get("resolution")
+    return None
 
 
 def generate(args) -> List[str]:
@@ -368,7 +520,7 @@ def generate(args) -> List[str]:
     base, vision = load_base(args.base, args.base_config, dtype), load_vision(args.clip_vision, dtype)
     vision.model.to(device)
     generator = NestedGenerator(base, vision, adapter.to(device), device)
-    size = args.size or (1024 if base.is_xl else 512)
+    size = args.size or base_resolution(args.base, args.base_config) or (1024 if base.is_xl else 512)
     return run_jobs(
         generator,
         jobs,
@@ -389,4 +541,5 @@ def _jobs_from_args(args) -> List[Job]:
         raise NestedAttentionError("Give --prompt, --subject and --trigger, or a --batch file.")
     images = [f for s in args.subject for f in cli.photo_files(s)]
     name = os.path.splitext(os.path.basename(args.subject[0].rstrip("/")))[0]
-    return [Job(p, images, args.trigger, seed, name, args.negative) for p in args.prompt for seed in args.seed]
+    seeds = args.seed if args.seed else [0]
+    return [Job(p, images, args.trigger, seed, name, args.negative or "") for p in args.prompt for seed in seeds]

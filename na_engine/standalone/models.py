@@ -280,8 +280,13 @@ def trigger_where(
 
 
 def image_features(vision: Vision, images: Sequence, device) -> Tensor:
-    """PIL images -> penultimate CLIP vision hidden states (n, P, E), as the ComfyUI encoder node uses."""
-    pixels = vision.processor(images=list(images), return_tensors="pt").pixel_values
+    """PIL images -> penultimate CLIP vision hidden states (n, P, E), as the ComfyUI encoder node uses.
+
+    Each photo is first padded to a square of its border colour, as the trainer pads its references, so the
+    processor's centre crop never cuts the subject (the node's crop "pad" does the same on grey)."""
+    from .references import pad_square
+
+    pixels = vision.processor(images=[pad_square(i) for i in images], return_tensors="pt").pixel_values
     return pixel_features(vision, pixels, device)
 
 

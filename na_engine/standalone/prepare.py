@@ -1,14 +1,24 @@
 """python -m na_engine prepare: a folder of subject photos -> a training set.
 
+Input: photos in --src, and in its subfolders one subject each:
+    src/mybottle/1.jpg, src/mybottle/2.jpg    two photos of one subject: in training, either one is the
+                                              other's reference (another scene, as a user gives one)
+    src/shelf.jpg + shelf.txt + shelf.json    a photo of two subjects: the caption holds both class words, and
+                                              shelf.json = {"subjects": {"bottle": "mybottle", "mug": "mymug"}}
+                                              names each word's subject; masks/shelf.bottle.png, masks/shelf.mug.png
+Masks (--masks) mirror --src: masks/mybottle/1.png, masks/shelf.bottle.png.
+
 Output folder layout, read by python -m na_engine train:
-    <name>.png        the photo, cropped or padded to a square of --resolution
-    <name>.txt        its caption, holding the class word
-    <name>.mask.png   the subject mask, same square (only with --masks)
+    <name>.png        the photo, cropped or padded to a square of --resolution (a subfolder's: <folder>__<name>)
+    <name>.txt        its caption, holding the class word(s)
+    <name>.mask.png   the subject mask, same square (only with --masks; <name>.<word>.mask.png per subject of
+                      a photo of several)
     dataset.json      {"class_word", "class_words", "resolution", "items": [names], "triggers": [per item],
-                       "skipped": [{"file", "reason"}]}
+                       "subjects": [per item: [{"trigger", "group", "mask"}]], "skipped": [{"file", "reason"}]}
 
 Several class words (--class-word bottle box mug) train one encoder over several kinds: each
-caption must then hold exactly one of them, and that word is the item's trigger.
+caption must then hold exactly one of them, and that word is the item's trigger (a photo of several
+subjects holds one per subject).
 """
 
 from __future__ import annotations
@@ -48,8 +58,12 @@ def prepare(
     template: str = "a photo of a {class}",
     keep_captions: bool = False,
     masks: Optional[str] = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Write the training set; returns the dataset record (also saved as dataset.json)."""
+    """Write the training set; returns the dataset record (also saved as dataset.json).
+
+    ``out`` must be empty or new (``overwrite``: it may hold files, and same-named ones are replaced); it is never
+    ``src`` or inside it, so the photos are never replaced by their crops."""
     words = [class_word] if isinstance(class_word, str) else list(class_word)
     if not words or not all(w.strip() for w in words):
         raise NestedAttentionError(
@@ -68,27 +82,39 @@ def prepare(
         raise NestedAttentionError(f"--mode must be 'crop' or 'pad', not {mode!r}.")
     if not os.path.isdir(src):
         raise NestedAttentionError(f"Photo folder not found: {src}")
-    files = sorted(f for f in os.listdir(src) if f.lower().endswith(cli.IMAGE_EXTS))
+    if resolution < 8:
+        raise NestedAttentionError(f"--resolution must be at least 8 pixels, not {resolution}.")
+    _check_out(src, out, overwrite)
+    files = _photos(src)
     if not files:
         raise NestedAttentionError(f"{src} holds no images ({', '.join(cli.IMAGE_EXTS)}).")
     triggers = _check_captions(src, files, words, template, keep_captions)
     os.makedirs(out, exist_ok=True)
     items: List[str] = []
-    item_triggers: List[str] = []
+    item_subjects_: List[List[dict]] = []
     skipped: List[dict] = []
     for file in files:
-        name = os.path.splitext(file)[0]
-        image, mask, reason = _read(os.path.join(src, file), _mask_path(masks, name))
+        stem = os.path.splitext(file)[0]
+        name = stem.replace("/", "__")
+        found = triggers[file]
+        groups = _groups(src, stem, found)
+        suffixes = [""] if len(found) == 1 else [f".{w}" for w in found]
+        image, subject_masks, reason = _read(os.path.join(src, file), [_mask_path(masks, stem + x) for x in suffixes])
         if reason:
             skipped.append({"file": file, "reason": reason})
             continue
         square(image, resolution, mode, (255, 255, 255)).save(os.path.join(out, f"{name}.png"))
-        if mask is not None:
-            square(mask, resolution, mode, 0).save(os.path.join(out, f"{name}.mask.png"))
+        subjects = []
+        for word, suffix, mask in zip(found, suffixes, subject_masks):
+            mask_file = None
+            if mask is not None:
+                mask_file = f"{name}{suffix}.mask.png"
+                square(mask, resolution, mode, 0).save(os.path.join(out, mask_file))
+            subjects.append({"trigger": word, "group": groups[word], "mask": mask_file})
         with open(os.path.join(out, f"{name}.txt"), "w") as f:
-            f.write(_caption(src, name, words[0], template, keep_captions))
+            f.write(_caption(src, stem, words[0], template, keep_captions))
         items.append(name)
-        item_triggers.append(triggers[file])
+        item_subjects_.append(subjects)
     if not items:
         raise NestedAttentionError(
             f"None of the {len(files)} images in {src} could be read: "
@@ -99,7 +125,8 @@ def prepare(
         "class_words": words,
         "resolution": resolution,
         "items": items,
-        "triggers": item_triggers,
+        "triggers": [subjects[0]["trigger"] for subjects in item_subjects_],
+        "subjects": item_subjects_,
         "skipped": skipped,
     }
     with open(os.path.join(out, DATASET_FILE), "w") as f:
@@ -107,9 +134,76 @@ def prepare(
     return record
 
 
+def _check_out(src: str, out: str, overwrite: bool) -> None:
+    """Refuse an --out that would replace the user's photos or mix with files prepare did not write."""
+    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
+    if real_out == real_src or real_out.startswith(real_src + os.sep):
+        raise NestedAttentionError(
+            f"--out {out} is {'the photo folder' if real_out == real_src else 'inside the photo folder'} {src}: its "
+            "crops would replace or mix with your photos. Give a new folder outside it."
+        )
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NestedAttentionError(f"--out {out} is a file; give a folder (new or empty) for the training set.")
+    held = os.listdir(out) if os.path.isdir(out) else []
+    if held and not overwrite:
+        raise NestedAttentionError(
+            f"--out {out} already holds {len(held)} files (e.g. {sorted(held)[0]}). Give a new or empty folder, or "
+            "add --overwrite to write into it (same-named files are replaced, others left as they are)."
+        )
+
+
+def item_subjects(record: dict) -> List[List[dict]]:
+    """Per item, its subjects [{"trigger", "group", "mask"}]; a record written before photos could be grouped
+    gives each item one subject of its own, with the mask file named like the item."""
+    if "subjects" in record:
+        return record["subjects"]
+    triggers = record.get("triggers") or [record["class_word"]] * len(record["items"])
+    return [[{"trigger": t, "group": i, "mask": i + ".mask.png"}] for i, t in zip(record["items"], triggers)]
+
+
+def _photos(src: str) -> List[str]:
+    """Image paths relative to src: its own photos, then each subfolder's (one subject a folder)."""
+    found = []
+    for entry in sorted(os.listdir(src)):
+        path = os.path.join(src, entry)
+        if os.path.isfile(path) and entry.lower().endswith(cli.IMAGE_EXTS):
+            found.append(entry)
+        elif os.path.isdir(path) and entry != "masks":
+            found += [f"{entry}/{f}" for f in sorted(os.listdir(path)) if f.lower().endswith(cli.IMAGE_EXTS)]
+    stems: dict = {}
+    for file in found:
+        stems.setdefault(os.path.splitext(file)[0], []).append(file)
+    clashes = [names for names in stems.values() if len(names) > 1]
+    if clashes:
+        raise NestedAttentionError(
+            "Photos that differ only in their extension would become one training image: "
+            + "; ".join(" and ".join(os.path.join(src, n) for n in names) for names in clashes)
+            + ". Rename one of each."
+        )
+    return found
+
+
+def _groups(src: str, stem: str, words: List[str]) -> dict:
+    """class word -> the subject it shows: the photo's subfolder, else its own name; a photo of several
+    subjects names theirs in <name>.json."""
+    if len(words) == 1:
+        return {words[0]: stem.split("/")[0] if "/" in stem else stem}
+    sidecar = os.path.join(src, stem + ".json")
+    try:
+        with open(sidecar) as f:
+            named = json.load(f)["subjects"]
+        return {w: str(named[w]) for w in words}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NestedAttentionError(
+            f"The caption of {stem} holds several class words ({', '.join(words)}), so {sidecar} must name the "
+            f'subject each shows, e.g. {{"subjects": {{"{words[0]}": "my{words[0]}", ...}}}} '
+            f"({type(e).__name__}: {e})."
+        ) from None
+
+
 def _check_captions(src: str, files: List[str], words: List[str], template: str, keep: bool) -> dict:
-    """Every caption must hold exactly one class word: its positions are where the subject binds.
-    Returns file -> that word."""
+    """Every caption must hold one class word, or several different ones for a photo of several subjects
+    (with <name>.json): their positions are where each subject binds. Returns file -> those words."""
     found = {}
     for file in files:
         name = os.path.splitext(file)[0]
@@ -120,6 +214,9 @@ def _check_captions(src: str, files: List[str], words: List[str], template: str,
             )
         caption = _caption(src, name, words[0], template, keep)
         present = [w for w in words if has_word(caption, w)]
+        if len(present) > 1 and os.path.isfile(os.path.join(src, name + ".json")):
+            found[file] = present
+            continue
         if len(present) != 1:
             where = (
                 os.path.join(src, name + ".txt")
@@ -128,8 +225,9 @@ def _check_captions(src: str, files: List[str], words: List[str], template: str,
             )
             what = f"the class word {words[0]!r}" if len(words) == 1 else f"one of the class words {words}"
             problem = "does not contain" if not present else f"holds {present}, so it must contain only"
-            raise NestedAttentionError(f"The caption of {file} ({where}: {caption!r}) {problem} {what}.")
-        found[file] = present[0]
+            several = f" (a photo of several subjects names them in {name}.json)" if present else ""
+            raise NestedAttentionError(f"The caption of {file} ({where}: {caption!r}) {problem} {what}{several}.")
+        found[file] = present
     return found
 
 
@@ -150,27 +248,31 @@ def _mask_path(masks: Optional[str], name: str) -> Optional[str]:
     return found[0] if found else ""
 
 
-def _read(path: str, mask_path: Optional[str]) -> Tuple[object, object, str]:
-    """(image RGB, mask L or None, reason it was skipped or '')."""
+def _read(path: str, mask_paths: List[Optional[str]]) -> Tuple[object, list, str]:
+    """(image RGB, one mask L or None per subject, reason it was skipped or '')."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             image = im.convert("RGB")
     except Exception as e:  # truncated, corrupt or not an image
-        return None, None, f"unreadable image ({type(e).__name__}: {e})"
-    if mask_path is None:
-        return image, None, ""
-    if not mask_path:
-        return None, None, "no mask with this name in the masks folder"
-    try:
-        with Image.open(mask_path) as im:
-            mask = im.convert("L")
-    except Exception as e:
-        return None, None, f"unreadable mask ({type(e).__name__}: {e})"
-    if mask.size != image.size:
-        return None, None, f"mask size {mask.size} differs from image size {image.size}"
-    return image, mask, ""
+        return None, [], f"unreadable image ({type(e).__name__}: {e})"
+    masks = []
+    for mask_path in mask_paths:
+        if mask_path is None:
+            masks.append(None)
+            continue
+        if not mask_path:
+            return None, [], "no mask with this name in the masks folder"
+        try:
+            with Image.open(mask_path) as im:
+                mask = im.convert("L")
+        except Exception as e:
+            return None, [], f"unreadable mask ({type(e).__name__}: {e})"
+        if mask.size != image.size:
+            return None, [], f"mask size {mask.size} differs from image size {image.size}"
+        masks.append(mask)
+    return image, masks, ""
 
 
 @command_line
@@ -190,11 +292,22 @@ def main(argv=None) -> int:
     )
     p.add_argument("--keep-captions", action="store_true", help="use <name>.txt beside each photo where present")
     p.add_argument("--masks", help="folder of subject masks named like the photos (white = subject)")
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--resolution", type=cli.at_least(8), default=512)
     p.add_argument("--mode", default="crop", choices=("crop", "pad"))
+    p.add_argument(
+        "--overwrite", action="store_true", help="write into an --out that holds files (same names are replaced)"
+    )
     args = p.parse_args(argv)
     record = prepare(
-        args.src, args.out, args.class_word, args.resolution, args.mode, args.template, args.keep_captions, args.masks
+        args.src,
+        args.out,
+        args.class_word,
+        args.resolution,
+        args.mode,
+        args.template,
+        args.keep_captions,
+        args.masks,
+        args.overwrite,
     )
     print(f"prepared {len(record['items'])} images in {args.out}")
     if record["skipped"]:

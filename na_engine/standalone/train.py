@@ -3,8 +3,10 @@
 Runs under accelerate: plainly on one device, or `accelerate launch -m na_engine train ...`
 on many GPUs and machines.  The base UNet, text encoders, VAE and CLIP vision stay
 frozen; the resampler and the per-layer nested K/V train on the noise-prediction loss.
-Every row's reference is an augmented subject crop of its own target image, bound
-to the class word of its caption; caption and subject dropout keep guidance working.
+Each subject of a row is bound to its own class word in the caption. Its reference is
+another photo of the same subject where prepare grouped several (background kept, as a
+user gives one), else a white-backed crop of the target itself; either is padded to a
+square and never cropped. Caption and subject dropout keep guidance working.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import copy
 import csv
 import json
+import math
 import os
 import random
 import re
@@ -32,7 +35,8 @@ from ..errors import NestedAttentionError, command_line
 from ..hosts.diffusers_processor import install
 from ..subjects import Subject
 from . import cli
-from .prepare import DATASET_FILE
+from .prepare import DATASET_FILE, item_subjects
+from .references import augment, pad_square, subject_box
 
 OOM_ADVICE = (
     "Out of memory. Lower --batch-size (and raise --grad-accum to keep the effective batch), lower --resolution, "
@@ -60,7 +64,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     caption_dropout: float = 0.05
     subject_dropout: float = 0.05
-    ema: float = 0.0  # EMA decay; 0 = off
+    lr_schedule: str = "cosine"  # after the warm-up: "cosine" decays to a tenth of --lr by the last step; "constant"
+    ema: float = 0.999  # EMA decay of the exported weights (warmed up: min(ema, (1 + step) / (10 + step))); 0 = off
+    latents: str = "auto"  # "mean" or "sample" of the VAE posterior; auto: the base's na_engine.json, else sample
+    timestep_bias: str = "none"  # "later" / "earlier": --timestep-bias-multiplier x as often in that portion
+    timestep_bias_multiplier: float = 3.0
+    timestep_bias_portion: float = 0.4  # of the schedule's timesteps, at its noisy end ("later") or clean end
+    other_photo: float = 1.0  # chance that a subject's reference is another photo of it (where prepare grouped some)
     checkpoint_every: int = 500
     resume: Optional[str] = None  # a checkpoint folder, or "latest"
     validate_every: int = 0  # 0 = off
@@ -71,6 +81,7 @@ class TrainConfig:
     fixed_batch: bool = False  # repeat step 0's batch, noise and timesteps (overfitting checks)
     mode: str = "nested"  # or "decoupled": IP-Adapter Plus training, saved in its file layout
     trigger_weight: float = 1.0  # multiplies the attention the trigger word receives, as at inference
+    overwrite: bool = False  # replace an existing --out adapter file
 
     @property
     def run_dir(self) -> str:
@@ -84,12 +95,17 @@ class TrainSet(torch.utils.data.Dataset):
     """Items are addressed by (step, row, index), and each draws its augmentation from a
     generator seeded by them: a resumed run sees exactly the batches it would have."""
 
-    def __init__(self, folder: str, resolution: int, processor, seed: int):
+    def __init__(self, folder: str, resolution: int, processor, seed: int, other_photo: float = 1.0):
         with open(os.path.join(folder, DATASET_FILE)) as f:
             record = json.load(f)
         self.folder, self.items, self.class_word = folder, record["items"], record["class_word"]
-        self.triggers = record.get("triggers") or [self.class_word] * len(self.items)
-        self.resolution, self.processor, self.seed = resolution, processor, seed
+        self.subjects = item_subjects(record)  # per item: [{"trigger", "group", "mask"}]
+        self.triggers = [s[0]["trigger"] for s in self.subjects]
+        self.resolution, self.processor, self.seed, self.other_photo = resolution, processor, seed, other_photo
+        self.photos: Dict[str, List[int]] = {}  # group -> the items that show that subject alone
+        for index, subjects in enumerate(self.subjects):
+            if len(subjects) == 1:
+                self.photos.setdefault(subjects[0]["group"], []).append(index)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -97,51 +113,38 @@ class TrainSet(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict:
         step, row, index = key
         rng = random.Random(stream_seed(self.seed, AUGMENT, step, row))
-        image, mask = self.load(index)
+        image = self.image(index)
         target = _to_tensor(image.resize((self.resolution,) * 2)) * 2 - 1  # (3, R, R) in [-1, 1]
-        reference = augment(subject_crop(image, mask), rng)
-        pixels = self.processor(images=[reference], return_tensors="pt").pixel_values[0]  # (3, S, S)
-        return {"target": target, "reference": pixels, "caption": self.caption(index), "trigger": self.triggers[index]}
+        references = [augment(self.reference(index, image, s, rng), rng) for s in self.subjects[index]]
+        pixels = self.processor(images=references, return_tensors="pt").pixel_values  # (S, 3, P, P)
+        triggers = [s["trigger"] for s in self.subjects[index]]
+        return {"target": target, "references": pixels, "caption": self.caption(index), "triggers": triggers}
 
-    def load(self, index: int):
+    def reference(self, index: int, image, subject: dict, rng: random.Random):
+        """Another photo of the subject, background kept; else the target's own subject on white."""
+        others = [i for i in self.photos.get(subject["group"], []) if i != index]
+        if others and rng.random() < self.other_photo:
+            other = others[rng.randrange(len(others))]
+            return subject_box(self.image(other), self.mask(other, self.subjects[other][0]))
+        return subject_box(image, self.mask(index, subject), white=True)
+
+    def image(self, index: int):
         from PIL import Image
 
-        name = os.path.join(self.folder, self.items[index])
-        image = Image.open(name + ".png").convert("RGB")
-        mask = Image.open(name + ".mask.png").convert("L") if os.path.isfile(name + ".mask.png") else None
-        return image, mask
+        with Image.open(os.path.join(self.folder, self.items[index] + ".png")) as im:
+            return im.convert("RGB")
+
+    def mask(self, index: int, subject: dict):
+        from PIL import Image
+
+        if not subject.get("mask"):
+            return None
+        with Image.open(os.path.join(self.folder, subject["mask"])) as im:
+            return im.convert("L")
 
     def caption(self, index: int) -> str:
         with open(os.path.join(self.folder, self.items[index] + ".txt")) as f:
             return f.read().strip()
-
-
-def subject_crop(image, mask):
-    """The subject's box (10% margin) with a white background where the mask says background."""
-    from PIL import Image
-
-    if mask is None or mask.getbbox() is None:
-        return image
-    left, top, right, bottom = mask.getbbox()
-    mx, my = (right - left) // 10, (bottom - top) // 10
-    box = (max(0, left - mx), max(0, top - my), min(image.width, right + mx), min(image.height, bottom + my))
-    white = Image.new("RGB", image.size, (255, 255, 255))
-    return Image.composite(image, white, mask).crop(box)
-
-
-def augment(image, rng: random.Random):
-    """Random crop of 80-100% of the side, horizontal flip, brightness/contrast +-10%."""
-    from PIL import ImageEnhance, ImageOps
-
-    w, h = image.size
-    s = rng.uniform(0.8, 1.0)
-    cw, ch = max(1, int(w * s)), max(1, int(h * s))
-    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
-    image = image.crop((left, top, left + cw, top + ch))
-    if rng.random() < 0.5:
-        image = ImageOps.mirror(image)
-    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.9, 1.1))
-    return ImageEnhance.Contrast(image).enhance(rng.uniform(0.9, 1.1))
 
 
 def _to_tensor(image) -> Tensor:
@@ -186,23 +189,71 @@ class RowDraws:
 
     @classmethod
     def draw(cls, cfg: TrainConfig, micro: int, rows: range, latent: tuple, timesteps: int) -> "RowDraws":
+        weights = timestep_weights(cfg, timesteps)
         draws = []
         for row in rows:
             g = torch.Generator().manual_seed(stream_seed(cfg.seed, DRAWS, 0 if cfg.fixed_batch else micro, row))
             u = torch.rand(2, generator=g)
-            t = torch.randint(0, timesteps, (1,), generator=g)
+            t = (
+                torch.randint(0, timesteps, (1,), generator=g)
+                if weights is None
+                else weights.multinomial(1, generator=g)
+            )
             draws.append(
                 (u[0] < cfg.caption_dropout, u[1] < cfg.subject_dropout, t[0], *torch.randn((2, *latent), generator=g))
             )
         return cls(*(torch.stack(column) for column in zip(*draws)))
 
 
+def timestep_weights(cfg: TrainConfig, timesteps: int) -> Optional[Tensor]:
+    """(timesteps,) sampling weights, or None for uniform: --timestep-bias later/earlier makes the noisiest
+    (or cleanest) --timestep-bias-portion of the schedule --timestep-bias-multiplier times as likely."""
+    if cfg.timestep_bias == "none":
+        return None
+    weights = torch.ones(timesteps)
+    span = max(1, int(round(cfg.timestep_bias_portion * timesteps)))
+    part = slice(timesteps - span, timesteps) if cfg.timestep_bias == "later" else slice(0, span)
+    weights[part] *= cfg.timestep_bias_multiplier
+    return weights / weights.sum()
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The learning rate's multiplier after ``step`` optimizer steps: a linear warm-up, then constant or a
+    cosine decay to 0.1 at the last step."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def latent_convention(cfg: TrainConfig) -> str:
+    """mean or sample: --latents, else what the base folder's na_engine.json records, else sample (as SD and
+    SDXL were trained, and diffusers' training scripts do)."""
+    if cfg.latents != "auto":
+        return cfg.latents
+    for folder in (cfg.base, cfg.base_config):
+        record = os.path.join(folder, "na_engine.json") if folder and os.path.isdir(folder) else ""
+        if os.path.isfile(record):
+            with open(record) as f:
+                return json.load(f).get("latents", "sample")
+    return "sample"
+
+
+def training_latents(posterior, eps: Tensor, sample: bool, vae) -> Tensor:
+    """The scaled latents a step trains on: the posterior's mean, or its sample mean + std * eps."""
+    return (posterior.mean + posterior.std * eps if sample else posterior.mean) * vae.config.scaling_factor
+
+
 def collate(items: Sequence[dict]) -> dict:
+    """Rows, and their subjects flattened: references (S, 3, P, P), each subject's row and trigger."""
     return {
         "target": torch.stack([i["target"] for i in items]),
-        "reference": torch.stack([i["reference"] for i in items]),
+        "references": torch.cat([i["references"] for i in items]),
+        "subject_rows": torch.tensor([row for row, i in enumerate(items) for _ in i["triggers"]]),
         "caption": [i["caption"] for i in items],
-        "trigger": [i["trigger"] for i in items],
+        "triggers": [t for i in items for t in i["triggers"]],
     }
 
 
@@ -219,20 +270,27 @@ class NestedDenoiser(nn.Module):
         self.__dict__["processors"] = install(unet, adapter.layers)
 
     def forward(
-        self, noisy: Tensor, timesteps: Tensor, context: Tensor, added: Optional[dict], features: Tensor, where: Tensor
+        self,
+        noisy: Tensor,
+        timesteps: Tensor,
+        context: Tensor,
+        added: Optional[dict],
+        features: Tensor,
+        where: Tensor,
+        rows: Optional[Tensor] = None,
     ) -> Tensor:
-        """noisy (B, 4, h, w); context (B, T, C); features (B, P, E); where (B, T) bool -> noise (B, 4, h, w)."""
-        tokens = self.adapter.resampler(features)  # (B, M, D)
-        rows = torch.eye(len(where), dtype=torch.bool, device=where.device)  # row i binds subject i only
-        placements = [
-            Placement(
-                Subject(tokens[i], self.adapter, self.trigger, mode=self.mode),
-                where & rows[i][:, None],
-                trigger_weight=self.trigger_weight,
-            )
-            for i in range(len(where))
-            if bool(where[i].any())
-        ]
+        """noisy (B, 4, h, w); context (B, T, C); features (S, P, E) of S subjects; where (S, T) bool, each
+        subject's trigger positions in the caption of its row rows[s] (default: subject s is row s) -> (B, 4, h, w)."""
+        tokens = self.adapter.resampler(features)  # (S, M, D)
+        rows = torch.arange(len(where), device=where.device) if rows is None else rows
+        placements = []
+        for s in range(len(where)):
+            if not bool(where[s].any()):
+                continue
+            mask = torch.zeros(noisy.shape[0], where.shape[1], dtype=torch.bool, device=where.device)  # (B, T)
+            mask[rows[s]] = where[s]
+            subject = Subject(tokens[s], self.adapter, self.trigger, mode=self.mode)
+            placements.append(Placement(subject, mask, trigger_weight=self.trigger_weight))
         with self.processors.bound(ModelCall(placements, tuple(noisy.shape[-2:]))):
             pred = self.unet(noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
         # A batch that dropout left without any subject still backpropagates (to zero), as every DDP rank must.
@@ -247,9 +305,11 @@ class EMA:
         self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, module: nn.Module, step: int) -> None:
+        """Average in the weights after optimizer step ``step`` (from 1), warmed up: early weights fade fast."""
+        decay = min(self.decay, (1 + step) / (10 + step))
         for k, v in module.state_dict().items():
-            self.shadow[k].mul_(self.decay).add_(v.detach().float(), alpha=1 - self.decay)
+            self.shadow[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
 
     def copy_to(self, module: nn.Module) -> nn.Module:
         module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
@@ -276,12 +336,99 @@ def init_nested_from_unet(adapter: NestedAdapter, unet) -> None:
 # -- the run ------------------------------------------------------------------------------
 
 
+LIMITS = {  # option -> (lowest, highest) allowed; None: unbounded
+    "steps": (1, None),
+    "batch_size": (1, None),
+    "grad_accum": (1, None),
+    "checkpoint_every": (1, None),
+    "tokens": (1, None),
+    "resampler_depth": (1, None),
+    "warmup": (0, None),
+    "validate_every": (0, None),
+    "validation_steps": (1, None),
+    "workers": (0, None),
+    "caption_dropout": (0, 1),
+    "subject_dropout": (0, 1),
+    "other_photo": (0, 1),
+    "ema": (0, 0.999999),
+    "timestep_bias_portion": (1e-6, 1),
+}
+
+
+def check_numbers(cfg: TrainConfig) -> None:
+    """Every numeric option in its range, all the faults in one message."""
+    faults = []
+    for name, (low, high) in LIMITS.items():
+        value = getattr(cfg, name)
+        if not (value >= low and (high is None or value <= high)):  # also refuses NaN
+            faults.append(
+                f"--{name.replace('_', '-')} {value} (expected {low} to {high if high is not None else 'any'})"
+            )
+    for name in ("lr", "timestep_bias_multiplier"):
+        if not getattr(cfg, name) > 0:
+            faults.append(f"--{name.replace('_', '-')} {getattr(cfg, name)} (expected above 0)")
+    if faults:
+        raise NestedAttentionError("Out of range: " + "; ".join(faults) + ".")
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise NestedAttentionError(
+                f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, not {getattr(cfg, name)!r}."
+            )
+
+
+CHOICES = {
+    "lr_schedule": ("cosine", "constant"),
+    "latents": ("auto", "mean", "sample"),
+    "timestep_bias": ("none", "later", "earlier"),
+}
+
+
+def check_data(cfg: TrainConfig, record: dict) -> None:
+    """Every listed image opens, and the class words are in the captions: a set the trainer cannot learn from
+    is refused before any model loads."""
+    from PIL import Image
+
+    from ..tokens import has_word
+
+    broken, unbound = [], []
+    for name, subjects in zip(record["items"], item_subjects(record)):
+        try:
+            with Image.open(os.path.join(cfg.data, name + ".png")) as im:
+                im.load()
+        except Exception as e:
+            broken.append(f"{name}.png ({type(e).__name__}: {e})")
+            continue
+        caption_file = os.path.join(cfg.data, name + ".txt")
+        caption = open(caption_file).read() if os.path.isfile(caption_file) else ""
+        if not all(has_word(caption, s["trigger"]) for s in subjects):
+            unbound.append(name)
+    if broken:
+        raise NestedAttentionError(
+            f"{len(broken)} training images in {cfg.data} cannot be read: {'; '.join(broken[:5])}"
+            f"{' ...' if len(broken) > 5 else ''}. Run prepare again, or remove them from {DATASET_FILE}."
+        )
+    if len(unbound) == len(record["items"]):
+        words = sorted({s["trigger"] for subjects in item_subjects(record) for s in subjects})
+        raise NestedAttentionError(
+            f"No caption in {cfg.data} holds its class word ({', '.join(words)}), so no subject would ever be bound "
+            "and training could not learn. Put the word in the captions (<name>.txt), or prepare with the right "
+            "--class-word."
+        )
+    if unbound:
+        print(
+            f"warning: {len(unbound)} of {len(record['items'])} captions lack their class word (e.g. "
+            f"{unbound[0]}.txt); those rows train without their subject."
+        )
+
+
 def check_inputs(cfg: TrainConfig):
     """Everything that can be checked from files and configs, before any weights load.
 
     Returns (record, unet config, vision width, init adapter)."""
     from ..formats import load_adapter
     from .models import check_match, clip_vision_width, unet_config
+
+    check_numbers(cfg)
 
     record_path = os.path.join(cfg.data, DATASET_FILE)
     if not os.path.isdir(cfg.data):
@@ -310,12 +457,27 @@ def check_inputs(cfg: TrainConfig):
         raise NestedAttentionError(f"--mode must be nested or decoupled, not {cfg.mode!r}.")
     if not cfg.out.endswith(".safetensors"):
         raise NestedAttentionError(f"--out must name a .safetensors adapter file, not {cfg.out!r}.")
+    if os.path.isdir(cfg.out):
+        raise NestedAttentionError(f"--out {cfg.out} is a folder; name the adapter file to write, e.g. my.safetensors.")
+    if os.path.exists(cfg.out) and not (cfg.overwrite or cfg.resume):
+        raise NestedAttentionError(
+            f"--out {cfg.out} already exists. Name a new file, or add --overwrite to replace it."
+        )
+    parent = os.path.dirname(os.path.abspath(cfg.out))
+    existing = parent
+    while not os.path.isdir(existing):
+        if os.path.exists(existing):
+            raise NestedAttentionError(f"--out {cfg.out}: {existing} is a file, not a folder.")
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        raise NestedAttentionError(f"--out {cfg.out}: {existing} is not writable.")
     earlier = checkpoints(cfg.run_dir)
     if earlier and not cfg.resume:
         raise NestedAttentionError(
             f"{cfg.run_dir} holds checkpoints of an earlier run (up to {earlier[-1]}). Continue it with --resume "
             "latest, or start afresh with another --out (or after removing that folder)."
         )
+    check_data(cfg, record)
     unet_cfg, width = unet_config(cfg.base, cfg.base_config), clip_vision_width(cfg.clip_vision)
     init = load_adapter(cfg.init_from) if cfg.init_from else None
     check_match(unet_cfg, width, init, cfg.base, cfg.clip_vision)
@@ -353,7 +515,7 @@ def train(cfg: TrainConfig) -> str:
     if cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing(model.processors.checkpoint)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=1e-2)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
     model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
     ema = EMA(adapter, cfg.ema) if cfg.ema > 0 else None
     if ema is not None:
@@ -361,7 +523,8 @@ def train(cfg: TrainConfig) -> str:
 
     start = _resume(accelerator, cfg) if cfg.resume else 0
     resolution = cfg.resolution or int(record["resolution"])
-    data = TrainSet(cfg.data, resolution, vision.processor, cfg.seed)
+    data = TrainSet(cfg.data, resolution, vision.processor, cfg.seed, cfg.other_photo)
+    sample_latents = latent_convention(cfg) == "sample"
     rank, world = accelerator.process_index, accelerator.num_processes
     micro_steps = (start * cfg.grad_accum, cfg.steps * cfg.grad_accum)
     batches = step_batches(len(data), cfg.batch_size, *micro_steps, cfg.seed, rank, world, cfg.fixed_batch)
@@ -383,11 +546,13 @@ def train(cfg: TrainConfig) -> str:
                 posterior = base.vae.encode(batch["target"].to(device)).latent_dist
                 n_steps = noise_schedule.config.num_train_timesteps
                 r = RowDraws.draw(cfg, micro, rows, posterior.mean.shape[1:], n_steps)
-                latents = (posterior.mean + posterior.std * r.latent_eps.to(device)) * base.vae.config.scaling_factor
+                latents = training_latents(posterior, r.latent_eps.to(device), sample_latents, base.vae)
                 captions = ["" if d else c for d, c in zip(r.drop_caption.tolist(), batch["caption"])]
                 context, added = encode_prompts(base, captions, resolution, device)
-                features = pixel_features(vision, batch["reference"], device).float()  # (B, P, E)
-            where = trigger_where(base, captions, batch["trigger"], required=False) & ~r.drop_subject[:, None]  # (B, T)
+                features = pixel_features(vision, batch["references"], device).float()  # (S, P, E)
+            subject_rows = batch["subject_rows"]  # (S,)
+            where = trigger_where(base, [captions[i] for i in subject_rows], batch["triggers"], required=False)
+            where &= ~r.drop_subject[subject_rows][:, None]  # (S, T)
             noise, timesteps = r.noise.to(device), r.timesteps.to(device)
             noisy = noise_schedule.add_noise(latents, noise, timesteps).to(frozen_dtype)
             target = (
@@ -398,7 +563,7 @@ def train(cfg: TrainConfig) -> str:
             sync = (micro + 1) % cfg.grad_accum == 0
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 with accelerator.autocast():
-                    pred = model(noisy, timesteps, context, added, features, where.to(device))
+                    pred = model(noisy, timesteps, context, added, features, where.to(device), subject_rows.to(device))
                 loss = F.mse_loss(pred.float(), target.float())
                 accelerator.backward(loss / cfg.grad_accum)
             losses.append(loss.detach().float())
@@ -409,7 +574,7 @@ def train(cfg: TrainConfig) -> str:
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.update(adapter)
+                ema.update(adapter, step + 1)
             step += 1
             mean = accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
             losses = []
@@ -520,8 +685,9 @@ def validate(
     generator = NestedGenerator(
         base, vision, ema.copy_to(copy.deepcopy(adapter)) if ema is not None else adapter, device
     )
-    image, mask = data.load(0)
-    subject = generator.encode([subject_crop(image, mask)], data.triggers[0]).with_(mode=cfg.mode)
+    first = data.subjects[0][0]
+    reference = subject_box(data.image(0), data.mask(0, first), white=True)
+    subject = generator.encode([pad_square(reference)], first["trigger"]).with_(mode=cfg.mode)
     prompts = cfg.validation_prompts or [f"a photo of a {data.triggers[0]}"]
     folder = os.path.join(cfg.run_dir, "validation")
     os.makedirs(folder, exist_ok=True)
@@ -549,7 +715,16 @@ HELP = {  # the options of python -m na_engine train; their defaults are TrainCo
     "gradient_checkpointing": "recompute UNet activations in the backward pass (less memory)",
     "caption_dropout": "fraction of captions emptied, so guidance keeps working",
     "subject_dropout": "fraction of rows trained without their subject",
-    "ema": "EMA decay, e.g. 0.999; 0 = off",
+    "lr_schedule": "after the warm-up: cosine (decays to a tenth of --lr by the last step) or constant",
+    "ema": "EMA decay of the exported weights, warmed up over the first steps; 0 = off",
+    "latents": "train on the VAE posterior's mean or a sample of it; auto: what the base folder's na_engine.json "
+    "records, else sample (SD1.5 and SDXL)",
+    "timestep_bias": "later / earlier: sample the noisiest / cleanest timesteps more often (identity is decided at "
+    "the noisy end)",
+    "timestep_bias_multiplier": "how many times as often, with --timestep-bias",
+    "timestep_bias_portion": "the fraction of the schedule that --timestep-bias favours",
+    "other_photo": "chance that a subject's reference is another photo of it (photos grouped by prepare); else a "
+    "white-backed crop of the training image itself",
     "checkpoint_every": "steps between checkpoints (resumable with --resume)",
     "resume": "checkpoint folder, or 'latest'",
     "validate_every": "steps between validation images; 0 = off",
@@ -558,6 +733,7 @@ HELP = {  # the options of python -m na_engine train; their defaults are TrainCo
     "seed": "seed of data order, augmentation, noise and a fresh adapter",
     "workers": "data loader processes",
     "mode": "nested, or decoupled: IP-Adapter Plus (added image attention), saved in the IP-Adapter Plus layout",
+    "overwrite": "replace an existing --out file",
     "trigger_weight": "multiplies the attention the trigger word receives while training (1 = the paper's formula); "
     "sample the adapter with the same --trigger-weight / trigger_weight",
 }
@@ -571,6 +747,8 @@ def parse(argv=None) -> TrainConfig:
         TrainConfig,
         HELP,
         mixed_precision={"choices": ("no", "fp16", "bf16")},
+        **{name: {"choices": choices} for name, choices in CHOICES.items()},
+        seed={"type": cli.seed},
         mode={"choices": ("nested", "decoupled")},
         validation_prompts={"flag": "--validation-prompt"},
     )

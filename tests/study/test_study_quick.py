@@ -17,6 +17,9 @@ METHOD_KEYS = {
     "background_acc",
     "placement_acc",
     "size_acc",
+    "pose_acc",
+    "light_acc",
+    "cap_acc",
     "background_leak",
     "n",
 }
@@ -36,23 +39,29 @@ def quick_run(tmp_path_factory):
 
 
 def test_results_hold_every_key(quick_run):
+    """The keys issue 17 lists, for every method of its tables."""
     out, docs, _ = quick_run
     results = json.loads((out / "results.json").read_text())
     assert results["heldout_identities"] == 6
     for method in ("base", "single_token", "decoupled", "bridge", "nested"):
         assert METHOD_KEYS <= set(results["methods"][method]), method
         assert results["methods"][method]["n"] == 4
-    for method in ("decoupled", "bridge", "nested"):
-        assert {"identity_top1", "swap_rate", "background_acc"} <= set(results["multi"][method])
-        points = results["sweep"][method]
-        assert [p["strength"] for p in points] == [0.0, 1.0]
-        assert all({"identity_top1", "background_acc"} <= set(p) for p in points)
-    confirm = results["bridge_trigger_weight"]
-    assert confirm["chosen"] in (1.0, 4.0) and set(confirm["confirm"]) == {"1.0", str(confirm["chosen"])}
-    assert 0 <= confirm["sign_test_p"] <= 1
-    assert {"render", "vae", "vision_features"} == set(results["ceiling"])
-    assert results["followup"]["trigger_weight"] == confirm["chosen"] and results["followup"]["main"]["n"] == 4
-    assert 0 <= results["trigger_share"]["product"] <= 1 and 0 <= results["trigger_share"]["background"] <= 1
+        assert set(results["attributes"][method]) == {"pose_acc", "light_acc", "cap_acc"}
+    for method in ("decoupled", "decoupled_masked", "bridge", "nested"):
+        cell = results["multi"][method]
+        assert {"identity_top1", "swap_rate", "blend_rate", "background_acc"} <= set(cell) and cell["n"] == 2
+        assert abs(cell["identity_top1"] + cell["swap_rate"] + cell["blend_rate"] - 1) < 1e-3  # a partition
+    for method in ("nested", "decoupled", "bridge"):
+        points = results["tradeoff"][method]
+        assert [p["strength"] for p in points] == [0.0, 1.0, 2.0]
+        assert all({"identity_top1", "attribute_acc"} <= set(p) for p in points)
+    assert {"render", "vae"} == set(results["ceiling"])
+    share = results["base"]["trigger_share"]
+    assert 0 <= share["elsewhere"] <= 1 and 0 <= share["product"] <= 1 and len(share["layers"]) >= 4
+    assert 0 <= results["paired"]["nested_vs_decoupled_swap"]["sign_test_p"] <= 1
+    stages = json.loads((out / "stages.json").read_text())
+    total = sum(v["stage_seconds"] for k, v in stages.items() if k not in ("scale", "report"))
+    assert results["run_seconds"] == pytest.approx(total, abs=0.2)
     assert json.loads((docs / "study" / "results.json").read_text()) == results
 
 
