@@ -299,14 +299,17 @@ def run_jobs(
             image, panel = generator(
                 job.prompt, cache[key], job.seed, steps, cfg, size, job.negative, strength, maps, trigger_weight
             )
-            if panel is not None:
-                _save(panel, stems[i] + ".maps.png")
-            _save(image, stems[i] + ".png")
+            files = [(image, stems[i] + ".png")] + ([(panel, stems[i] + ".maps.png")] if panel is not None else [])
+            for picture, path in files:
+                picture.save(path + ".partial", format="PNG")
         except (NestedAttentionError, RuntimeError, OSError, ValueError) as e:
             failed.append((i, f"{type(e).__name__}: {e}"))
             print(f"row {i + 1} ({os.path.basename(stems[i])}) failed, the others go on: {e}", file=sys.stderr)
             continue
+        # recorded before its files take their names: every image under a row's name is one the manifest lists
         _append_manifest(out, _manifest_row(job, stems[i], keys[i], rank))
+        for _, path in files:
+            os.replace(path + ".partial", path)
     failed = sorted(f for part in gather_object([failed]) for f in part)
     attempted = sum(gather_object([len(mine)]))
     if state.is_main_process:
@@ -324,12 +327,6 @@ def run_jobs(
 def _row_key(job: Job, settings: list) -> str:
     """What a row's image depends on, hashed."""
     return hashlib.sha256(json.dumps([asdict(job), settings], sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _save(image, path: str) -> None:
-    partial = path + ".partial"
-    image.save(partial, format="PNG")
-    os.replace(partial, path)
 
 
 MANIFEST_COLUMNS = ["file", "prompt", "subject", "trigger", "seed", "rank", "key"]

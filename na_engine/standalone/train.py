@@ -752,7 +752,9 @@ def parse(argv=None) -> TrainConfig:
         mode={"choices": ("nested", "decoupled")},
         validation_prompts={"flag": "--validation-prompt"},
     )
-    return TrainConfig(**vars(p.parse_args(argv)))
+    options = vars(p.parse_args(argv))
+    options.pop("debug")  # command_line's, not the run's
+    return TrainConfig(**options)
 
 
 @command_line
