@@ -28,14 +28,21 @@ class AttentionCapture:
         self.tokens: Dict[int, Tensor] = {}  # subject -> (B, M, h, w) summed p(q) * nested softmax
         self.calls = 0
         self._last_sigma = None
+        self._run = None  # the sampling run's schedule tensor, where the host gives one
 
-    def step(self, sigma: float) -> None:
-        """Called once per model call; a sigma above the last one means a new sampling run."""
-        if self._last_sigma is not None and sigma > self._last_sigma:
+    def step(self, sigma: float, run: Optional[Tensor] = None) -> None:
+        """Called once per model call, so that the maps hold one sampling run.
+
+        ``run`` is the run's sigma schedule (current ComfyUI's transformer_options["sample_sigmas"], a new
+        tensor for every sampling): another one starts a new run, even a one-step sampler queued twice or a
+        run after one interrupted in its first step. Without it (older ComfyUI), a sigma above the last one
+        does."""
+        new_run = run is not self._run if run is not None else self._last_sigma is not None and sigma > self._last_sigma
+        if new_run:
             self.outer.clear()
             self.tokens.clear()
             self.calls = 0
-        self._last_sigma = sigma
+        self._last_sigma, self._run = sigma, run
 
     def add(self, subject: int, maps: SubjectMaps, latent_hw: Tuple[int, int]) -> None:
         outer = upsample(maps.outer.detach(), latent_hw)  # (B, 1, h, w)

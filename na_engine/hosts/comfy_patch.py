@@ -99,7 +99,7 @@ class NestedRun:
             halves = len(args.get("cond_or_uncond") or [0])  # ComfyUI stacks one chunk of the batch per entry
             call = self.bind_rows(c.get("c_crossattn"), args["timestep"], tuple(args["input"].shape[-2:]), halves)
             if self.capture is not None:
-                self.capture.step(float(args["timestep"].max()))
+                self.capture.step(float(args["timestep"].max()), options.get("sample_sigmas"))
             self._warn_if_unmatched(call, args.get("cond_or_uncond", []))
             options[ROWS_KEY] = {**options.get(ROWS_KEY, {}), self.uid: call}
             c["transformer_options"] = options

@@ -104,7 +104,9 @@ def register(unet, run, existing=None):
     return patches
 
 
-def call(unet, run, sigma=5.0, batch=None, x=None, seed=3, previous=None):
+def call(unet, run, sigma=5.0, batch=None, x=None, seed=3, previous=None, schedule=None):
+    """One model call; ``schedule``: the run's sigmas, as current ComfyUI's samplers put them in
+    transformer_options["sample_sigmas"]."""
     _, ctx = contexts()
     ctx = ctx if batch is None else batch
     b = ctx.shape[0]
@@ -115,6 +117,8 @@ def call(unet, run, sigma=5.0, batch=None, x=None, seed=3, previous=None):
         "c": {"c_crossattn": ctx, "transformer_options": {"cond_or_uncond": [1, 0, 0, 0][:b]}},
         "cond_or_uncond": [1, 0, 0, 0][:b],
     }
+    if schedule is not None:
+        args["c"]["transformer_options"]["sample_sigmas"] = schedule
     return run.wrapper(previous)(unet.apply_model, args), x, ctx
 
 
@@ -494,6 +498,25 @@ def test_capture_and_render(adapter):
     # a new sampling run (sigma goes up again) starts a fresh capture
     call(unet, run, sigma=9.0)
     assert capture.calls == 2 * len(LAYERS)
+
+
+def test_capture_holds_one_sampling_run_where_the_sampler_gives_its_schedule(adapter):
+    """A one-step sampler queued twice (the same sigma both times), or a run after one interrupted in its first
+    step, starts a fresh capture: each sampling gives its own schedule tensor; calls of one run add up."""
+    capture = AttentionCapture([None, None])
+    run = NestedRun(make_subjects(adapter), POSITIONS, contexts()[0], sigma_range=(10.0, 1.0), capture=capture)
+    unet = FakeUNet()
+    register(unet, run)
+    first = torch.tensor([5.0, 0.0])
+    call(unet, run, sigma=5.0, schedule=first)
+    one_run = capture.calls
+    assert one_run == 2 * len(LAYERS)
+    call(unet, run, sigma=5.0, schedule=torch.tensor([5.0, 0.0]))  # queued again: a new schedule tensor
+    assert capture.calls == one_run
+    two_steps = torch.tensor([5.0, 3.0, 0.0])
+    call(unet, run, sigma=5.0, schedule=two_steps)
+    call(unet, run, sigma=3.0, schedule=two_steps)
+    assert capture.calls == 2 * one_run
 
 
 def test_per_image_mask_with_cfg_batch(adapter):
