@@ -111,6 +111,12 @@ def read_subject_file(path: str) -> Tuple[Dict[str, Tensor], dict]:
 def load_subject(path: str, load_adapter_named: Callable[[str], NestedAdapter]) -> Subject:
     """Rebuild a saved subject; ``load_adapter_named`` finds its adapter by file name."""
     tensors, meta = read_subject_file(path)
+    missing = [k for k in ("adapter_name", "adapter_fingerprint", "trigger", "strength") if k not in meta]
+    if missing:
+        raise NestedAttentionError(
+            f"{os.path.basename(path)} lacks {', '.join(missing)} in its metadata: it was not written by the Save "
+            "Nested Subject node, or was edited. Encode the subject again and save it."
+        )
     adapter = load_adapter_named(meta["adapter_name"])
     if meta.get("version", 1) < SUBJECT_VERSION:
         raise NestedAttentionError(

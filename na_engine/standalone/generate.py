@@ -1,9 +1,11 @@
 """python -m na_engine generate: standalone Nested Attention inference with diffusers pipelines.
 
 One run:   --prompt "a photo of a bottle on a desk" --subject ref1.jpg --trigger bottle --seed 1 2
+Base image (no subject, no --adapter needed): --prompt "a photo of a bottle on a desk" --seed 1
 Catalogue: --batch jobs.csv, one image a row:
              prompt    the text; it must hold the trigger word
-             subject   a reference photo, or a folder of photos of one subject (relative to the CSV's folder)
+             subject   a reference photo, or a folder of photos of one subject (relative to the CSV's folder);
+                       empty, with an empty trigger: the base's own image of the prompt
              trigger   the prompt word the subject binds to ("bottle", "dog", ...)
              seed      a whole number, 0 to 2**63 - 1
              negative  optional: a negative prompt
@@ -21,6 +23,7 @@ manifest.csv lists every row with the process that rendered it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -61,7 +64,7 @@ class NestedGenerator:
         from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         self.base, self.vision, self.adapter, self.device = base, vision, adapter, device
-        self.processors = install(base.unet, adapter.layers)
+        self.processors = install(base.unet, adapter.layers) if adapter is not None else None  # None: base images
         scheduler = DDIMScheduler.from_config(base.scheduler.config)
         te, tok = base.text_encoders, base.tokenizers
         if base.is_xl:
@@ -125,7 +128,7 @@ class NestedGenerator:
         ]
         capture = self.capture = AttentionCapture(legends) if maps else None  # kept: its sums, for measurements
         call = ModelCall(placements, (size // self.pipe.vae_scale_factor,) * 2, capture, 2 if cfg > 1 else 1)
-        with self.processors.bound(call):
+        with self.processors.bound(call) if self.processors is not None else contextlib.nullcontext():
             generator = torch.Generator("cpu").manual_seed(seed)
             latents = self.pipe(
                 prompt,
@@ -192,20 +195,21 @@ def _csv_jobs(path: str) -> List[Job]:
             seed = cli.seed(r["seed"].strip())
         except Exception as e:
             problems.append(f"seed {r['seed']!r}: {e}")
-        images = []
-        try:
-            images = cli.photo_files(_rel(base, r["subject"].strip()))
-        except NestedAttentionError as e:
-            problems.append(f"subject: {e}")
-        if r["trigger"].strip() and r["prompt"] and not has_word(r["prompt"], r["trigger"].strip()):
+        images, subject, trigger = [], r["subject"].strip(), r["trigger"].strip()
+        if subject:
+            try:
+                images = cli.photo_files(_rel(base, subject))
+            except NestedAttentionError as e:
+                problems.append(f"subject: {e}")
+        if trigger and r["prompt"] and not has_word(r["prompt"], trigger):
             problems.append(f"the trigger {r['trigger']!r} is not in the prompt")
-        if not r["trigger"].strip():
-            problems.append("trigger is empty")
+        if bool(subject) != bool(trigger):
+            problems.append("give both subject and trigger, or neither (a base image)")
         if problems:
             faults.append(f"line {number}: " + "; ".join(problems))
             continue
-        name = os.path.splitext(os.path.basename(r["subject"].strip().rstrip("/\\")))[0]
-        jobs.append(Job(r["prompt"], images, r["trigger"].strip(), seed, name, r.get("negative") or ""))
+        name = os.path.splitext(os.path.basename(subject.rstrip("/\\")))[0] if subject else "base"
+        jobs.append(Job(r["prompt"], images, trigger, seed, name, r.get("negative") or ""))
     if faults:
         raise NestedAttentionError(f"{path}: {len(faults)} bad rows, nothing rendered:\n  " + "\n  ".join(faults))
     return jobs
@@ -271,7 +275,8 @@ def run_jobs(
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
     os.makedirs(out, exist_ok=True)
-    settings = [steps, cfg, size, strength, maps, trigger_weight, mode, models, generator.adapter.fingerprint()]
+    fingerprint = generator.adapter.fingerprint() if generator.adapter is not None else ""
+    settings = [steps, cfg, size, strength, maps, trigger_weight, mode, models, fingerprint]
     keys = [_row_key(job, settings) for job in jobs]
     stems = [os.path.join(out, f"{i:04d}_{_safe(job.name)}_{job.seed}") for i, job in enumerate(jobs)]
     before = _read_manifest(out)
@@ -295,10 +300,13 @@ def run_jobs(
         try:
             key = (tuple(job.images), job.trigger)
             if key not in cache:
-                cache[key] = generator.encode([_open(p) for p in job.images], job.trigger, mode=mode)
+                cache[key] = (
+                    [generator.encode([_open(p) for p in job.images], job.trigger, mode=mode)] if job.images else []
+                )
             image, panel = generator(
-                job.prompt, cache[key], job.seed, steps, cfg, size, job.negative, strength, maps, trigger_weight
-            )
+                job.prompt, cache[key], job.seed, steps, cfg, size, job.negative, strength,
+                maps and bool(job.images), trigger_weight,
+            )  # fmt: skip
             files = [(image, stems[i] + ".png")] + ([(panel, stems[i] + ".maps.png")] if panel is not None else [])
             for picture, path in files:
                 picture.save(path + ".partial", format="PNG")
@@ -410,10 +418,11 @@ def _open(path: str):
 
 @command_line
 def main(argv=None) -> int:
-    p = cli.parser("generate", __doc__)
+    p = cli.parser("generate", __doc__, epilog=__doc__.split("\n", 1)[1])
     cli.add_model_arguments(p)
     p.add_argument(
-        "--adapter", required=True, help="Nested Attention adapter (.safetensors) or IP-Adapter Plus checkpoint"
+        "--adapter",
+        help="Nested Attention adapter (.safetensors) or IP-Adapter Plus checkpoint; not needed for base images",
     )
     p.add_argument("--subject", nargs="*", help="reference photo(s) or a folder of them")
     p.add_argument("--trigger", help="the prompt word the subject binds to")
@@ -495,13 +504,15 @@ def generate(args) -> List[str]:
     from .models import check_match, clip_vision_width, load_base, load_vision, unet_config
 
     jobs = read_jobs(args.batch) if args.batch else _jobs_from_args(args)
+    if not args.adapter and any(job.images for job in jobs):
+        raise NestedAttentionError("Rows with a subject need --adapter (only base images, without a subject, do not).")
     for job in jobs:  # the tokenizer checks again, exactly, once it is loaded
-        if not has_word(job.prompt, job.trigger):
+        if job.images and not has_word(job.prompt, job.trigger):
             raise NestedAttentionError(
                 f"The trigger word {job.trigger!r} is not in the prompt {job.prompt!r}. Write it where the subject "
                 "should appear."
             )
-    adapter = load_adapter(args.adapter)
+    adapter = load_adapter(args.adapter) if args.adapter else None
     check_match(
         unet_config(args.base, args.base_config),
         clip_vision_width(args.clip_vision),
@@ -516,7 +527,7 @@ def generate(args) -> List[str]:
     dtype = cli.DTYPES.get(args.dtype, torch.float16 if device.type == "cuda" else torch.float32)
     base, vision = load_base(args.base, args.base_config, dtype), load_vision(args.clip_vision, dtype)
     vision.model.to(device)
-    generator = NestedGenerator(base, vision, adapter.to(device), device)
+    generator = NestedGenerator(base, vision, adapter.to(device) if adapter is not None else None, device)
     size = args.size or base_resolution(args.base, args.base_config) or (1024 if base.is_xl else 512)
     return run_jobs(
         generator,
@@ -534,8 +545,12 @@ def generate(args) -> List[str]:
 
 
 def _jobs_from_args(args) -> List[Job]:
-    if not args.prompt or not args.subject or not args.trigger:
-        raise NestedAttentionError("Give --prompt, --subject and --trigger, or a --batch file.")
+    if not args.prompt or bool(args.subject) != bool(args.trigger):
+        raise NestedAttentionError(
+            "Give --prompt with --subject and --trigger (or neither, for the base's own images), or a --batch file."
+        )
+    if not args.subject:
+        return [Job(p, [], "", seed, "base", args.negative or "") for p in args.prompt for seed in args.seed or [0]]
     images = [f for s in args.subject for f in cli.photo_files(s)]
     name = os.path.splitext(os.path.basename(args.subject[0].rstrip("/")))[0]
     seeds = args.seed if args.seed else [0]

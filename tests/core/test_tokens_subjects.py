@@ -292,3 +292,21 @@ def test_upsample_to_latent():
     assert up.shape == (1, 1, 13, 17)
     same = upsample(torch.rand(2, 13 * 17, 3), (13, 17))
     assert same.shape == (2, 3, 13, 17)
+
+
+def test_a_subject_file_without_its_adapter_name_is_a_clear_error(tmp_path, adapter):
+    """A subject file whose metadata lost its adapter_name (edited, or written by another tool)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = str(tmp_path / "dog.safetensors")
+    save_subject(subject(adapter, "dog"), path, "mine.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()[SUBJECT_FORMAT])
+    del meta["adapter_name"]
+    save_file(load_file(path), path, metadata={SUBJECT_FORMAT: json.dumps(meta)})
+    with pytest.raises(NestedAttentionError, match=r"dog.safetensors lacks adapter_name .*Encode the subject again"):
+        load_subject(path, lambda name: adapter)

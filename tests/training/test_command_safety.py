@@ -283,3 +283,21 @@ def test_study_run_names_an_unusable_out(tmp_path, capsys):
 def test_errors_are_nested_attention_errors():
     with pytest.raises(NestedAttentionError):
         gen.read_jobs("/nonexistent.csv")
+
+
+def test_base_images_need_no_subject_nor_adapter(world, tmp_path, capsys):
+    """The base's own image of a prompt, for comparison shots: without --subject, --trigger or --adapter."""
+    argv = ["--base", world["base"], "--clip-vision", world["vision"], "--steps", "1", "--size", "32"]
+    rc, err = run(gen.main, [*argv, "--prompt", "a dog", "--seed", "4", "--out", str(tmp_path / "one")], capsys)
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path / "one")) == ["0000_base_4.png", "manifest.csv"]
+    photo = os.path.join(world["photos"], "photo_0.png")
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(f"prompt,subject,trigger,seed\na dog,,,1\na dog,{photo},dog,2\n")
+    rc, err = run(gen.main, [*argv, "--batch", str(jobs), "--out", str(tmp_path / "two")], capsys)
+    assert rc == 2 and "need --adapter" in err
+    rc, err = run(
+        gen.main, [*argv, "--adapter", world["adapter"], "--batch", str(jobs), "--out", str(tmp_path / "two")], capsys
+    )
+    assert rc == 0, err
+    assert {"0000_base_1.png", "0001_photo_0_2.png", "0001_photo_0_2.maps.png"} <= set(os.listdir(tmp_path / "two"))
