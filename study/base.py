@@ -327,8 +327,6 @@ def train_unet(cfg: BaseConfig, latents: torch.Tensor, renders: RenderSet, token
     torch.manual_seed(cfg.seed + 1)
     text = make_text_encoder(cfg, tokenizer)
     unet = make_unet(cfg, latents.shape[-1])
-    maps = CrossAttentionMaps().install(unet)
-    maps.recording = cfg.localise > 0
     scheduler = make_scheduler()
     ids = tokenizer(list(renders.captions), padding="max_length", truncation=True, return_tensors="pt").input_ids
     positions = word_positions(tokenizer, ids, renders.kinds)  # (n, 2)
@@ -337,6 +335,8 @@ def train_unet(cfg: BaseConfig, latents: torch.Tensor, renders: RenderSet, token
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    maps = CrossAttentionMaps().install(unet)  # the live UNet only: the EMA copy keeps diffusers' processors
+    maps.recording = cfg.localise > 0
     g = torch.Generator().manual_seed(cfg.seed + 2)
     t0 = time.time()
     for step, idx in enumerate(_batches(len(latents), cfg.batch, cfg.unet_steps, cfg.seed + 3)):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -154,7 +155,9 @@ def ensure_training_set(folder: str, train_ids, resolution: int, cfg: EncoderCon
     photos = os.path.join(folder, "data", "photos")
     prepared = os.path.join(folder, "data", "prepared")
     masks = os.path.join(folder, "data", "masks")
-    if not os.path.isfile(os.path.join(prepared, "dataset.json")):
+    if not os.path.isfile(os.path.join(prepared, "dataset.json")):  # written last: anything else is half made
+        for part in (photos, masks, prepared):
+            shutil.rmtree(part, ignore_errors=True)
         write_photos(photos, masks, train_ids, cfg, resolution, cfg.seed + 1)
         prepare(photos, prepared, list(world.KINDS), resolution=resolution, keep_captions=True, masks=masks)
     return vision, prepared

@@ -314,14 +314,18 @@ def run_jobs(
             failed.append((i, f"{type(e).__name__}: {e}"))
             print(f"row {i + 1} ({os.path.basename(stems[i])}) failed, the others go on: {e}", file=sys.stderr)
             continue
-        # recorded before its files take their names: every image under a row's name is one the manifest lists
+        # recorded before its files take their names: every image under a row's name is one the manifest lists;
+        # an older image of the row goes first, so none is ever recorded under the new key
+        for _, path in files:
+            if os.path.isfile(path):
+                os.remove(path)
         _append_manifest(out, _manifest_row(job, stems[i], keys[i], rank))
         for _, path in files:
             os.replace(path + ".partial", path)
     failed = sorted(f for part in gather_object([failed]) for f in part)
     attempted = sum(gather_object([len(mine)]))
     if state.is_main_process:
-        _write_manifest(out, stems, keys)  # one row per finished file, in the catalogue's order
+        _write_manifest(out, stems)  # one row per finished file, in the catalogue's order
         print(f"rendered {attempted - len(failed)} rows, kept {len(jobs) - attempted} from an earlier run")
     state.wait_for_everyone()
     if failed:
@@ -392,16 +396,17 @@ def _append_manifest(out: str, row: list) -> None:
         os.fsync(f.fileno())
 
 
-def _write_manifest(out: str, stems: List[str], keys: List[str]) -> None:
-    """manifest.csv rewritten with one row per finished file, in the catalogue's order (atomically)."""
+def _write_manifest(out: str, stems: List[str]) -> None:
+    """manifest.csv rewritten with one row per file of the catalogue, in its order (atomically): a row's last
+    record, whatever its key (an image of older settings is still the catalogue's, and is rendered again)."""
     path = os.path.join(out, "manifest.csv")
     recorded = _read_manifest(out)
     with open(path + ".partial", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(MANIFEST_COLUMNS)
-        for stem, key in zip(stems, keys):
+        for stem in stems:
             row = recorded.get(os.path.basename(stem) + ".png")
-            if row is not None and row["key"] == key and os.path.isfile(stem + ".png"):
+            if row is not None and os.path.isfile(stem + ".png"):  # another key too: still this catalogue's file
                 w.writerow([row[c] for c in MANIFEST_COLUMNS])
     os.replace(path + ".partial", path)
 

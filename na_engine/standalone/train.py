@@ -137,9 +137,10 @@ class TrainSet(torch.utils.data.Dataset):
     def mask(self, index: int, subject: dict):
         from PIL import Image
 
-        if not subject.get("mask"):
+        path = os.path.join(self.folder, subject["mask"]) if subject.get("mask") else ""
+        if not os.path.isfile(path):  # no mask (a record from before grouping names one for every item)
             return None
-        with Image.open(os.path.join(self.folder, subject["mask"])) as im:
+        with Image.open(path) as im:
             return im.convert("L")
 
     def caption(self, index: int) -> str:
@@ -399,7 +400,10 @@ def check_data(cfg: TrainConfig, record: dict) -> None:
             broken.append(f"{name}.png ({type(e).__name__}: {e})")
             continue
         caption_file = os.path.join(cfg.data, name + ".txt")
-        caption = open(caption_file).read() if os.path.isfile(caption_file) else ""
+        caption = ""
+        if os.path.isfile(caption_file):
+            with open(caption_file) as f:
+                caption = f.read()
         if not all(has_word(caption, s["trigger"]) for s in subjects):
             unbound.append(name)
     if broken:
@@ -634,6 +638,7 @@ def _checkpoint(accelerator, cfg: TrainConfig, step: int) -> None:
             "grad_accum": cfg.grad_accum,
             "processes": accelerator.num_processes,
             "mode": cfg.mode,
+            **{name: getattr(cfg, name) for name in RESUME_SAME},
         }
         with open(os.path.join(folder + ".partial", "trainer.json"), "w") as f:
             json.dump(meta, f)
@@ -642,6 +647,9 @@ def _checkpoint(accelerator, cfg: TrainConfig, step: int) -> None:
         os.replace(folder + ".partial", folder)
         shutil.rmtree(folder + ".old.partial", ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+RESUME_SAME = ("ema", "lr_schedule", "latents", "timestep_bias", "other_photo", "trigger_weight")  # in trainer.json
 
 
 def checkpoints(run_dir: str) -> List[str]:
@@ -671,6 +679,19 @@ def _resume(accelerator, cfg: TrainConfig) -> int:
         )
     if meta.get("mode", "nested") != cfg.mode:
         raise NestedAttentionError(f"{folder} was trained with --mode {meta.get('mode', 'nested')}; resume with it.")
+    differ = [n for n in RESUME_SAME if n in meta and meta[n] != getattr(cfg, n)]
+    if differ:
+        raise NestedAttentionError(
+            f"{folder} was trained with "
+            + ", ".join(f"--{n.replace('_', '-')} {meta[n]}" for n in differ)
+            + "; resume with the same (this run has "
+            + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in differ)
+            + ")."
+        )
+    if cfg.ema > 0 and "ema" not in meta:
+        raise NestedAttentionError(
+            f"{folder} predates the EMA default and holds no EMA state; resume it with --ema 0 --lr-schedule constant."
+        )
     accelerator.load_state(folder)
     return int(meta["step"])
 

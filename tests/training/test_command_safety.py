@@ -301,3 +301,23 @@ def test_base_images_need_no_subject_nor_adapter(world, tmp_path, capsys):
     )
     assert rc == 0, err
     assert {"0000_base_1.png", "0001_photo_0_2.png", "0001_photo_0_2.maps.png"} <= set(os.listdir(tmp_path / "two"))
+
+
+def test_a_row_that_fails_under_new_settings_stays_the_catalogues_own(world, tmp_path, capsys):
+    """Settings changed, one row failing: its older image is still listed, so the next run retries it instead of
+    refusing it as a foreign file."""
+    good = os.path.join(world["photos"], "photo_0.png")
+    photo = tmp_path / "p.png"
+    Image.open(good).save(photo)
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(f"prompt,subject,trigger,seed\na dog,{good},dog,1\na dog,{photo},dog,2\n")
+    out = tmp_path / "out"
+    assert run(gen.main, _gen(world, out, "--batch", str(jobs)), capsys)[0] == 0
+    photo.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    rc, err = run(gen.main, _gen(world, out, "--batch", str(jobs), "--cfg", "2"), capsys)
+    assert rc == 2 and "1 of 2 rows failed" in err
+    Image.open(good).save(photo)
+    rc, err = run(gen.main, _gen(world, out, "--batch", str(jobs), "--cfg", "2"), capsys)
+    assert rc == 0, err
+    rows = (out / "manifest.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["0000_photo_0_1.png", "0001_p_2.png"]

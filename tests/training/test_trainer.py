@@ -370,5 +370,8 @@ def test_single_file_base_trains_and_generates_as_its_folder(world, tmp_path):
 def test_a_fresh_run_beside_an_earlier_runs_checkpoints_is_refused(world):
     cfg = config(world, "twice.safetensors", steps=2)
     train(cfg)
+    with pytest.raises(NestedAttentionError, match=r"twice.safetensors already exists"):
+        train(cfg)
+    os.remove(cfg.out)  # the adapter moved away: the run folder's checkpoints still refuse a fresh run
     with pytest.raises(NestedAttentionError, match=r"holds checkpoints of an earlier run \(up to checkpoint-0000002\)"):
         train(cfg)

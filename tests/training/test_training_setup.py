@@ -248,3 +248,19 @@ def test_two_subject_rows_train(grouped, tmp_path):
     with open(f"{cfg.run_dir}/loss.csv") as f:
         rows = f.read().splitlines()[1:]
     assert len(rows) == 3 and all(np.isfinite(float(r.split(",")[1])) for r in rows)
+
+
+def test_a_set_prepared_before_grouping_trains_without_masks(tmp_path):
+    """A dataset.json without "subjects" (prepared by an earlier version, no --masks): each item is its own
+    subject, and the mask its record implies but never wrote is read as none."""
+    from tiny_diffusers import make_photos
+
+    out = tmp_path / "old"
+    record = prepare(make_photos(str(tmp_path / "src"), count=2), str(out), "dog", resolution=16)
+    del record["subjects"]
+    (out / "dataset.json").write_text(json.dumps(record))
+    data = trainer.TrainSet(str(out), 16, lambda images, return_tensors: None, seed=0)
+    assert data.subjects[0] == [{"trigger": "dog", "group": "photo_0", "mask": "photo_0.mask.png"}]
+    assert data.mask(0, data.subjects[0][0]) is None
+    reference = data.reference(0, data.image(0), data.subjects[0][0], random.Random(0))
+    assert reference.size == data.image(0).size  # no mask: the whole photo is the subject
