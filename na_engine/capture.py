@@ -35,9 +35,11 @@ class AttentionCapture:
 
         ``run`` is the run's sigma schedule (current ComfyUI's transformer_options["sample_sigmas"], a new
         tensor for every sampling): another one starts a new run, even a one-step sampler queued twice or a
-        run after one interrupted in its first step. Without it (older ComfyUI), a sigma above the last one
-        does."""
-        new_run = run is not self._run if run is not None else self._last_sigma is not None and sigma > self._last_sigma
+        run after one interrupted in its first step. A sigma above the last one does too (older ComfyUI gives
+        no schedule; a cached schedule tensor may be reused). A one-step run queued again with the very same
+        schedule tensor is the one case neither tells apart."""
+        rose = self._last_sigma is not None and sigma > self._last_sigma
+        new_run = rose or (run is not None and run is not self._run)
         if new_run:
             self.outer.clear()
             self.tokens.clear()

@@ -19,13 +19,16 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def command_line(main):
+def command_line(main=None, *, interrupted: str = "run the same command again to continue."):
     """Wrap a ``main(argv) -> int`` so that no failure prints a raw traceback:
 
     - a NestedAttentionError prints 'error: ...' and exits 2;
-    - Ctrl-C prints that it was interrupted (finished work is kept) and exits 130;
+    - Ctrl-C prints that it was interrupted (finished work is kept), then ``interrupted``, and exits 130;
     - any other error prints one line naming it and exits 1; ``--debug`` anywhere in argv re-raises it
       with its traceback instead."""
+
+    if main is None:  # used as @command_line(interrupted=...)
+        return functools.partial(command_line, interrupted=interrupted)
 
     @functools.wraps(main)
     def wrapped(argv=None) -> int:
@@ -38,7 +41,7 @@ def command_line(main):
             print(f"error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("interrupted: what was finished is kept; run the same command again to continue.", file=sys.stderr)
+            print(f"interrupted: what was finished is kept; {interrupted}", file=sys.stderr)
             return 130
         except Exception as e:
             if debug:

@@ -84,7 +84,7 @@ def prepare(
         raise NestedAttentionError(f"Photo folder not found: {src}")
     if resolution < 8:
         raise NestedAttentionError(f"--resolution must be at least 8 pixels, not {resolution}.")
-    _check_out(src, out, overwrite)
+    _check_out(src, out, overwrite, masks)
     files = _photos(src)
     if not files:
         raise NestedAttentionError(f"{src} holds no images ({', '.join(cli.IMAGE_EXTS)}).")
@@ -134,14 +134,16 @@ def prepare(
     return record
 
 
-def _check_out(src: str, out: str, overwrite: bool) -> None:
-    """Refuse an --out that would replace the user's photos or mix with files prepare did not write."""
-    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
-    if real_out == real_src or real_out.startswith(real_src + os.sep):
-        raise NestedAttentionError(
-            f"--out {out} is {'the photo folder' if real_out == real_src else 'inside the photo folder'} {src}: its "
-            "crops would replace or mix with your photos. Give a new folder outside it."
-        )
+def _check_out(src: str, out: str, overwrite: bool, masks: Optional[str] = None) -> None:
+    """Refuse an --out that would replace the user's photos or masks, or mix with files prepare did not write."""
+    real_out = os.path.realpath(out)
+    for what, folder in (("photo", src), ("mask", masks)):
+        real = os.path.realpath(folder) if folder else None
+        if real and (real_out == real or real_out.startswith(real + os.sep)):
+            raise NestedAttentionError(
+                f"--out {out} is {'the' if real_out == real else 'inside the'} {what} folder {folder}: the crops "
+                f"would replace or mix with your {what}s. Give a new folder outside it."
+            )
     if os.path.exists(out) and not os.path.isdir(out):
         raise NestedAttentionError(f"--out {out} is a file; give a folder (new or empty) for the training set.")
     held = os.listdir(out) if os.path.isdir(out) else []
@@ -171,12 +173,13 @@ def _photos(src: str) -> List[str]:
         elif os.path.isdir(path) and entry != "masks":
             found += [f"{entry}/{f}" for f in sorted(os.listdir(path)) if f.lower().endswith(cli.IMAGE_EXTS)]
     stems: dict = {}
-    for file in found:
-        stems.setdefault(os.path.splitext(file)[0], []).append(file)
+    for file in found:  # by the training image's name: a/b.jpg and a__b.jpg would both become a__b
+        stems.setdefault(os.path.splitext(file)[0].replace("/", "__"), []).append(file)
     clashes = [names for names in stems.values() if len(names) > 1]
     if clashes:
         raise NestedAttentionError(
-            "Photos that differ only in their extension would become one training image: "
+            "Photos whose names differ only in their extension (or a subfolder's '/' against '__') would become one "
+            "training image: "
             + "; ".join(" and ".join(os.path.join(src, n) for n in names) for names in clashes)
             + ". Rename one of each."
         )
@@ -275,7 +278,7 @@ def _read(path: str, mask_paths: List[Optional[str]]) -> Tuple[object, list, str
     return image, masks, ""
 
 
-@command_line
+@command_line(interrupted="run it again into a new --out, or into the same one with --overwrite.")
 def main(argv=None) -> int:
     p = cli.parser("prepare", __doc__)
     p.add_argument("--src", required=True, help="folder of subject photos (optionally <name>.txt captions beside them)")

@@ -778,7 +778,7 @@ def parse(argv=None) -> TrainConfig:
     return TrainConfig(**options)
 
 
-@command_line
+@command_line(interrupted="continue from the last checkpoint with the same command and --resume latest.")
 def main(argv=None) -> int:
     print(f"adapter written to {train(parse(argv))}")
     return 0

@@ -321,3 +321,22 @@ def test_a_row_that_fails_under_new_settings_stays_the_catalogues_own(world, tmp
     assert rc == 0, err
     rows = (out / "manifest.csv").read_text().splitlines()[1:]
     assert [r.split(",")[0] for r in rows] == ["0000_photo_0_1.png", "0001_p_2.png"]
+
+
+def test_prepare_never_writes_into_the_masks_and_names_never_collide(tmp_path, capsys):
+    src = make_photos(str(tmp_path / "src"), count=1)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.new("L", (48, 48), 255).save(masks / "photo_0.png")
+    before = snapshot(masks)
+    rc, err = run(
+        prep.main,
+        ["--src", src, "--out", str(masks), "--class-word", "dog", "--masks", str(masks), "--overwrite"],
+        capsys,
+    )
+    assert rc == 2 and "mask folder" in err and snapshot(masks) == before
+    os.makedirs(os.path.join(src, "a"))
+    Image.open(os.path.join(src, "photo_0.png")).save(os.path.join(src, "a", "b.png"))
+    Image.open(os.path.join(src, "photo_0.png")).save(os.path.join(src, "a__b.png"))
+    rc, err = run(prep.main, ["--src", src, "--out", str(tmp_path / "o"), "--class-word", "dog"], capsys)
+    assert rc == 2 and "a/b.png and" in err and "a__b.png." in err
