@@ -2,8 +2,19 @@
 
 import numpy as np
 
-from study.metrics import proportion_interval, read_background, read_placement, read_size
-from study.world import KINDS, Placed, Scene, caption, random_scene, render, sample_identities, split
+from study.metrics import READERS, proportion_interval, read_background, read_placement, read_size
+from study.world import (
+    ATTRIBUTES,
+    KINDS,
+    Placed,
+    Scene,
+    caption,
+    product_masks,
+    random_scene,
+    render,
+    sample_identities,
+    split,
+)
 
 
 def test_identities_are_deterministic_and_split_apart():
@@ -46,6 +57,38 @@ def test_metrics_read_every_render_of_the_world():
         right["placement"] += read_placement(image) == p.placement
         right["size"] += read_size(image) == p.size
     assert right == {"background": 90, "placement": 90, "size": 90}
+
+
+def test_attributes_are_said_in_captions_and_read_from_every_render():
+    """The readings on 600 renders of random scenes and attributes (fixed before any method is compared): their
+    ceilings. Measured: placement 600, size 599, pose 599, cap 600, light 597 (a large lying product at an edge
+    is clipped by the frame, a patterned one can fool the light reading)."""
+    ids = sample_identities(0, 2)
+    lying = Placed(ids[0], "left", "small", frozenset({"pose", "cap", "light"}))
+    assert caption(Scene("teal", [lying])) == (
+        "a lying bottle with a cap, lit from the left, on the left, small, on a teal background"
+    )
+    assert lying.flipped().marked == frozenset() and Placed(ids[1], "left", "small").flipped().marked == set(ATTRIBUTES)
+    rng = np.random.default_rng(0)
+    ids = sample_identities(1, 300)
+    right = dict.fromkeys(["placement", "size", *ATTRIBUTES], 0)
+    for k in range(600):
+        scene = random_scene(rng, ids[k % 300])
+        image, _ = render(scene)
+        p = scene.products[0]
+        right["placement"] += read_placement(image) == p.placement
+        right["size"] += read_size(image) == p.size
+        for attribute in ATTRIBUTES:
+            right[attribute] += READERS[attribute](image) == p.value(attribute)
+    assert right == {"placement": 600, "size": 599, "pose": 599, "light": 597, "cap": 600}, right
+
+
+def test_each_product_has_its_own_mask():
+    ids = sample_identities(0, 2)
+    scene = Scene("blue", [Placed(ids[0], "left", "small"), Placed(ids[1], "right", "small")])
+    left, right = (np.asarray(m) > 127 for m in product_masks(scene))
+    assert left.any() and right.any() and not (left & right).any()
+    assert np.nonzero(left)[1].mean() < 32 < np.nonzero(right)[1].mean()
 
 
 def test_metrics_see_no_product_on_a_plain_background():
