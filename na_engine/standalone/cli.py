@@ -45,6 +45,30 @@ def at_least(low, kind=int):
     return parse
 
 
+def check_writable(option: str, folder: str) -> None:
+    """``folder`` (to be made, maybe) lies under a writable folder, with no file in the way."""
+    existing = os.path.abspath(folder)
+    while not os.path.isdir(existing):
+        if os.path.exists(existing):
+            raise NestedAttentionError(f"{option}: {existing} is a file, not a folder.")
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        raise NestedAttentionError(f"{option}: {existing} is not writable.")
+
+
+def base_record(base: str, base_config: str | None = None) -> dict:
+    """What a base folder (or a single file's config folder) records for na_engine in na_engine.json: the
+    latents its UNet was trained on, its resolution. Empty for a base without one (SD1.5, SDXL)."""
+    import json
+
+    for folder in (base, base_config):
+        path = os.path.join(folder, "na_engine.json") if folder and os.path.isdir(folder) else ""
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+    return {}
+
+
 def seed(text: str) -> int:
     """An argparse type: a seed torch accepts, 0 to 2**63 - 1."""
     value = at_least(0)(text)

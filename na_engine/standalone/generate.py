@@ -485,23 +485,7 @@ def check_arguments(args) -> None:
         raise NestedAttentionError(f"--size must be a multiple of 8 (the VAE's factor), not {args.size}.")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise NestedAttentionError(f"--out {args.out} is a file; give a folder for the images.")
-    existing = os.path.abspath(args.out)
-    while not os.path.isdir(existing):
-        if os.path.exists(existing):
-            raise NestedAttentionError(f"--out {args.out}: {existing} is a file, not a folder.")
-        existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK):
-        raise NestedAttentionError(f"--out {args.out}: {existing} is not writable.")
-
-
-def base_resolution(path: str, config: str | None) -> int | None:
-    """The resolution a base folder records in its na_engine.json (the study's base does), if any."""
-    for folder in (path, config):
-        record = os.path.join(folder, "na_engine.json") if folder and os.path.isdir(folder) else ""
-        if os.path.isfile(record):
-            with open(record) as f:
-                return json.load(f).get("resolution")
-    return None
+    cli.check_writable(f"--out {args.out}", args.out)
 
 
 def generate(args) -> List[str]:
@@ -533,7 +517,7 @@ def generate(args) -> List[str]:
     base, vision = load_base(args.base, args.base_config, dtype), load_vision(args.clip_vision, dtype)
     vision.model.to(device)
     generator = NestedGenerator(base, vision, adapter.to(device) if adapter is not None else None, device)
-    size = args.size or base_resolution(args.base, args.base_config) or (1024 if base.is_xl else 512)
+    size = args.size or cli.base_record(args.base, args.base_config).get("resolution") or (1024 if base.is_xl else 512)
     return run_jobs(
         generator,
         jobs,

@@ -234,12 +234,7 @@ def latent_convention(cfg: TrainConfig) -> str:
     SDXL were trained, and diffusers' training scripts do)."""
     if cfg.latents != "auto":
         return cfg.latents
-    for folder in (cfg.base, cfg.base_config):
-        record = os.path.join(folder, "na_engine.json") if folder and os.path.isdir(folder) else ""
-        if os.path.isfile(record):
-            with open(record) as f:
-                return json.load(f).get("latents", "sample")
-    return "sample"
+    return cli.base_record(cfg.base, cfg.base_config).get("latents", "sample")
 
 
 def training_latents(posterior, eps: Tensor, sample: bool, vae) -> Tensor:
@@ -467,14 +462,7 @@ def check_inputs(cfg: TrainConfig):
         raise NestedAttentionError(
             f"--out {cfg.out} already exists. Name a new file, or add --overwrite to replace it."
         )
-    parent = os.path.dirname(os.path.abspath(cfg.out))
-    existing = parent
-    while not os.path.isdir(existing):
-        if os.path.exists(existing):
-            raise NestedAttentionError(f"--out {cfg.out}: {existing} is a file, not a folder.")
-        existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK):
-        raise NestedAttentionError(f"--out {cfg.out}: {existing} is not writable.")
+    cli.check_writable(f"--out {cfg.out}", os.path.dirname(os.path.abspath(cfg.out)))
     earlier = checkpoints(cfg.run_dir)
     if earlier and not cfg.resume:
         raise NestedAttentionError(

@@ -15,20 +15,9 @@ from na_engine.adapter import random_adapter
 from na_engine.errors import NestedAttentionError, command_line
 from na_engine.formats import save_adapter
 from na_engine.layers import diffusers_layers
-from na_engine.resampler import ResamplerConfig
 from na_engine.standalone import generate as gen
 from na_engine.standalone import prepare as prep
 from na_engine.standalone import train as trainer
-
-TINY_UNET = dict(
-    down_block_types=["CrossAttnDownBlock2D"] * 2,
-    up_block_types=["CrossAttnUpBlock2D"] * 2,
-    block_out_channels=[32, 64],
-    layers_per_block=1,
-)
-RESAMPLER = ResamplerConfig(
-    dim=32, depth=1, dim_head=8, heads=2, num_queries=4, embedding_dim=32, output_dim=32, ff_mult=2
-)
 
 
 def snapshot(folder) -> dict:
@@ -54,13 +43,18 @@ def run(main, argv, capsys) -> tuple:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    from na_engine.standalone.models import clip_vision_width, fresh_config, unet_config
+
     root = tmp_path_factory.mktemp("safety")
+    base, vision = make_base(str(root / "base")), make_clip_vision(str(root / "vision"))
+    unet = unet_config(base)
     adapter = str(root / "adapter.safetensors")
-    save_adapter(random_adapter(RESAMPLER, diffusers_layers(TINY_UNET), seed=1), adapter)
+    resampler = fresh_config(unet, clip_vision_width(vision), tokens=4, depth=1)
+    save_adapter(random_adapter(resampler, diffusers_layers(unet), seed=1), adapter)
     photos = make_photos(str(root / "photos"), count=2)
     return {
-        "base": make_base(str(root / "base")),
-        "vision": make_clip_vision(str(root / "vision")),
+        "base": base,
+        "vision": vision,
         "photos": photos,
         "adapter": adapter,
         "root": root,
