@@ -100,7 +100,6 @@ class TrainSet(torch.utils.data.Dataset):
             record = json.load(f)
         self.folder, self.items, self.class_word = folder, record["items"], record["class_word"]
         self.subjects = item_subjects(record)  # per item: [{"trigger", "group", "mask"}]
-        self.triggers = [s[0]["trigger"] for s in self.subjects]
         self.resolution, self.processor, self.seed, self.other_photo = resolution, processor, seed, other_photo
         self.photos: Dict[str, List[int]] = {}  # group -> the items that show that subject alone
         for index, subjects in enumerate(self.subjects):
@@ -697,7 +696,7 @@ def validate(
     first = data.subjects[0][0]
     reference = subject_box(data.image(0), data.mask(0, first), white=True)
     subject = generator.encode([pad_square(reference)], first["trigger"]).with_(mode=cfg.mode)
-    prompts = cfg.validation_prompts or [f"a photo of a {data.triggers[0]}"]
+    prompts = cfg.validation_prompts or [f"a photo of a {first['trigger']}"]
     folder = os.path.join(cfg.run_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     for i, prompt in enumerate(prompts):
