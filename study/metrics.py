@@ -152,19 +152,4 @@ def sign_test(a: int, b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def two_proportion_p(k1: int, n1: int, k2: int, n2: int) -> float:
-    """Two-sided p-value of the pooled two-proportion z test (unpaired: for cells that kept no per-case rows)."""
-    pooled = (k1 + k2) / (n1 + n2)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-    if se == 0:
-        return 1.0
-    z = abs(k1 / n1 - k2 / n2) / se
-    return math.erfc(z / math.sqrt(2))
-
-
-def cells_p(a: dict, b: dict, key: str) -> float:
-    """two_proportion_p of two evaluation cells' rates ``key`` (a rate times the cell's n is its count)."""
-    return two_proportion_p(round(a[key] * a["n"]), a["n"], round(b[key] * b["n"]), b["n"])
-
-
 READERS = {"pose": read_pose, "light": read_light, "cap": read_cap}  # world.ATTRIBUTES -> its reading

@@ -129,14 +129,6 @@ def _ci(r: dict, key: str) -> str:
     return f"{r[key]:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
-def _verdict(holds: bool, a: dict, b: dict, key: str) -> str:
-    """yes / **no**, and whether the two cells' 95% intervals separate them."""
-    if a[key] == b[key]:
-        return "yes (a tie)" if holds else "**no** (a tie)"
-    apart = a[key + "_ci95"][0] > b[key + "_ci95"][1] or b[key + "_ci95"][0] > a[key + "_ci95"][1]
-    return ("yes" if holds else "**no**") + ("" if apart else " (intervals overlap)")
-
-
 def _yes(holds: bool) -> str:
     return "yes" if holds else "**no**"
 
