@@ -140,9 +140,26 @@ def train_method(
     )
     train(run)
     with open(os.path.join(run.run_dir, "loss.csv")) as f:
-        losses = [float(row["loss"]) for row in csv.DictReader(f)]
-    tail = losses[-max(1, len(losses) // 10) :]
-    return {"tokens": run.tokens, "mode": mode, "final_loss": round(sum(tail) / len(tail), 5), "steps": cfg.steps}
+        rows = list(csv.DictReader(f))
+    tail = [float(row["loss"]) for row in rows[-max(1, len(rows) // 10) :]]
+    return {
+        "tokens": run.tokens,
+        "mode": mode,
+        "final_loss": round(sum(tail) / len(tail), 5),
+        "steps": cfg.steps,
+        "seconds": training_seconds(rows),
+    }
+
+
+def training_seconds(rows: list[dict]) -> float:
+    """Training time from loss.csv rows, whose clock restarts at each resume: the sum of each run's last."""
+    total, last = 0.0, 0.0
+    for row in rows:
+        seconds = float(row["seconds"])
+        if seconds < last:  # a resume
+            total += last
+        last = seconds
+    return round(total + last, 1)
 
 
 def ensure_training_set(folder: str, train_ids, resolution: int, cfg: EncoderConfig) -> tuple[str, str]:
@@ -167,17 +184,20 @@ def build_encoders(folder: str, base: str, train_ids, resolution: int, cfg: Enco
     """vision/, data/, and adapters/<method>.safetensors."""
     vision, prepared = ensure_training_set(folder, train_ids, resolution, cfg)
     os.makedirs(os.path.join(folder, "adapters"), exist_ok=True)
-    record = {"config": asdict(cfg), "methods": {}}
+    record = {"config": asdict(cfg), "methods": {}, "seconds_before_resume": 0.0}
     for name in TRAINED:
         out = os.path.join(folder, "adapters", f"{name}.safetensors")
         done = os.path.splitext(out)[0] + ".json"  # written once the adapter is: a method is trained once
-        if not os.path.isfile(done):
+        if os.path.isfile(done):  # by an earlier invocation, whose time the stage's clock did not see
+            with open(done) as f:
+                trained = json.load(f)
+            record["seconds_before_resume"] += trained["seconds"]
+        else:
             log(f"encoders: training {name}")
             trained = train_method(name, base, vision, prepared, out, cfg)
             with open(done + ".tmp", "w") as f:
                 json.dump(trained, f)
             os.replace(done + ".tmp", done)
-        with open(done) as f:
-            record["methods"][name] = json.load(f)
-        log(f"encoders: {name} {record['methods'][name]}")
+        record["methods"][name] = trained
+        log(f"encoders: {name} {trained}")
     return record

@@ -62,7 +62,7 @@ class Run:
         self.log(f"{name}: running")
         t0 = time.time()
         record = fn(self)
-        record["stage_seconds"] = round(time.time() - t0, 1)
+        record["stage_seconds"] = round(time.time() - t0 + record.get("seconds_before_resume", 0.0), 1)
         self.stages[name] = record
         with open(self.record_path + ".tmp", "w") as f:
             json.dump(self.stages, f, indent=1)
