@@ -17,14 +17,12 @@ import csv
 import json
 import math
 import os
-import random
 import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,7 +34,8 @@ from ..hosts.diffusers_processor import install
 from ..subjects import Subject
 from . import cli
 from .prepare import DATASET_FILE, item_subjects
-from .references import augment, pad_square, subject_box
+from .references import pad_square, subject_box
+from .train_data import RowDraws, TrainSet, collate, step_batches
 
 OOM_ADVICE = (
     "Out of memory. Lower --batch-size (and raise --grad-accum to keep the effective batch), lower --resolution, "
@@ -88,135 +87,6 @@ class TrainConfig:
         return os.path.splitext(self.out)[0] + "_run"
 
 
-# -- data ---------------------------------------------------------------------------------
-
-
-class TrainSet(torch.utils.data.Dataset):
-    """Items are addressed by (step, row, index), and each draws its augmentation from a
-    generator seeded by them: a resumed run sees exactly the batches it would have."""
-
-    def __init__(self, folder: str, resolution: int, processor, seed: int, other_photo: float = 1.0):
-        with open(os.path.join(folder, DATASET_FILE)) as f:
-            record = json.load(f)
-        self.folder, self.items, self.class_word = folder, record["items"], record["class_word"]
-        self.subjects = item_subjects(record)  # per item: [{"trigger", "group", "mask"}]
-        self.resolution, self.processor, self.seed, self.other_photo = resolution, processor, seed, other_photo
-        self.photos: Dict[str, List[int]] = {}  # group -> the items that show that subject alone
-        for index, subjects in enumerate(self.subjects):
-            if len(subjects) == 1:
-                self.photos.setdefault(subjects[0]["group"], []).append(index)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, key) -> dict:
-        step, row, index = key
-        rng = random.Random(stream_seed(self.seed, AUGMENT, step, row))
-        image = self.image(index)
-        target = _to_tensor(image.resize((self.resolution,) * 2)) * 2 - 1  # (3, R, R) in [-1, 1]
-        references = [augment(self.reference(index, image, s, rng), rng) for s in self.subjects[index]]
-        pixels = self.processor(images=references, return_tensors="pt").pixel_values  # (S, 3, P, P)
-        triggers = [s["trigger"] for s in self.subjects[index]]
-        return {"target": target, "references": pixels, "caption": self.caption(index), "triggers": triggers}
-
-    def reference(self, index: int, image, subject: dict, rng: random.Random):
-        """Another photo of the subject, background kept; else the target's own subject on white."""
-        others = [i for i in self.photos.get(subject["group"], []) if i != index]
-        if others and rng.random() < self.other_photo:
-            other = others[rng.randrange(len(others))]
-            return subject_box(self.image(other), self.mask(other, self.subjects[other][0]))
-        return subject_box(image, self.mask(index, subject), white=True)
-
-    def image(self, index: int):
-        from PIL import Image
-
-        with Image.open(os.path.join(self.folder, self.items[index] + ".png")) as im:
-            return im.convert("RGB")
-
-    def mask(self, index: int, subject: dict):
-        from PIL import Image
-
-        path = os.path.join(self.folder, subject["mask"]) if subject.get("mask") else ""
-        if not os.path.isfile(path):  # no mask (a record from before grouping names one for every item)
-            return None
-        with Image.open(path) as im:
-            return im.convert("L")
-
-    def caption(self, index: int) -> str:
-        with open(os.path.join(self.folder, self.items[index] + ".txt")) as f:
-            return f.read().strip()
-
-
-def _to_tensor(image) -> Tensor:
-    import numpy as np
-
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
-
-
-ORDER, DRAWS, AUGMENT = 1, 2, 3  # the random streams: data order, per-row draws, augmentation
-
-
-def stream_seed(seed: int, stream: int, *index: int) -> int:
-    """A seed for one stream at one index (step, row): independent across seeds, streams and indices."""
-    return int(np.random.SeedSequence([seed, stream, *index]).generate_state(1)[0])
-
-
-def step_batches(
-    n: int, batch: int, start: int, stop: int, seed: int, rank: int, world: int, fixed: bool
-) -> Iterator[List[tuple]]:
-    """(step, global row, item) lists for micro-steps start..stop-1.
-
-    Each step draws the global batch (batch x world items) from its own seed and this process
-    takes its slice: the data order depends on the global batch only, so one process with batch
-    2B sees the rows that two processes with batch B share."""
-    for step in range(start, stop):
-        key = 0 if fixed else step
-        g = torch.Generator().manual_seed(stream_seed(seed, ORDER, key))
-        items = torch.randint(n, (batch * world,), generator=g)
-        yield [(key, row, int(items[row])) for row in range(rank * batch, (rank + 1) * batch)]
-
-
-@dataclass
-class RowDraws:
-    """A micro-step's random draws for this process's rows, each row's from its own seed
-    (step, global row): the same whatever the number of processes."""
-
-    drop_caption: Tensor  # (b,) bool
-    drop_subject: Tensor  # (b,) bool
-    timesteps: Tensor  # (b,) long
-    noise: Tensor  # (b, 4, h, w)
-    latent_eps: Tensor  # (b, 4, h, w): the VAE posterior's sample
-
-    @classmethod
-    def draw(cls, cfg: TrainConfig, micro: int, rows: range, latent: tuple, timesteps: int) -> "RowDraws":
-        weights = timestep_weights(cfg, timesteps)
-        draws = []
-        for row in rows:
-            g = torch.Generator().manual_seed(stream_seed(cfg.seed, DRAWS, 0 if cfg.fixed_batch else micro, row))
-            u = torch.rand(2, generator=g)
-            t = (
-                torch.randint(0, timesteps, (1,), generator=g)
-                if weights is None
-                else weights.multinomial(1, generator=g)
-            )
-            draws.append(
-                (u[0] < cfg.caption_dropout, u[1] < cfg.subject_dropout, t[0], *torch.randn((2, *latent), generator=g))
-            )
-        return cls(*(torch.stack(column) for column in zip(*draws)))
-
-
-def timestep_weights(cfg: TrainConfig, timesteps: int) -> Optional[Tensor]:
-    """(timesteps,) sampling weights, or None for uniform: --timestep-bias later/earlier makes the noisiest
-    (or cleanest) --timestep-bias-portion of the schedule --timestep-bias-multiplier times as likely."""
-    if cfg.timestep_bias == "none":
-        return None
-    weights = torch.ones(timesteps)
-    span = max(1, int(round(cfg.timestep_bias_portion * timesteps)))
-    part = slice(timesteps - span, timesteps) if cfg.timestep_bias == "later" else slice(0, span)
-    weights[part] *= cfg.timestep_bias_multiplier
-    return weights / weights.sum()
-
-
 def lr_factor(cfg: TrainConfig, step: int) -> float:
     """The learning rate's multiplier after ``step`` optimizer steps: a linear warm-up, then constant or a
     cosine decay to 0.1 at the last step."""
@@ -239,17 +109,6 @@ def latent_convention(cfg: TrainConfig) -> str:
 def training_latents(posterior, eps: Tensor, sample: bool, vae) -> Tensor:
     """The scaled latents a step trains on: the posterior's mean, or its sample mean + std * eps."""
     return (posterior.mean + posterior.std * eps if sample else posterior.mean) * vae.config.scaling_factor
-
-
-def collate(items: Sequence[dict]) -> dict:
-    """Rows, and their subjects flattened: references (S, 3, P, P), each subject's row and trigger."""
-    return {
-        "target": torch.stack([i["target"] for i in items]),
-        "references": torch.cat([i["references"] for i in items]),
-        "subject_rows": torch.tensor([row for row, i in enumerate(items) for _ in i["triggers"]]),
-        "caption": [i["caption"] for i in items],
-        "triggers": [t for i in items for t in i["triggers"]],
-    }
 
 
 # -- model --------------------------------------------------------------------------------
@@ -475,14 +334,72 @@ def check_inputs(cfg: TrainConfig):
     return record, unet_cfg, width, init
 
 
+@dataclass
+class Session:
+    """What setup() builds for one run and every step uses."""
+
+    cfg: TrainConfig
+    accelerator: object
+    base: object  # the frozen base: unet, vae, text encoders, scheduler
+    vision: object  # the frozen CLIP vision model and its processor
+    adapter: NestedAdapter  # what trains
+    model: nn.Module  # the NestedDenoiser, as accelerate prepared it
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    ema: Optional[EMA]
+    data: TrainSet
+    loader: torch.utils.data.DataLoader
+    resolution: int
+    frozen_dtype: torch.dtype
+    sample_latents: bool  # train on the VAE posterior's sample, else on its mean (latent_convention)
+    start: int  # the optimizer step it starts (or resumes) after
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+
 def train(cfg: TrainConfig) -> str:
     """Run (or resume) training; returns the path of the exported adapter."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
     from tqdm.auto import tqdm
 
-    from ..formats import save_adapter, save_ip_adapter
-    from .models import adapter_for, encode_prompts, fresh_config, load_base, load_vision, pixel_features, trigger_where
+    run = setup(cfg)
+    log = _Log(os.path.join(cfg.run_dir, "loss.csv"), run.accelerator.is_main_process, run.start)
+    bar = tqdm(total=cfg.steps, initial=run.start, desc="training", disable=not run.accelerator.is_local_main_process)
+    step, losses, t0 = run.start, [], time.time()
+    try:
+        for micro, batch in enumerate(run.loader, start=run.start * cfg.grad_accum):
+            losses.append(micro_step(run, micro, batch))
+            if (micro + 1) % cfg.grad_accum:
+                continue
+            step = optimizer_step(run, step)
+            mean = run.accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
+            losses = []
+            log.write(step, mean, run.schedule.get_last_lr()[0], time.time() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean:.4f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _checkpoint(run.accelerator, cfg, step)
+            if cfg.validate_every and step % cfg.validate_every == 0 and run.accelerator.is_main_process:
+                validate(cfg, run.base, run.vision, run.adapter, run.ema, run.data, step, run.device)
+    except RuntimeError as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+            raise NestedAttentionError(
+                f"{OOM_ADVICE} ({e.__class__.__name__} at step {step}, batch {cfg.batch_size}, "
+                f"resolution {run.resolution})"
+            ) from e
+        raise
+    finally:
+        bar.close()
+    return export(run)
+
+
+def setup(cfg: TrainConfig) -> Session:
+    """Checks the inputs, loads the frozen models, builds (or resumes) the adapter, its optimizer and the data."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from .models import adapter_for, fresh_config, load_base, load_vision
 
     record, unet_cfg, width, init = check_inputs(cfg)
     cli.check_launch()
@@ -492,11 +409,10 @@ def train(cfg: TrainConfig) -> str:
         step_scheduler_with_optimizer=False,  # every process runs every step: one schedule step per optimizer step
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    device = accelerator.device
     frozen_dtype = cli.DTYPES[{"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)]
     base, vision = load_base(cfg.base, cfg.base_config, frozen_dtype), load_vision(cfg.clip_vision, frozen_dtype)
     for module in [base.unet, base.vae, vision.model] + base.text_encoders:
-        module.to(device)
+        module.to(accelerator.device)
     if init is not None:
         adapter = init.train()
     else:
@@ -511,84 +427,79 @@ def train(cfg: TrainConfig) -> str:
     ema = EMA(adapter, cfg.ema) if cfg.ema > 0 else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-
     start = _resume(accelerator, cfg) if cfg.resume else 0
     resolution = cfg.resolution or int(record["resolution"])
     data = TrainSet(cfg.data, resolution, vision.processor, cfg.seed, cfg.other_photo)
-    sample_latents = latent_convention(cfg) == "sample"
     rank, world = accelerator.process_index, accelerator.num_processes
     micro_steps = (start * cfg.grad_accum, cfg.steps * cfg.grad_accum)
     batches = step_batches(len(data), cfg.batch_size, *micro_steps, cfg.seed, rank, world, cfg.fixed_batch)
     loader = torch.utils.data.DataLoader(data, batch_sampler=list(batches), collate_fn=collate, num_workers=cfg.workers)
-    noise_schedule = base.scheduler
-    rows = range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)  # this process's global rows
-    if accelerator.is_main_process:  # what a killed run left half-written
-        for name in os.listdir(cfg.run_dir) if os.path.isdir(cfg.run_dir) else []:
-            if name.endswith(".partial"):
-                shutil.rmtree(os.path.join(cfg.run_dir, name), ignore_errors=True)
-        if os.path.isfile(cfg.out + ".partial"):
-            os.remove(cfg.out + ".partial")
-    log = _Log(os.path.join(cfg.run_dir, "loss.csv"), accelerator.is_main_process, start)
-    bar = tqdm(total=cfg.steps, initial=start, desc="training", disable=not accelerator.is_local_main_process)
-    step, losses, t0 = start, [], time.time()
-    try:
-        for micro, batch in enumerate(loader, start=start * cfg.grad_accum):
-            with torch.no_grad():
-                posterior = base.vae.encode(batch["target"].to(device)).latent_dist
-                n_steps = noise_schedule.config.num_train_timesteps
-                r = RowDraws.draw(cfg, micro, rows, posterior.mean.shape[1:], n_steps)
-                latents = training_latents(posterior, r.latent_eps.to(device), sample_latents, base.vae)
-                captions = ["" if d else c for d, c in zip(r.drop_caption.tolist(), batch["caption"])]
-                context, added = encode_prompts(base, captions, resolution, device)
-                features = pixel_features(vision, batch["references"], device).float()  # (S, P, E)
-            subject_rows = batch["subject_rows"]  # (S,)
-            where = trigger_where(base, [captions[i] for i in subject_rows], batch["triggers"], required=False)
-            where &= ~r.drop_subject[subject_rows][:, None]  # (S, T)
-            noise, timesteps = r.noise.to(device), r.timesteps.to(device)
-            noisy = noise_schedule.add_noise(latents, noise, timesteps).to(frozen_dtype)
-            target = (
-                noise
-                if noise_schedule.config.prediction_type == "epsilon"
-                else noise_schedule.get_velocity(latents, noise, timesteps)
-            )
-            sync = (micro + 1) % cfg.grad_accum == 0
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    pred = model(noisy, timesteps, context, added, features, where.to(device), subject_rows.to(device))
-                loss = F.mse_loss(pred.float(), target.float())
-                accelerator.backward(loss / cfg.grad_accum)
-            losses.append(loss.detach().float())
-            if not sync:
-                continue
-            accelerator.clip_grad_norm_(adapter.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(adapter, step + 1)
-            step += 1
-            mean = accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
-            losses = []
-            log.write(step, mean, schedule.get_last_lr()[0], time.time() - t0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean:.4f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _checkpoint(accelerator, cfg, step)
-            if cfg.validate_every and step % cfg.validate_every == 0 and accelerator.is_main_process:
-                validate(cfg, base, vision, adapter, ema, data, step, device)
-    except RuntimeError as e:
-        if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
-            raise NestedAttentionError(
-                f"{OOM_ADVICE} ({e.__class__.__name__} at step {step}, batch {cfg.batch_size}, resolution {resolution})"
-            ) from e
-        raise
-    finally:
-        bar.close()
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = ema.copy_to(copy.deepcopy(adapter)) if ema is not None else adapter
-        (save_ip_adapter if cfg.mode == "decoupled" else save_adapter)(final, cfg.out)
-    return cfg.out
+        _remove_partials(cfg)
+    return Session(
+        cfg, accelerator, base, vision, adapter, model, optimizer, schedule, ema, data, loader, resolution,
+        frozen_dtype, latent_convention(cfg) == "sample", start,
+    )  # fmt: skip
+
+
+def micro_step(run: Session, micro: int, batch: dict) -> Tensor:
+    """One micro-batch: noise its targets, predict, backpropagate; returns the (detached) loss."""
+    from .models import encode_prompts, pixel_features, trigger_where
+
+    cfg, base, device, schedule = run.cfg, run.base, run.device, run.base.scheduler
+    rank = run.accelerator.process_index
+    rows = range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)  # this process's global rows
+    with torch.no_grad():
+        posterior = base.vae.encode(batch["target"].to(device)).latent_dist
+        r = RowDraws.draw(cfg, micro, rows, posterior.mean.shape[1:], schedule.config.num_train_timesteps)
+        latents = training_latents(posterior, r.latent_eps.to(device), run.sample_latents, base.vae)
+        captions = ["" if d else c for d, c in zip(r.drop_caption.tolist(), batch["caption"])]
+        context, added = encode_prompts(base, captions, run.resolution, device)
+        features = pixel_features(run.vision, batch["references"], device).float()  # (S, P, E)
+    subject_rows = batch["subject_rows"]  # (S,)
+    where = trigger_where(base, [captions[i] for i in subject_rows], batch["triggers"], required=False)
+    where &= ~r.drop_subject[subject_rows][:, None]  # (S, T)
+    noise, timesteps = r.noise.to(device), r.timesteps.to(device)
+    noisy = schedule.add_noise(latents, noise, timesteps).to(run.frozen_dtype)
+    target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(latents, noise, timesteps)
+    sync = (micro + 1) % cfg.grad_accum == 0
+    with contextlib.nullcontext() if sync else run.accelerator.no_sync(run.model):
+        with run.accelerator.autocast():
+            pred = run.model(noisy, timesteps, context, added, features, where.to(device), subject_rows.to(device))
+        loss = F.mse_loss(pred.float(), target.float())
+        run.accelerator.backward(loss / cfg.grad_accum)
+    return loss.detach().float()
+
+
+def optimizer_step(run: Session, step: int) -> int:
+    """Clip, step the optimizer, the LR schedule and the EMA; returns the new step count."""
+    run.accelerator.clip_grad_norm_(run.adapter.parameters(), 1.0)
+    run.optimizer.step()
+    run.schedule.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.adapter, step + 1)
+    return step + 1
+
+
+def export(run: Session) -> str:
+    """The trained weights (their EMA, if on) in our format, or IP-Adapter's for --mode decoupled."""
+    from ..formats import save_adapter, save_ip_adapter
+
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        final = run.ema.copy_to(copy.deepcopy(run.adapter)) if run.ema is not None else run.adapter
+        (save_ip_adapter if run.cfg.mode == "decoupled" else save_adapter)(final, run.cfg.out)
+    return run.cfg.out
+
+
+def _remove_partials(cfg: TrainConfig) -> None:
+    """What a killed run left half-written."""
+    for name in os.listdir(cfg.run_dir) if os.path.isdir(cfg.run_dir) else []:
+        if name.endswith(".partial"):
+            shutil.rmtree(os.path.join(cfg.run_dir, name), ignore_errors=True)
+    if os.path.isfile(cfg.out + ".partial"):
+        os.remove(cfg.out + ".partial")
 
 
 class _Log:

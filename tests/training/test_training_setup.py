@@ -12,6 +12,7 @@ from tiny_diffusers import make_base, make_clip_vision
 
 from na_engine.errors import NestedAttentionError
 from na_engine.standalone import train as trainer
+from na_engine.standalone import train_data
 from na_engine.standalone.prepare import prepare
 from na_engine.standalone.references import augment, pad_square, subject_box
 from na_engine.standalone.train import TrainConfig
@@ -57,16 +58,16 @@ def test_the_study_base_and_the_trainer_agree_on_posterior_means(tmp_path):
 
 
 def test_timestep_bias_favours_the_noisy_end():
-    later = trainer.timestep_weights(_cfg(timestep_bias="later"), 1000)  # portion 0.4, x3
-    assert trainer.timestep_weights(_cfg(), 1000) is None
+    later = train_data.timestep_weights(_cfg(timestep_bias="later"), 1000)  # portion 0.4, x3
+    assert train_data.timestep_weights(_cfg(), 1000) is None
     assert later[999] == pytest.approx(3 * later[0]) and later[600] == later[999] and later[599] == later[0]
     assert float(later.sum()) == pytest.approx(1.0)
-    earlier = trainer.timestep_weights(_cfg(timestep_bias="earlier", timestep_bias_multiplier=5), 1000)
+    earlier = train_data.timestep_weights(_cfg(timestep_bias="earlier", timestep_bias_multiplier=5), 1000)
     assert earlier[0] == pytest.approx(5 * earlier[999])
-    draws = trainer.RowDraws.draw(_cfg(timestep_bias="later"), 0, range(2000), (4, 2, 2), 1000).timesteps
+    draws = train_data.RowDraws.draw(_cfg(timestep_bias="later"), 0, range(2000), (4, 2, 2), 1000).timesteps
     share = float((draws >= 600).float().mean())  # expected 0.4 * 3 / (0.6 + 0.4 * 3) = 2/3
     assert 0.62 < share < 0.71, share
-    uniform = trainer.RowDraws.draw(_cfg(), 0, range(2000), (4, 2, 2), 1000).timesteps
+    uniform = train_data.RowDraws.draw(_cfg(), 0, range(2000), (4, 2, 2), 1000).timesteps
     assert 0.36 < float((uniform >= 600).float().mean()) < 0.44
 
 
@@ -168,7 +169,7 @@ def test_a_reference_is_another_photo_of_the_subject(grouped):
             return type("P", (), {"pixel_values": torch.zeros(len(images), 3, 8, 8)})
 
     processor = Processor()
-    data = trainer.TrainSet(str(out), 32, processor, seed=0, other_photo=1.0)
+    data = train_data.TrainSet(str(out), 32, processor, seed=0, other_photo=1.0)
     item = data[(0, 0, data.items.index("red__0"))]
     assert item["triggers"] == ["dog"]
     other = subject_box(data.image(data.items.index("red__1")), data.mask(4, data.subjects[4][0]))
@@ -177,7 +178,7 @@ def test_a_reference_is_another_photo_of_the_subject(grouped):
     assert pair["triggers"] == ["dog", "cat"] and pair["references"].shape[0] == 2
     reds = [np.asarray(im).reshape(-1, 3).mean(0) for im in processor.images]
     assert reds[0][0] > reds[0][2] and reds[1][2] > reds[1][0]  # the dog's reference is red, the cat's blue
-    alone = trainer.TrainSet(str(out), 32, processor, seed=0, other_photo=0.0)
+    alone = train_data.TrainSet(str(out), 32, processor, seed=0, other_photo=0.0)
     own = alone.reference(3, alone.image(3), alone.subjects[3][0], random.Random(0))
     assert own.tobytes() == subject_box(alone.image(3), alone.mask(3, alone.subjects[3][0]), white=True).tobytes()
 
@@ -259,7 +260,7 @@ def test_a_set_prepared_before_grouping_trains_without_masks(tmp_path):
     record = prepare(make_photos(str(tmp_path / "src"), count=2), str(out), "dog", resolution=16)
     del record["subjects"]
     (out / "dataset.json").write_text(json.dumps(record))
-    data = trainer.TrainSet(str(out), 16, lambda images, return_tensors: None, seed=0)
+    data = train_data.TrainSet(str(out), 16, lambda images, return_tensors: None, seed=0)
     assert data.subjects[0] == [{"trigger": "dog", "group": "photo_0", "mask": "photo_0.mask.png"}]
     assert data.mask(0, data.subjects[0][0]) is None
     reference = data.reference(0, data.image(0), data.subjects[0][0], random.Random(0))
