@@ -9,6 +9,7 @@ from .binding import Binder, ModelCall, Placement
 from .capture import AttentionCapture, token_legend
 from .errors import NestedAttentionError
 from .formats import inspect, load_adapter, save_adapter
+from .hosts.comfy_dit import JointAttentionPatch, comfy_dit_layers
 from .hosts.comfy_layers import comfy_unet_layers, match_layers
 from .hosts.comfy_patch import NestedAttentionPatch, NestedRun, check_one_text, plan_registration
 from .layers import TABLES, Layer
@@ -19,6 +20,7 @@ from .tokens import find_trigger, word_ids
 __all__ = [
     "AttentionCapture",
     "Binder",
+    "JointAttentionPatch",
     "Layer",
     "ModelCall",
     "NestedAdapter",
@@ -34,6 +36,7 @@ __all__ = [
     "SubjectSet",
     "TABLES",
     "check_one_text",
+    "comfy_dit_layers",
     "comfy_unet_layers",
     "find_trigger",
     "inspect",

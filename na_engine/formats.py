@@ -4,9 +4,13 @@ Our format is one .safetensors file:
     resampler.<IP-Adapter image_proj names>     the Perceiver resampler
     layers.<i>.to_k.weight, layers.<i>.to_v.weight   nested projections of layer i, (width_i, D)
 and a metadata entry "nested_attention" holding JSON:
-    {"format_version": 1, "family": "nested_attention", "base": "sd15" | "sdxl" | "custom",
+    {"format_version": 1, "family": "nested_attention", "base": "sd15" | "sdxl" | "flux" | "custom",
      "encoder": {"name": ..., "width": E, "hidden_state": "penultimate"},
      "resampler": {ResamplerConfig}, "tokens": M, "layers": [[diffusers name, [block, id, index], width], ...]}
+A DiT (Flux) adapter has the same keys, one layer per joint attention: the double-stream blocks, then the
+single-stream ones, named ["transformer_blocks.<i>.attn", ["double_block", i, 0], H*d] and
+["single_transformer_blocks.<i>.attn", ["single_block", i, 0], H*d]; its nested keys are raw, and the
+host puts them through the block's text key norm (layers.dit_layers, joint.joint_keys).
 
 Other layouts are read through a KeyMap: ``detect`` says whether a state dict is
 its layout, ``convert`` turns it into an adapter.  Supporting a new release (for
@@ -28,7 +32,7 @@ from torch import Tensor
 
 from .adapter import NestedAdapter, encoder_name, layer_list
 from .errors import NestedAttentionError
-from .layers import TABLES, Layer, base_for_layer_count
+from .layers import TABLES, Layer, base_for_layer_count, is_joint
 from .resampler import ResamplerConfig
 
 FORMAT_VERSION = 1
@@ -299,7 +303,7 @@ def inspect(path: str) -> str:
     lines += [
         f"family: {key_map.name}{' (experimental, training-free)' if key_map.name == 'ip_adapter_plus' else ''}",
         f"base: {adapter.base}",
-        f"cross-attention layers: {len(adapter.layers)}",
+        _layer_line(adapter.layers),
         f"tokens per image: {c.num_queries} of width {c.output_dim}",
         f"encoder: {encoder_name(c.embedding_dim)} (hidden width {c.embedding_dim}, penultimate layer)",
         f"resampler: dim {c.dim}, depth {c.depth}, heads {c.heads}x{c.dim_head}, ff x{c.ff_mult}",
@@ -307,6 +311,17 @@ def inspect(path: str) -> str:
     ]
     lines += [f"  {k} {shape}" for k, shape in _groups(sd).items()]
     return "\n".join(lines)
+
+
+def _layer_line(layers: List[Layer]) -> str:
+    if not is_joint(layers):
+        return f"cross-attention layers: {len(layers)}"
+    double = sum(layer.comfy[0] == "double_block" for layer in layers)
+    widths = "/".join(str(w) for w in sorted({layer.width for layer in layers}))
+    return (
+        f"joint-attention layers (DiT): {len(layers)}, {double} double-stream and {len(layers) - double} "
+        f"single-stream blocks, width {widths}"
+    )
 
 
 def _groups(sd: Dict[str, Tensor]) -> "OrderedDict[str, str]":

@@ -108,6 +108,20 @@ def diffusers_layers(config: Mapping) -> List[Layer]:
     return [Layer(i, name, key, w) for i, (name, key, w) in enumerate(down + up + mid)]
 
 
+def dit_layers(double: int, single: int, width: int) -> List[Layer]:
+    """Layers of a Flux-style DiT: its double-stream blocks, then its single-stream blocks, one joint attention
+    each.  Names are diffusers' FluxTransformer2DModel's; keys are ComfyUI's ``patches_replace["dit"]`` keys,
+    ("double_block", i) and ("single_block", i), with a third member 0 so that every key has one shape."""
+    doubles = [(f"transformer_blocks.{i}.attn", ("double_block", i, 0)) for i in range(double)]
+    singles = [(f"single_transformer_blocks.{i}.attn", ("single_block", i, 0)) for i in range(single)]
+    return [Layer(i, name, key, width) for i, (name, key) in enumerate(doubles + singles)]
+
+
+def is_joint(layers: Sequence[Layer]) -> bool:
+    """Whether a table's layers are joint (DiT) attentions rather than a UNet's cross-attentions."""
+    return bool(layers) and all(layer.comfy[0] in ("double_block", "single_block") for layer in layers)
+
+
 def base_name(layers: Sequence[Layer]) -> str:
     """'sd15' or 'sdxl' when the table is theirs, else 'custom'."""
     for base, table in TABLES.items():
@@ -123,9 +137,10 @@ def _per_level(value, n: int) -> List[int]:
 TABLES: Dict[str, List[Layer]] = {
     "sd15": unet_layers(320, [(0, 1), (1, 1), (2, 1)], n_levels=4, mid_depth=1),
     "sdxl": unet_layers(320, [(1, 2), (2, 10)], n_levels=3, mid_depth=10),
+    "flux": dit_layers(19, 38, 3072),  # Flux.1 dev and schnell: 24 heads of 128
 }
 
-BASE_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+BASE_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux"}
 
 
 def base_for_layer_count(count: int) -> str:

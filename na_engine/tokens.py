@@ -4,6 +4,7 @@ ComfyUI tokenizes a prompt into chunks of 77 (id, weight[, word_id]) tuples,
 each chunk starting with BOS; the text encoder concatenates the chunks, so a
 token at position p of chunk c sits at c*77 + p in the context.  The trigger
 is found as its BPE id sequence, wherever it occurs and whatever its weight.
+Flux's T5 gives one chunk with no BOS, ended by </s> (id 1) and padded with 0.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import List, Sequence
 
 from .errors import NestedAttentionError
 
-BOS, EOS = 49406, 49407
+BOS, EOS = 49406, 49407  # CLIP's
+T5_END = 1  # T5's </s>; its padding (0) comes after it
 
 
 def has_word(caption: str, word: str) -> bool:
@@ -21,11 +23,13 @@ def has_word(caption: str, word: str) -> bool:
     return re.search(rf"(?<![\w]){re.escape(word.lower())}(?![\w])", caption.lower()) is not None
 
 
-def word_ids(tokenized_chunk: Sequence) -> List[int]:
-    """The ids of one tokenized word, as a tokenizer returns it in a single chunk: BOS ids EOS pad..."""
+def word_ids(tokenized_chunk: Sequence, end: int = EOS) -> List[int]:
+    """The ids of one tokenized word, as a tokenizer returns it in a single chunk: [BOS] ids end pad...
+
+    ``end`` is the tokenizer's end id: CLIP's EOS, or T5_END for T5."""
     ids = [_id(t) for t in tokenized_chunk]
     body = ids[1:] if ids and ids[0] == BOS else ids
-    return body[: body.index(EOS)] if EOS in body else body
+    return body[: body.index(end)] if end in body else body
 
 
 def find_trigger(chunks: Sequence[Sequence], trigger_ids: Sequence[int], trigger: str, prompt: str) -> List[int]:

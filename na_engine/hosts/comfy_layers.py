@@ -43,5 +43,6 @@ def match_layers(
     model_desc = describe([Layer(i, "", key, w) for i, (key, w) in enumerate(model_layers)])
     raise NestedAttentionError(
         f"{adapter_name} is made for {describe(adapter_layers)}, but this model is {model_desc}. "
-        "Load an adapter made for this base model (SD1.5 adapters with SD1.5 checkpoints, SDXL with SDXL)."
+        "Load an adapter made for this base model "
+        "(SD1.5 adapters with SD1.5 checkpoints, SDXL with SDXL, Flux with Flux)."
     )

@@ -193,7 +193,8 @@ def check_one_text(existing: Dict[tuple, Callable], run: NestedRun) -> None:
     sampler's positive rows carry one text, and a Patch binds only rows carrying its own.  Same texts stack."""
     for patch in existing.values():
         while patch is not None:
-            if isinstance(patch, NestedAttentionPatch) and not _same(patch.run.context, run.context):
+            ours = isinstance(getattr(patch, "run", None), NestedRun)  # a UNet layer's or a DiT block's patch
+            if ours and not _same(patch.run.context, run.context):
                 first = patch.run
                 triggers = ", ".join(repr(s.trigger) for s in first.subjects)
                 raise NestedAttentionError(

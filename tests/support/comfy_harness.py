@@ -242,6 +242,93 @@ def tiny_sdxl_like_model(context_dim=128, pooled_dim=64, seed=0):
     return _patcher(model)
 
 
+TINY_FLUX = dict(  # Flux's architecture at tiny widths: 4 heads of 16 (RoPE axes 4+6+6), 2 double and 2 single blocks
+    image_model="flux",
+    in_channels=16,
+    out_channels=16,
+    vec_in_dim=64,  # tiny_flux_clip's pooled CLIP-L width
+    context_in_dim=64,  # its T5 width
+    hidden_size=64,
+    mlp_ratio=2.0,
+    num_heads=4,
+    depth=2,
+    depth_single_blocks=2,
+    axes_dim=[4, 6, 6],
+    theta=10000,
+    patch_size=2,
+    qkv_bias=True,
+    guidance_embed=False,
+)
+
+
+def has_flux():
+    """Whether this ComfyUI has Flux and the attention override (current ComfyUI; not the 2024 copy)."""
+    import_comfy()
+    import comfy.ldm.modules.attention as attention
+
+    return importlib.util.find_spec("comfy.ldm.flux") is not None and hasattr(attention, "wrap_attn")
+
+
+def tiny_flux_model(seed=0, **overrides):
+    """ModelPatcher of a comfy.model_base.Flux (current ComfyUI) with random weights; latents 16 channels."""
+    import torch
+
+    import_comfy()
+    import comfy.supported_models
+
+    cfg = comfy.supported_models.Flux({**TINY_FLUX, **overrides})
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, device="cpu")
+    randomize_(model.diffusion_model, seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # q/k RMSNorm scales of their own, so a test can tell the text key norm from the image one
+        for name, p in sorted(model.diffusion_model.named_parameters()):
+            if name.endswith("norm.scale"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    return _patcher(model)
+
+
+def tiny_flux_clip(seed=0):
+    """Flux's text side (FluxTokenizer: CLIP-L and the real T5 tokenizer, context = T5's states, pooled = CLIP-L's)
+    with a tiny CLIP-L and a tiny T5 encoder (width 64, 2 layers), fp32."""
+    import torch
+
+    import_comfy()
+    import comfy.sd
+    import comfy.sd1_clip as sd1
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux as flux
+    import comfy.text_encoders.t5
+
+    l_path = _text_config("tiny_clip_l.json", TINY_TEXT)
+    with open(os.path.join(import_comfy(), "comfy", "text_encoders", "t5_config_xxl.json")) as f:
+        t5 = json.load(f)
+    t5.update(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2)
+    t5_path = _write_json("tiny_t5.json", t5)
+
+    class TinyFluxClip(flux.FluxClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options=None):  # CLIP passes model_options; unused
+            torch.nn.Module.__init__(self)
+            self.clip_l = sd1.SDClipModel(
+                device=device, dtype=torch.float32, textmodel_json_config=l_path, return_projected_pooled=False
+            )
+            self.t5xxl = sd1.SDClipModel(
+                device=device,
+                dtype=torch.float32,
+                textmodel_json_config=t5_path,
+                special_tokens={"end": 1, "pad": 0},
+                model_class=comfy.text_encoders.t5.T5,
+                model_options={"model_name": "t5xxl"},
+            )
+            self.dtypes = {torch.float32}
+
+    with torch.no_grad():
+        clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(flux.FluxTokenizer, TinyFluxClip))
+    for i, module in enumerate((clip.cond_stage_model.clip_l.transformer, clip.cond_stage_model.t5xxl.transformer)):
+        randomize_(module, seed + i)
+    return clip
+
+
 # ----------------------------------------------------------------------------- text encoders
 TINY_TEXT = {
     "hidden_size": 64,
