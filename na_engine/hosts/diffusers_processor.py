@@ -18,6 +18,7 @@ No diffusers import: a processor is any callable with the signature below.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -27,7 +28,8 @@ from torch import Tensor
 from ..attention import NestedBinding, nested_attention
 from ..binding import Binder, ModelCall
 from ..errors import NestedAttentionError
-from ..layers import Layer
+from ..joint import joint_keys, joint_nested_attention, widen
+from ..layers import Layer, is_joint
 
 
 class NestedProcessors:
@@ -96,6 +98,76 @@ class NestedAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+class NestedJointAttnProcessor:
+    """A Flux block's joint attention (diffusers' FluxAttention), the subjects nested for the image queries.
+
+    Double blocks get the image as ``hidden_states`` and the text as ``encoder_hidden_states`` and return both;
+    single blocks get [text; image] as ``hidden_states`` and return it.  Projections, q/k norms and the rotary
+    embedding are the module's own, applied as diffusers' FluxAttnProcessor applies them."""
+
+    def __init__(self, processors: NestedProcessors, layer: Layer):
+        self.processors, self.layer = processors, layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if attention_mask is not None:
+            raise NestedAttentionError("Nested Attention's Flux processor supports no attention mask.")
+        heads = attn.heads
+        q, k, v = (_heads(proj(hidden_states), attn.head_dim) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        q, k, key_norm = attn.norm_q(q), attn.norm_k(k), attn.norm_k  # (B, L, H, d) each
+        if encoder_hidden_states is not None:  # a double block: its text stream has projections and norms of its own
+            e = encoder_hidden_states
+            eq, ek, ev = (
+                _heads(proj(e), attn.head_dim) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            q, k = torch.cat([attn.norm_added_q(eq), q], 1), torch.cat([attn.norm_added_k(ek), k], 1)
+            v, key_norm = torch.cat([ev, v], 1), attn.norm_added_k
+        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        if cos is not None:
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k, v = (x.flatten(2) for x in (q, k, v))  # (B, L, H*d)
+        out = self._attend(q, k, v, heads, key_norm, cos, sin).to(q.dtype)
+        if encoder_hidden_states is None:
+            return out
+        text, image = out.split([encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]], 1)
+        return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text.contiguous())
+
+    def _attend(self, q, k, v, heads, key_norm, cos, sin) -> Tensor:
+        call, binder, key = self.processors.call, self.processors.binder, self.layer.comfy
+        if call is None:
+            return joint_nested_attention(q, k, v, heads, [])
+        image = q[:, call.placements[0].where.shape[1] :]  # (B, N, H*d)
+        eps = key_norm.eps if key_norm.eps is not None else torch.finfo(q.dtype).eps
+        bound = [
+            (i, replace(b, keys=joint_keys(b.keys, heads, key_norm.weight, _rotation(cos, sin, b.where), eps)))
+            for i, b in binder.bindings(call, key, image)
+        ]
+        out = joint_nested_attention(q, k, v, heads, [b for _, b in bound])
+        if bound:
+            binder.record(key, call, image, k, heads, [(i, widen(b, k.shape[1])) for i, b in bound])
+        return out
+
+
+def _heads(x: Tensor, head_dim: int) -> Tensor:
+    return x.unflatten(-1, (-1, head_dim))  # (B, L, H*d) -> (B, L, H, d)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """diffusers' Flux RoPE on (B, L, H, d), cos and sin (L, d) repeated per channel pair: each pair (a, b)
+    becomes (a cos - b sin, b cos + a sin)."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, d/2) each
+    turned = torch.stack([-b, a], -1).flatten(-2)
+    return (x.float() * cos[None, :, None] + turned * sin[None, :, None]).to(x.dtype)
+
+
+def _rotation(cos: Optional[Tensor], sin: Optional[Tensor], where: Tensor) -> Optional[Tensor]:
+    """The rotary matrices (d/2, 2, 2) at the trigger's first position, in joint_keys' layout."""
+    if cos is None or not bool(where.any()):
+        return None
+    p = int(where.any(0).nonzero()[0, 0])
+    c, s = cos[p, 0::2], sin[p, 0::2]  # (d/2,)
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
 def attention_by_rows(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding]) -> Tensor:
     """nested_attention over row groups that share their set of bindings.
 
@@ -122,10 +194,9 @@ def install(unet, layers: Sequence[Layer]) -> NestedProcessors:
     """Put a NestedAttnProcessor on every attn2 of ``layers``; other layers keep their processors.
     A UNet that has them already (a trainer's, whose validation generates) keeps them."""
     processors = dict(unet.attn_processors)
-    ours = {id(p.processors): p.processors for p in processors.values() if isinstance(p, NestedAttnProcessor)}
-    if len(ours) == 1 and all(
-        isinstance(processors.get(layer.diffusers + ".processor"), NestedAttnProcessor) for layer in layers
-    ):
+    kinds = (NestedAttnProcessor, NestedJointAttnProcessor)
+    ours = {id(p.processors): p.processors for p in processors.values() if isinstance(p, kinds)}
+    if len(ours) == 1 and all(isinstance(processors.get(layer.diffusers + ".processor"), kinds) for layer in layers):
         return next(iter(ours.values()))
     shared = NestedProcessors()
     for layer in layers:
@@ -135,6 +206,6 @@ def install(unet, layers: Sequence[Layer]) -> NestedProcessors:
                 f"The adapter's layer {layer.index} ({layer.diffusers}) is not in this UNet; "
                 "the adapter was made for another base model."
             )
-        processors[name] = NestedAttnProcessor(shared, layer)
+        processors[name] = (NestedJointAttnProcessor if is_joint([layer]) else NestedAttnProcessor)(shared, layer)
     unet.set_attn_processor(processors)
     return shared

@@ -184,3 +184,28 @@ def make_photos(folder: str, count: int = 4, size: int = 48, seed: int = 0) -> s
         img[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = rng.integers(100, 255, 3, dtype=np.uint8)
         Image.fromarray(img).save(os.path.join(folder, f"photo_{i}.png"))
     return folder
+
+
+def tiny_flux_transformer(seed: int = 0):
+    """A diffusers FluxTransformer2DModel at tiny widths: 2 heads of 16 (RoPE axes 4+6+6), 1 double and 1 single
+    block, text width 32; random weights, its q/k RMSNorm scales random too (so the text key norm counts)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=8,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        axes_dims_rope=(4, 6, 6),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm_q" in name or "norm_k" in name or "norm_added" in name:
+                p.copy_(0.5 + torch.rand(p.shape))
+    return model.eval()
