@@ -61,6 +61,11 @@ SPECS = {
         [("model", "MODEL"), ("positive", "CONDITIONING"), ("capture", "NESTED_CAPTURE")],
     ),
     "NestedAttentionMapPreview": ([("capture", "NESTED_CAPTURE"), ("image", "IMAGE")], [("maps", "IMAGE")]),
+    "UNETLoader": ([], [("MODEL", "MODEL")]),
+    "DualCLIPLoader": ([], [("CLIP", "CLIP")]),
+    "VAELoader": ([], [("VAE", "VAE")]),
+    "FluxGuidance": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
+    "EmptySD3LatentImage": ([], [("LATENT", "LATENT")]),
 }
 TALL = {"LoadImage": 330, "Note": 340, "NestedAttentionMapPreview": 300, "SaveImage": 290}
 MULTILINE = {"CLIPTextEncode", "NestedAttentionApply"}
@@ -71,6 +76,11 @@ VIT_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 NA_PERSON = "nested_attention_sdxl_person.safetensors"
 NA_PET = "nested_attention_sdxl_pet.safetensors"
 IP_PLUS = "ip-adapter-plus_sd15.safetensors"
+FLUX = "flux1-dev.safetensors"
+CLIP_L = "clip_l.safetensors"
+T5XXL = "t5xxl_fp16.safetensors"
+FLUX_VAE = "ae.safetensors"
+NA_FLUX = "nested_attention_flux_product.safetensors"
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
 
 KNOBS = (
@@ -404,12 +414,60 @@ def wf05():
     return g
 
 
+def wf06():
+    g = Graph()
+    note(
+        g,
+        "06 Single subject (Flux; ComfyUI from September 2025 or later)\n\n"
+        "Models:\n"
+        "- models/diffusion_models/%s (Flux.1 dev; schnell works too, with 4 steps)\n"
+        "- models/text_encoders/%s and %s (Flux's two text encoders)\n"
+        "- models/vae/%s (Flux's VAE)\n"
+        "- models/clip_vision/%s (the image encoder the adapter was made with)\n"
+        "- models/nested_attention/%s (a Nested Attention adapter for Flux: none is published yet, and "
+        "python -m na_engine train does not train one yet; see the README's Flux section)\n"
+        "Input image: input/subject_product.png (a photo of the product).\n\n"
+        "Flux takes cfg 1.0 and its guidance from FluxGuidance; the trigger is found in Flux's T5 tokens, so a "
+        "word of several T5 pieces works. " % (FLUX, CLIP_L, T5XXL, FLUX_VAE, VIT_H, NA_FLUX) + KNOBS + "\n\n"
+        "Settings are for real images (1024x1024, 20 steps). The test suite checks this graph against a current "
+        "server's node schemas; it does not run it (Flux's T5-XXL is built at full size whatever the file holds).",
+    )
+    unet = g.node("UNETLoader", [FLUX, "default"])
+    clip = g.node("DualCLIPLoader", [CLIP_L, T5XXL, "flux", "default"])
+    vae = g.node("VAELoader", [FLUX_VAE])
+    cv = g.node("CLIPVisionLoader", [VIT_H])
+    img = g.node("LoadImage", ["subject_product.png", "image"])
+    ad = g.node("NestedAttentionLoader", [NA_FLUX])
+    enc = g.node(
+        "NestedSubjectEncoder",
+        ["bottle", "center", "concat"],
+        {"adapter": (ad, 0), "clip_vision": (cv, 0), "image": (img, 0)},
+    )
+    patch = g.node(
+        "NestedAttentionApply",
+        ["a product photo of a bottle on a marble counter, morning light", 1.0, 0.0, 1.0, 1.0],
+        {"model": (unet, 0), "clip": (clip, 0), "subjects": (enc, 0)},
+    )
+    guided = g.node("FluxGuidance", [3.5], {"conditioning": (patch, 1)})
+    neg = g.node("CLIPTextEncode", [""], {"clip": (clip, 0)})
+    lat = g.node("EmptySD3LatentImage", [1024, 1024, 1])
+    ks = g.node(
+        "KSampler",
+        [7, "fixed", 20, 1.0, "euler", "simple", 1.0],
+        {"model": (patch, 0), "positive": (guided, 0), "negative": (neg, 0), "latent_image": (lat, 0)},
+    )
+    dec = g.node("VAEDecode", [], {"samples": (ks, 0), "vae": (vae, 0)})
+    g.node("SaveImage", ["na_06_flux"], {"images": (dec, 0)})
+    return g
+
+
 WORKFLOWS = {
     "01_single_subject_sdxl.json": wf01,
     "02_two_subjects_person_and_dog.json": wf02,
     "03_ip_adapter_plus_bridge_sd15.json": wf03,
     "04_chain_upscale_inpaint.json": wf04,
     "05_attention_map_preview.json": wf05,
+    "06_flux_single_subject.json": wf06,
 }
 
 

@@ -29,7 +29,17 @@ if HERE not in sys.path:
 import comfy_harness  # noqa: E402
 
 PACK_NAME = comfy_harness.PACK_NAME
-MODEL_FOLDERS = ("checkpoints", "clip_vision", "vae", "loras", "embeddings", "nested_attention", "ipadapter")
+MODEL_FOLDERS = (
+    "checkpoints",
+    "clip_vision",
+    "vae",
+    "loras",
+    "embeddings",
+    "nested_attention",
+    "ipadapter",
+    "diffusion_models",  # current ComfyUI's names for Flux's files (workflow 06)
+    "text_encoders",
+)
 
 
 def test_sized(workflow_path, out_dir, scale=8, steps=3):

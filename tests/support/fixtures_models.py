@@ -297,6 +297,10 @@ def populate(models_dir, only=("sd15",)):
 #   CLIP-ViT-H-14-laion2B... -> random ViT-H/14 (width 1280)
 #   ip-adapter-plus_sd15     -> IP-Adapter Plus SD1.5 key layout (image_proj.* + ip_adapter.N.to_k/v_ip)
 #   nested_attention_sdxl_*  -> our format, made for the KOALA file's layers, ViT-H features
+#   nested_attention_flux_*  -> our format for Flux's real 57-layer table, tokens of width 16 (small)
+#   flux1-dev, clip_l, t5xxl_fp16, ae -> listing placeholders: workflow 06 is checked against a current
+#                               server's schemas, never run (ComfyUI builds Flux's T5-XXL at full size,
+#                               4.7 B parameters, whatever the file holds)
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"
 SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
 SD15_FULL_NAME = "na_full_sd15.safetensors"
@@ -304,7 +308,9 @@ VIT_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 IP_PLUS_SD15 = "ip-adapter-plus_sd15.safetensors"
 NA_PERSON = "nested_attention_sdxl_person.safetensors"
 NA_PET = "nested_attention_sdxl_pet.safetensors"
-INPUT_IMAGES = ("subject_person.png", "subject_dog.png")
+NA_FLUX = "nested_attention_flux_product.safetensors"
+FLUX_LISTED = ("flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors")
+INPUT_IMAGES = ("subject_person.png", "subject_dog.png", "subject_product.png")
 
 # (models sub-folder, file name) -> what to build
 WORKFLOW_FILES = {
@@ -314,6 +320,11 @@ WORKFLOW_FILES = {
     ("ipadapter", IP_PLUS_SD15): "ip_plus_sd15",
     ("nested_attention", NA_PERSON): "na_person",
     ("nested_attention", NA_PET): "na_pet",
+    ("nested_attention", NA_FLUX): "na_flux",
+    ("diffusion_models", FLUX_LISTED[0]): "listed",
+    ("text_encoders", FLUX_LISTED[1]): "listed",
+    ("text_encoders", FLUX_LISTED[2]): "listed",
+    ("vae", FLUX_LISTED[3]): "listed",
 }
 # sub-folder of each loader's file widget (widgets_values[0])
 LOADER_FOLDERS = {
@@ -321,7 +332,11 @@ LOADER_FOLDERS = {
     "CLIPVisionLoader": "clip_vision",
     "NestedAttentionLoader": "nested_attention",
     "LoadImage": "input",
+    "UNETLoader": "diffusion_models",
+    "DualCLIPLoader": "text_encoders",
+    "VAELoader": "vae",
 }
+FILE_WIDGETS = {"DualCLIPLoader": 2}  # loaders whose first widgets name more than one file
 ADAPTER_CONFIG = dict(
     dim=768, depth=2, dim_head=64, heads=12, num_queries=16, embedding_dim=1280, output_dim=2048, ff_mult=4
 )
@@ -344,12 +359,12 @@ def workflow_model_files(workflow_path):
     out = []
     for node in wf.get("nodes", []):
         folder = LOADER_FOLDERS.get(node.get("type"))
-        if folder and node.get("mode", 0) == 0 and node.get("widgets_values"):
-            name = node["widgets_values"][0]
-            if folder == "nested_attention" and ("ipadapter", name) in WORKFLOW_FILES:
-                folder = "ipadapter"
-            if (folder, name) not in out:
-                out.append((folder, name))
+        if not folder or node.get("mode", 0) != 0 or not node.get("widgets_values"):
+            continue
+        for name in node["widgets_values"][: FILE_WIDGETS.get(node["type"], 1)]:
+            place = "ipadapter" if folder == "nested_attention" and ("ipadapter", name) in WORKFLOW_FILES else folder
+            if (place, name) not in out:
+                out.append((place, name))
     return out
 
 
@@ -414,7 +429,7 @@ def make_ip_adapter_plus_sd15(path, seed=0):
 
 
 def make_input_images(directory, names=INPUT_IMAGES, size=256):
-    """Small deterministic placeholder photos (a person-ish and a dog-ish figure) for LoadImage."""
+    """Small deterministic placeholder photos (a person-ish, a dog-ish or a bottle-ish figure) for LoadImage."""
     from PIL import Image, ImageDraw
 
     os.makedirs(directory, exist_ok=True)
@@ -431,7 +446,11 @@ def make_input_images(directory, names=INPUT_IMAGES, size=256):
 
         img = Image.new("RGB", (size, size), (120, 160, 200))
         d = ImageDraw.Draw(img)
-        if "dog" in name:
+        if "product" in name:
+            d.rectangle(box(98, 110, 158, 240), fill=(40, 140, 90))  # body
+            d.rectangle(box(116, 60, 140, 110), fill=(40, 140, 90))  # neck
+            d.rectangle(box(114, 48, 142, 62), fill=(230, 230, 230))  # cap
+        elif "dog" in name:
             d.ellipse(box(60, 120, 200, 210), fill=(150, 100, 50))  # body
             d.ellipse(box(150, 60, 230, 140), fill=(160, 110, 60))  # head
             d.ellipse(box(150, 50, 175, 95), fill=(90, 60, 30))  # ear
@@ -449,6 +468,18 @@ def make_input_images(directory, names=INPUT_IMAGES, size=256):
     return out
 
 
+def make_listing_placeholder(path):
+    """A safetensors file that only gives a server's file list its name; it holds no model."""
+    if not os.path.exists(path):
+        import torch
+        from safetensors.torch import save_file
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file({"placeholder": torch.zeros(1)}, path + ".tmp", metadata={"note": "a file-list placeholder"})
+        os.replace(path + ".tmp", path)
+    return path
+
+
 def make_workflow_file(models_dir, folder, name):
     """Build (or reuse) the random-weight file the workflows call `name`; returns its path."""
     import gc
@@ -463,6 +494,10 @@ def make_workflow_file(models_dir, folder, name):
         path = _alias(make_clip_vision(os.path.join(models_dir, "clip_vision", CLIP_VISION_NAMES["h"]), "h"), dst)
     elif what == "ip_plus_sd15":
         path = make_ip_adapter_plus_sd15(dst)
+    elif what == "listed":
+        path = make_listing_placeholder(dst)
+    elif what == "na_flux":
+        path = make_nested_adapter(dst, _engine().TABLES["flux"], seed=3, output_dim=16)
     else:
         path = make_nested_adapter(dst, sdxl_file_layers(), seed={"na_person": 1, "na_pet": 2}[what])
     gc.collect()
