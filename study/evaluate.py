@@ -140,12 +140,13 @@ def paired_sign(a: list[dict], b: list[dict], key: str) -> dict:
 
 
 class Evaluator:
-    def __init__(self, run_dir: str, heldout, cfg: EvalConfig, log=print):
+    def __init__(self, run_dir: str, heldout, cfg: EvalConfig, log=print, folder: str = "eval"):
+        """``heldout``: the identities cases are drawn from, and the probe's gallery; cells go to run_dir/folder."""
         from na_engine.formats import load_adapter
         from na_engine.standalone.generate import NestedGenerator
         from na_engine.standalone.models import load_base, load_vision
 
-        self.dir, self.cfg, self.log, self.heldout = os.path.join(run_dir, "eval"), cfg, log, heldout
+        self.dir, self.cfg, self.log, self.heldout = os.path.join(run_dir, folder), cfg, log, heldout
         os.makedirs(os.path.join(self.dir, "samples"), exist_ok=True)
         base = load_base(os.path.join(run_dir, "base"))
         vision = load_vision(os.path.join(run_dir, "encoders", "vision"))

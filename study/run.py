@@ -158,6 +158,17 @@ def stage_report(run: Run) -> dict:
     return record
 
 
+def _diagnose(run: Run) -> int:
+    from . import diagnose, evaluate
+
+    if "evaluation" not in run.stages:
+        raise SystemExit(f"{run.out} has no finished evaluation stage; run the study first.")
+    cfg = evaluate.QUICK if run.scale.quick else evaluate.EvalConfig()
+    train, heldout = run.identities()
+    run.log(f"diagnose: wrote {diagnose.diagnose(run.out, train, heldout, cfg, run.log)}")
+    return 0
+
+
 CACHES = {  # what --again deletes
     "base": ["base"],
     "encoders": ["encoders/adapters", "encoders/data"],
@@ -191,6 +202,9 @@ def main(argv=None) -> int:
         choices=[name for name, _ in STAGES],
         help="run these finished stages again, and every later one (e.g. report)",
     )
+    g = sub.add_parser("diagnose", help="after the evaluation: identity on seen (train) products (study/diagnose.py)")
+    g.add_argument("--out", required=True, help="the run's folder")
+    g.add_argument("--quick", action="store_true", help="a --quick run's folder")
     d = sub.add_parser("demo", help="personalised images of held-out products from trained weights")
     d.add_argument("--weights", default=os.path.join(os.path.dirname(__file__), "weights"), help="a run's folder")
     d.add_argument("--out", required=True, help="output folder")
@@ -200,6 +214,8 @@ def main(argv=None) -> int:
 
         print(f"[study demo] {demo(args.weights, args.out)}")
         return 0
+    if args.command == "diagnose":
+        return _diagnose(Run(args.out, QUICK if args.quick else FULL))
     run = Run(args.out, QUICK if args.quick else FULL, args.docs, args.readme)
     names = [name for name, _ in STAGES]
     for name in args.again:  # a stage run again makes every later stage and its caches stale

@@ -106,3 +106,17 @@ def test_a_finished_run_resumes_without_redoing_stages(quick_run):
     assert done.returncode == 0, done.stderr[-2000:]
     for stage in ("world", "base", "encoders", "probe", "evaluation", "report"):
         assert f"{stage}: done before, kept" in done.stdout
+
+
+def test_diagnose_reads_seen_products(quick_run):
+    """`python -m study diagnose` after a run: every main-table method on as many train identities as held out."""
+    out, _, _ = quick_run
+    cmd = [sys.executable, "-m", "study", "diagnose", "--quick", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    diagnosis = json.loads((out / "diagnosis.json").read_text())
+    assert set(diagnosis["token_retrieval"]["methods"]) == {"nested", "single_token", "decoupled"}
+    assert all(0 <= m["top1"] <= 1 and m["n"] == 6 for m in diagnosis["token_retrieval"]["methods"].values())
+    seen = diagnosis["seen_products"]
+    assert set(seen["methods"]) == {"base", "single_token", "decoupled", "bridge", "nested"}
+    assert all(METHOD_KEYS <= set(cell) and cell["n"] == 12 for cell in seen["methods"].values())
