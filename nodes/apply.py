@@ -79,8 +79,9 @@ class NestedAttentionApply:
                         "step": 0.05,
                         "tooltip": "Multiplies the attention the trigger word receives (the other words make room). "
                         "1.0 is the paper's formula, right for adapters trained for nesting. IP-Adapter Plus files "
-                        "(the training-free bridge) were not: in the study's miniature world 8, the top of the range "
-                        "tried, was their best setting (docs/STUDY.md); lower it if the prompt loses ground.",
+                        "(the training-free bridge) were not: the study's first round found 8 raised their identity; "
+                        "its second (docs/STUDY.md) found 8 also makes the product follow the reference's pose. "
+                        "Lower it if the prompt loses ground.",
                     },
                 ),
             },

@@ -8,6 +8,10 @@ flattened) to the other reference of the same product.  Low: the encoder does no
 such photos, and no denoiser could; high while generation is low: the tokens hold the product and the
 denoiser does not draw it.
 
+attribute drift: from the evaluation's cached trade-off cells (no generation), each attribute's accuracy at
+each strength.  The reference always shows the other value of every attribute, so an accuracy falling with
+strength means the subject brings the reference's pose, light or cap along, whether or not identity comes.
+
 seen products: the main table's kind of cases (a reference contradicting the prompt in scene and attributes),
 drawn from as many *train* identities as there are held-out ones, whose photos the encoders trained on; the
 probe's gallery is those identities, so chance is the same.
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 
 from . import evaluate, world
-from .methods import TRAINED, in_table
+from .methods import ATTRIBUTE_METRICS, TRAINED, in_table
 
 FOLDER = "diagnosis"
 
@@ -60,9 +64,38 @@ def token_retrieval(ev: evaluate.Evaluator, heldout, seed: int) -> dict:
     return {"what": f"two references of each of {len(heldout)} held-out products, random scenes", "methods": out}
 
 
+def attribute_drift(run_dir: str, cfg: evaluate.EvalConfig) -> dict:
+    """Per trade-off method and strength: identity top-1 and each attribute's accuracy on the trade-off cases."""
+
+    def rows(name: str) -> list:
+        with open(os.path.join(run_dir, "eval", name + ".json")) as f:
+            return json.load(f)["rows"][: cfg.tradeoff_cases]
+
+    keys = ["identity_top1", *(m.key for m in ATTRIBUTE_METRICS), "size_acc"]
+    out = {}
+    for method in in_table("tradeoff"):
+        points = []
+        for strength in cfg.strengths:
+            cell = (
+                "main_base"
+                if strength == 0
+                else f"main_{method}"
+                if strength == 1
+                else f"tradeoff_{method}_{strength:g}"
+            )
+            part = rows(cell)
+            points.append({"strength": strength, **{k: round(float(np.mean([r[k] for r in part])), 3) for k in keys}})
+        out[method] = points
+    return {"what": f"the first {cfg.tradeoff_cases} main-table cases at each strength (eval/ cells)", "methods": out}
+
+
 def diagnose(run_dir: str, train, heldout, cfg: evaluate.EvalConfig, log=print) -> str:
     retrieval = token_retrieval(evaluate.Evaluator(run_dir, heldout, cfg, log, folder=FOLDER), heldout, cfg.seed + 7)
-    result = {"token_retrieval": retrieval, "seen_products": seen_products(run_dir, train, len(heldout), cfg, log)}
+    result = {
+        "token_retrieval": retrieval,
+        "attribute_drift": attribute_drift(run_dir, cfg),
+        "seen_products": seen_products(run_dir, train, len(heldout), cfg, log),
+    }
     path = os.path.join(run_dir, "diagnosis.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)

@@ -367,6 +367,14 @@ def training_losses(run_dir: str, last: int = 1000) -> list[str]:
 README_START, README_END = "<!-- study:start -->", "<!-- study:end -->"
 
 
+def verdict_line(results: dict) -> str:
+    """How many of the study's claims hold, and which do not, in one sentence for the README."""
+    rows = claims(results)
+    failed = [c for c, _, verdict in rows if verdict != "yes"]
+    head = f"**Claims that hold: {len(rows) - len(failed)} of {len(rows)}.**"
+    return head if not failed else head + " Not holding: " + "; ".join(failed) + "."
+
+
 def readme_section(results: dict, figures: str) -> str:
     """The README's block: the sample grid, the main table, what the world proves and what it does not."""
     return "\n".join(
@@ -386,6 +394,8 @@ def readme_section(results: dict, figures: str) -> str:
             f"![study samples]({figures}/samples.png)",
             "",
             *main_table(results),
+            "",
+            verdict_line(results),
             "",
             "It shows the whole path working end to end (base model, encoder training, nested layer, "
             "generation) and how nested attention compares with its baselines under equal budgets; it does not "

@@ -117,6 +117,9 @@ def test_diagnose_reads_seen_products(quick_run):
     diagnosis = json.loads((out / "diagnosis.json").read_text())
     assert set(diagnosis["token_retrieval"]["methods"]) == {"nested", "single_token", "decoupled"}
     assert all(0 <= m["top1"] <= 1 and m["n"] == 6 for m in diagnosis["token_retrieval"]["methods"].values())
+    drift = diagnosis["attribute_drift"]["methods"]
+    assert set(drift) == {"nested", "decoupled", "bridge"} and [p["strength"] for p in drift["nested"]] == [0, 1, 2]
+    assert {"identity_top1", "pose_acc", "light_acc", "cap_acc", "size_acc"} <= set(drift["nested"][0])
     seen = diagnosis["seen_products"]
     assert set(seen["methods"]) == {"base", "single_token", "decoupled", "bridge", "nested"}
     assert all(METHOD_KEYS <= set(cell) and cell["n"] == 12 for cell in seen["methods"].values())
