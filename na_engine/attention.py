@@ -128,7 +128,7 @@ def nested_attention(
     if not bool(rows.any()):
         out = base_attention(q, k, v, heads)
     else:
-        case = Case(q, active, rows, _records_grad(q, k, v, active))
+        case = Case(q, active, rows, _records_grad(q, k, v, active), k.shape[1])
         out = EVALUATIONS[choose_method(method, case)](q, k, v, heads, active, rows, base_attention)
     return _add_decoupled(out, q, heads, decoupled) if decoupled else out
 
@@ -154,6 +154,7 @@ class Case:
     bindings: Sequence[NestedBinding]  # those with a non-zero strength
     rows: Tensor  # (B,) bool: rows some binding touches
     training: bool  # autograd records through q, k, v or the nested keys/values
+    keys: int = 0  # T, the context's length
 
     @property
     def general(self) -> bool:
@@ -161,9 +162,16 @@ class Case:
         return any(b.strength > 1 or b.strength < 0 for b in self.bindings) or _overlapping(self.bindings)
 
 
+# The C++ kernel holds a block's logits against all T+M keys in cache: measured against the statistics path it is
+# faster up to about a thousand keys (x0.6-0.9 at 77-512) and slower beyond (x1.11 at 1536, a Flux joint sequence).
+KERNEL_MAX_KEYS = 1024
+
 # auto takes the first evaluation whose rule holds, so each line is one rule, tested alone:
 AUTO = (
-    ("cpu_kernel", lambda c: bool(c.rows.all()) and cpu_kernel.usable(c.q, c.training)),  # else SDPA runs anyway
+    (
+        "cpu_kernel",  # every row bound (else SDPA runs anyway), a context short enough for the kernel's cache
+        lambda c: bool(c.rows.all()) and c.keys < KERNEL_MAX_KEYS and cpu_kernel.usable(c.q, c.training),
+    ),
     ("closed_form", lambda c: c.training or c.general),
     ("statistics", lambda c: _has_statistics_kernel(c.q)),
     ("fused", lambda c: True),
@@ -175,7 +183,8 @@ def choose_method(method: str, case: Case) -> str:
 
     | auto's order | when                                                         |
     |--------------|--------------------------------------------------------------|
-    | cpu_kernel   | every row bound, fp32 CPU inference, the kernel built       |
+    | cpu_kernel   | every row bound, fp32 CPU inference, the kernel built,      |
+    |              | fewer than KERNEL_MAX_KEYS context keys                     |
     | closed_form  | under autograd; a strength outside [0, 1]; shared positions |
     | statistics   | CPU inference (PyTorch's CPU kernel returns logsumexp)      |
     | fused        | otherwise (GPU inference)                                   |

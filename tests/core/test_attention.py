@@ -498,13 +498,14 @@ def test_many_nested_tokens(method):
 # -- the method table: one test per rule of auto -------------------------------------------------
 
 
-def _case(rows=(True, True), strength=1.0, dtype=torch.float32, device="cpu", training=False):
+def _case(rows=(True, True), strength=1.0, dtype=torch.float32, device="cpu", training=False, keys=3):
     from na_engine.attention import Case
 
     q = torch.zeros(len(rows), 4, 8, dtype=dtype, device=device)
     where = torch.zeros(len(rows), 3, dtype=torch.bool)
     where[list(rows), 1] = True
-    return Case(q, [NestedBinding(torch.zeros(2, 8), torch.zeros(2, 8), where, strength)], torch.tensor(rows), training)
+    binding = NestedBinding(torch.zeros(2, 8), torch.zeros(2, 8), where, strength)
+    return Case(q, [binding], torch.tensor(rows), training, keys)
 
 
 def test_auto_takes_the_cpu_kernel_when_every_row_is_bound_in_fp32_inference():
@@ -514,6 +515,7 @@ def test_auto_takes_the_cpu_kernel_when_every_row_is_bound_in_fp32_inference():
     assert choose_method("auto", _case(strength=1.7)) == "cpu_kernel"  # the kernel takes any strength
     assert choose_method("auto", _case(rows=(False, True))) != "cpu_kernel"  # SDPA runs on the plain row anyway
     assert choose_method("auto", _case(dtype=torch.float64)) != "cpu_kernel"
+    assert choose_method("auto", _case(keys=1536)) == "statistics"  # a joint sequence: the kernel is slower there
 
 
 def test_auto_takes_the_closed_form_under_autograd_and_for_general_strengths():
