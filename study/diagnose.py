@@ -3,10 +3,11 @@ where identity is lost.  Run it after the evaluation stage; its cells are cached
 summary written to DIR/diagnosis.json.  It is not a stage: the claims are the evaluation's alone.
 
 token retrieval: each trained encoder's subject tokens of two references of every held-out product, each in
-its own random scene with random attributes; top-1 when a reference's tokens are closest (cosine, tokens
-flattened) to the other reference of the same product.  Low: the encoder does not tell products apart from
-such photos, and no denoiser could; high while generation is low: the tokens hold the product and the
-denoiser does not draw it.
+its own random scene; top-1 when a reference's tokens are closest (cosine, tokens flattened) to the other
+reference of the same product.  Low: the encoder does not tell products apart from such photos, and no
+denoiser could; high while generation is low: the tokens hold the product and the denoiser does not draw it.
+Read three ways (VARIANTS: as evaluated, background whitened, attributes alike), and for the CLIP tower's own
+features too, so that what confounds the encoder (the background, the attributes, or the tower) shows.
 
 attribute drift: from the evaluation's cached trade-off cells (no generation), each attribute's accuracy at
 each strength.  The reference always shows the other value of every attribute, so an accuracy falling with
@@ -46,22 +47,57 @@ def seen_products(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, log
     }
 
 
+VARIANTS = {  # how the two references of one product differ (scenes always differ)
+    "as_evaluated": "random attributes, background kept (the evaluation's kind of reference)",
+    "masked": "random attributes, background whitened by the render's mask",
+    "same_attributes": "both at the product's default attributes, background kept",
+}
+
+
+def _pairs(heldout, variant: str, rng) -> list:
+    attributes = variant != "same_attributes"
+    return [[world.random_scene(rng, ident, attributes=attributes) for _ in range(2)] for ident in heldout]
+
+
+def _photo(scene, resolution: int, variant: str):
+    if variant != "masked":
+        return evaluate.reference_photo(scene, resolution)
+    from na_engine.standalone.references import subject_box
+
+    image, mask = world.render(scene, resolution)
+    return subject_box(image, mask, white=True)
+
+
+def _top1(a: list, b: list) -> float:
+    """Retrieval top-1: each of ``a`` is closest (cosine) to the ``b`` of the same index."""
+    a, b = (torch.nn.functional.normalize(torch.stack(x).float(), dim=-1) for x in (a, b))
+    return round(float(((a @ b.T).argmax(1) == torch.arange(len(a))).float().mean()), 4)
+
+
 def token_retrieval(ev: evaluate.Evaluator, heldout, seed: int) -> dict:
-    """Per trained encoder: top-1 of reference-to-reference retrieval among the held-out products by their tokens."""
-    rng = np.random.default_rng(seed)
-    pairs = [[world.random_scene(rng, ident) for _ in range(2)] for ident in heldout]
+    """Per variant of reference pair: retrieval top-1 among the held-out products by each trained encoder's
+    subject tokens (flattened), and by the CLIP tower's own penultimate states (flattened) they are made from."""
+    from na_engine.standalone.models import image_features
+
+    vision = next(iter(ev.generators.values())).vision
     out = {}
-    for name in TRAINED:
-        generator = ev.generators[name]
-        tokens = [
-            [generator.encode([evaluate.reference_photo(s, ev.resolution)], "x").tokens.flatten() for s in pair]
-            for pair in pairs
-        ]
-        a, b = (torch.nn.functional.normalize(torch.stack([t[i] for t in tokens]).float(), dim=-1) for i in (0, 1))
-        sims = a @ b.T  # (P, P): reference 1 of product i against reference 2 of product j
-        hits = (sims.argmax(1) == torch.arange(len(heldout))).float()
-        out[name] = {"top1": round(float(hits.mean()), 4), "n": len(heldout)}
-    return {"what": f"two references of each of {len(heldout)} held-out products, random scenes", "methods": out}
+    for k, variant in enumerate(VARIANTS):
+        pairs = _pairs(heldout, variant, np.random.default_rng(seed + k))
+        photos = [[_photo(s, ev.resolution, variant) for s in pair] for pair in pairs]
+        row = {
+            "tower_features": _top1(
+                *([image_features(vision, [p[i]], "cpu").flatten() for p in photos] for i in (0, 1))
+            )
+        }
+        for name in TRAINED:
+            encode = ev.generators[name].encode
+            row[name] = _top1(*([encode([p[i]], "x").tokens.flatten() for p in photos] for i in (0, 1)))
+        out[variant] = row
+    return {
+        "what": f"two references of each of {len(heldout)} held-out products, in two random scenes",
+        "variants": VARIANTS,
+        "top1": out,
+    }
 
 
 def attribute_drift(run_dir: str, cfg: evaluate.EvalConfig) -> dict:
