@@ -108,7 +108,14 @@ def write_photos(folder: str, masks: str, identities, cfg: EncoderConfig, resolu
 
 
 def train_method(
-    name: str, base: str, vision: str, data: str, out: str, cfg: EncoderConfig, trigger_weight: float = 1.0
+    name: str,
+    base: str,
+    vision: str,
+    data: str,
+    out: str,
+    cfg: EncoderConfig,
+    trigger_weight: float = 1.0,
+    white_references: bool = False,
 ) -> dict:
     """One method through the project's trainer; returns its final loss and time."""
     import csv
@@ -137,6 +144,7 @@ def train_method(
         seed=cfg.seed,
         mode=mode,
         trigger_weight=trigger_weight,
+        white_references=white_references,
     )
     train(run)
     with open(os.path.join(run.run_dir, "loss.csv")) as f:

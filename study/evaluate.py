@@ -140,8 +140,9 @@ def paired_sign(a: list[dict], b: list[dict], key: str) -> dict:
 
 
 class Evaluator:
-    def __init__(self, run_dir: str, heldout, cfg: EvalConfig, log=print, folder: str = "eval"):
-        """``heldout``: the identities cases are drawn from, and the probe's gallery; cells go to run_dir/folder."""
+    def __init__(self, run_dir: str, heldout, cfg: EvalConfig, log=print, folder: str = "eval", photo=None):
+        """``heldout``: the identities cases are drawn from, and the probe's gallery; cells go to run_dir/folder;
+        ``photo(scene, resolution)``: the reference a user would give (default reference_photo, background kept)."""
         from na_engine.formats import load_adapter
         from na_engine.standalone.generate import NestedGenerator
         from na_engine.standalone.models import load_base, load_vision
@@ -163,12 +164,13 @@ class Evaluator:
         self.gallery = probe.Gallery(model, heldout, self.resolution, made["gallery_renders"], made["seed"])
         self.settings = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
         self._subjects = {}
+        self.photo = photo or reference_photo
 
     def subject(self, method: str, scene: world.Scene):
         key = (method, id(scene))
         if key not in self._subjects:
             m = METHODS[method]
-            photo = reference_photo(scene, self.resolution)
+            photo = self.photo(scene, self.resolution)
             kind = scene.products[0].identity.kind
             self._subjects[key] = self.generators[m.adapter].encode([photo], kind, mode=m.mode)
         return self._subjects[key]

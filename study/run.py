@@ -169,6 +169,17 @@ def _diagnose(run: Run) -> int:
     return 0
 
 
+def _pilot(run: Run, cases: int) -> int:
+    from . import encoders, evaluate, pilot
+
+    if "evaluation" not in run.stages:
+        raise SystemExit(f"{run.out} has no finished evaluation stage; run the study first.")
+    quick = run.scale.quick
+    cfg, enc = (evaluate.QUICK, encoders.QUICK) if quick else (evaluate.EvalConfig(), encoders.EncoderConfig())
+    run.log(f"pilot: wrote {pilot.pilot(run.out, run.identities()[1], cases, cfg, enc, run.log)}")
+    return 0
+
+
 CACHES = {  # what --again deletes
     "base": ["base"],
     "encoders": ["encoders/adapters", "encoders/data"],
@@ -205,6 +216,10 @@ def main(argv=None) -> int:
     g = sub.add_parser("diagnose", help="after the evaluation: identity on seen (train) products (study/diagnose.py)")
     g.add_argument("--out", required=True, help="the run's folder")
     g.add_argument("--quick", action="store_true", help="a --quick run's folder")
+    pl = sub.add_parser("pilot", help="after the evaluation: nested trained on masked references (study/pilot.py)")
+    pl.add_argument("--out", required=True, help="the run's folder")
+    pl.add_argument("--quick", action="store_true", help="a --quick run's folder")
+    pl.add_argument("--cases", type=int, default=150, help="main-table cases read (default: all 150)")
     d = sub.add_parser("demo", help="personalised images of held-out products from trained weights")
     d.add_argument("--weights", default=os.path.join(os.path.dirname(__file__), "weights"), help="a run's folder")
     d.add_argument("--out", required=True, help="output folder")
@@ -216,6 +231,8 @@ def main(argv=None) -> int:
         return 0
     if args.command == "diagnose":
         return _diagnose(Run(args.out, QUICK if args.quick else FULL))
+    if args.command == "pilot":
+        return _pilot(Run(args.out, QUICK if args.quick else FULL), args.cases)
     run = Run(args.out, QUICK if args.quick else FULL, args.docs, args.readme)
     names = [name for name, _ in STAGES]
     for name in args.again:  # a stage run again makes every later stage and its caches stale

@@ -70,6 +70,7 @@ class TrainConfig:
     timestep_bias_multiplier: float = 3.0
     timestep_bias_portion: float = 0.4  # of the schedule's timesteps, at its noisy end ("later") or clean end
     other_photo: float = 1.0  # chance that a subject's reference is another photo of it (where prepare grouped some)
+    white_references: bool = False  # whiten another photo's background by its mask, as a masked reference at inference
     checkpoint_every: int = 500
     resume: Optional[str] = None  # a checkpoint folder, or "latest"
     validate_every: int = 0  # 0 = off
@@ -429,7 +430,7 @@ def setup(cfg: TrainConfig) -> Session:
         accelerator.register_for_checkpointing(ema)
     start = _resume(accelerator, cfg) if cfg.resume else 0
     resolution = cfg.resolution or int(record["resolution"])
-    data = TrainSet(cfg.data, resolution, vision.processor, cfg.seed, cfg.other_photo)
+    data = TrainSet(cfg.data, resolution, vision.processor, cfg.seed, cfg.other_photo, cfg.white_references)
     rank, world = accelerator.process_index, accelerator.num_processes
     micro_steps = (start * cfg.grad_accum, cfg.steps * cfg.grad_accum)
     batches = step_batches(len(data), cfg.batch_size, *micro_steps, cfg.seed, rank, world, cfg.fixed_batch)
@@ -547,7 +548,15 @@ def _checkpoint(accelerator, cfg: TrainConfig, step: int) -> None:
     accelerator.wait_for_everyone()
 
 
-RESUME_SAME = ("ema", "lr_schedule", "latents", "timestep_bias", "other_photo", "trigger_weight")  # in trainer.json
+RESUME_SAME = (  # recorded in trainer.json; a resume must match them
+    "ema",
+    "lr_schedule",
+    "latents",
+    "timestep_bias",
+    "other_photo",
+    "white_references",
+    "trigger_weight",
+)
 
 
 def checkpoints(run_dir: str) -> List[str]:
@@ -644,6 +653,8 @@ HELP = {  # the options of python -m na_engine train; their defaults are TrainCo
     "timestep_bias_portion": "the fraction of the schedule that --timestep-bias favours",
     "other_photo": "chance that a subject's reference is another photo of it (photos grouped by prepare); else a "
     "white-backed crop of the training image itself",
+    "white_references": "whiten the background of another photo's reference by its mask (prepare --masks), for an "
+    "adapter users will give masked references; default: kept, as a user's uncut photo",
     "checkpoint_every": "steps between checkpoints (resumable with --resume)",
     "resume": "checkpoint folder, or 'latest'",
     "validate_every": "steps between validation images; 0 = off",

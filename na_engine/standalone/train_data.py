@@ -27,12 +27,15 @@ class TrainSet(torch.utils.data.Dataset):
     """Items are addressed by (step, row, index), and each draws its augmentation from a
     generator seeded by them: a resumed run sees exactly the batches it would have."""
 
-    def __init__(self, folder: str, resolution: int, processor, seed: int, other_photo: float = 1.0):
+    def __init__(
+        self, folder: str, resolution: int, processor, seed: int, other_photo: float = 1.0, white: bool = False
+    ):
         with open(os.path.join(folder, DATASET_FILE)) as f:
             record = json.load(f)
         self.folder, self.items, self.class_word = folder, record["items"], record["class_word"]
         self.subjects = item_subjects(record)  # per item: [{"trigger", "group", "mask"}]
         self.resolution, self.processor, self.seed, self.other_photo = resolution, processor, seed, other_photo
+        self.white = white  # another photo's background whitened by its mask too
         self.photos: Dict[str, List[int]] = {}  # group -> the items that show that subject alone
         for index, subjects in enumerate(self.subjects):
             if len(subjects) == 1:
@@ -52,11 +55,12 @@ class TrainSet(torch.utils.data.Dataset):
         return {"target": target, "references": pixels, "caption": self.caption(index), "triggers": triggers}
 
     def reference(self, index: int, image, subject: dict, rng: random.Random):
-        """Another photo of the subject, background kept; else the target's own subject on white."""
+        """Another photo of the subject, background kept (whitened with ``white``); else the target's own subject
+        on white."""
         others = [i for i in self.photos.get(subject["group"], []) if i != index]
         if others and rng.random() < self.other_photo:
             other = others[rng.randrange(len(others))]
-            return subject_box(self.image(other), self.mask(other, self.subjects[other][0]))
+            return subject_box(self.image(other), self.mask(other, self.subjects[other][0]), white=self.white)
         return subject_box(image, self.mask(index, subject), white=True)
 
     def image(self, index: int):

@@ -126,3 +126,18 @@ def test_diagnose_reads_seen_products(quick_run):
     seen = diagnosis["seen_products"]
     assert set(seen["methods"]) == {"base", "single_token", "decoupled", "bridge", "nested"}
     assert all(METHOD_KEYS <= set(cell) and cell["n"] == 12 for cell in seen["methods"].values())
+
+
+def test_pilot_trains_on_masked_references_and_reads_them(quick_run):
+    """`python -m study pilot`: nested trained with --white-references, read with masked references."""
+    out, _, _ = quick_run
+    cmd = [sys.executable, "-m", "study", "pilot", "--quick", "--out", str(out), "--cases", "2"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    pilot = json.loads((out / "pilot.json").read_text())
+    assert pilot["training"]["steps"] == 4 and (out / "pilot" / "nested_white.safetensors").is_file()
+    for cell in ("nested_round2_masked", "nested_white_masked"):
+        assert METHOD_KEYS <= set(pilot[cell]) and pilot[cell]["n"] == 2
+    assert set(pilot["token_retrieval_nested_white"]) == {"as_evaluated", "masked", "same_attributes"}
+    trainer = json.loads(next((out / "pilot").glob("nested_white_run/checkpoint-*/trainer.json")).read_text())
+    assert trainer["white_references"] is True

@@ -178,6 +178,10 @@ def test_a_reference_is_another_photo_of_the_subject(grouped):
     assert pair["triggers"] == ["dog", "cat"] and pair["references"].shape[0] == 2
     reds = [np.asarray(im).reshape(-1, 3).mean(0) for im in processor.images]
     assert reds[0][0] > reds[0][2] and reds[1][2] > reds[1][0]  # the dog's reference is red, the cat's blue
+    white = train_data.TrainSet(str(out), 32, processor, seed=0, other_photo=1.0, white=True)
+    masked = subject_box(white.image(4), white.mask(4, white.subjects[4][0]), white=True)
+    assert white.reference(3, white.image(3), white.subjects[3][0], random.Random(0)).tobytes() == masked.tobytes()
+    assert masked.tobytes() != other.tobytes()  # the photo's background did go white
     alone = train_data.TrainSet(str(out), 32, processor, seed=0, other_photo=0.0)
     own = alone.reference(3, alone.image(3), alone.subjects[3][0], random.Random(0))
     assert own.tobytes() == subject_box(alone.image(3), alone.mask(3, alone.subjects[3][0]), white=True).tobytes()
