@@ -15,6 +15,7 @@ the UNet host; the joint sequence is [text; image], and the trigger positions in
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import replace
 from typing import Callable, Optional
@@ -37,6 +38,11 @@ class JointAttentionPatch:
         self.run, self.key, self.key_norm, self.previous = run, key, key_norm, previous
         self._warned = False
 
+    def __deepcopy__(self, memo) -> "JointAttentionPatch":
+        """ComfyUI deep-copies model options on every clone: the run, the norm weight and the previous replace
+        are shared, never copied (as the UNet patch does)."""
+        return copy.copy(self)
+
     def __call__(self, args: dict, extra: dict) -> dict:
         options = args.get("transformer_options") or {}
         call = options.get(ROWS_KEY, {}).get(self.run.uid)
@@ -54,8 +60,8 @@ class JointAttentionPatch:
                 split = [x.view(x.shape[0], x.shape[1], h, -1).transpose(1, 2) for x in (q_, k_, v_)]
                 return func(*split, h, **kwargs) if inner is None else inner(func, *split, h, **kwargs)
 
-            if not self._supported(q, kwargs):
-                return host(*(_merge(x) for x in (q, k, v)), heads)
+            if not self._supported(q, kwargs):  # passed on untouched
+                return func(q, k, v, heads, **kwargs) if inner is None else inner(func, q, k, v, heads, **kwargs)
             return self._attend(call, pe, _merge(q), _merge(k), _merge(v), heads, host, inner is not None)
 
         return nested_joint_attention

@@ -181,3 +181,24 @@ def test_old_comfyui_gets_a_clear_error(pack, engine, comfy, tiny_clip_vision, t
     subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "bottle")
     with pytest.raises(engine.NestedAttentionError, match="too old for Nested Attention on Flux"):
         node(pack, "NestedAttentionApply").apply(Patcher(), None, subjects, "a bottle")
+
+
+def test_clones_share_the_patch_state_and_other_layouts_pass_through(pack, engine, flux, tiny_clip_vision, caplog):
+    import copy
+
+    model, clip = flux
+    subjects = encode(pack, flux_adapter(engine, model), tiny_clip_vision, "bottle")
+    patched, _, _ = apply(pack, model, clip, subjects, "a bottle")
+    patch = dit_patches(patched)[("double_block", 0)]
+    twin = copy.deepcopy(patch)
+    assert twin.run is patch.run and twin.key_norm is patch.key_norm
+    seen = []
+
+    def func(q, k, v, heads, **kwargs):
+        seen.append(q.shape)
+        return q
+
+    override = patch._override(None, None, None)
+    q = torch.randn(1, 6, 8)  # merged layout, as a model other than Flux may call it
+    assert override(func, q, q, q, 2, skip_reshape=False) is q and seen == [q.shape]
+    assert "not applied there" in caplog.text
