@@ -16,12 +16,12 @@ from na_engine.subjects import Subject
 T, N = 5, 16  # text tokens, image tokens (a 4x4 latent at patch 1)
 
 
-def run(model, call, processors, seed=0):
+def model_inputs(seed=0) -> dict:
     g = torch.Generator().manual_seed(seed)
     img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
     txt_ids = torch.zeros(T, 3)
     txt_ids[:, 0] = torch.arange(T) * 0.5  # text positions that rotate, unlike Flux's: the rotation must count
-    inputs = dict(
+    return dict(
         hidden_states=torch.randn(1, N, 8, generator=g),
         encoder_hidden_states=torch.randn(1, T, 32, generator=g),
         pooled_projections=torch.randn(1, 16, generator=g),
@@ -29,8 +29,11 @@ def run(model, call, processors, seed=0):
         img_ids=img_ids.reshape(-1, 3),
         txt_ids=txt_ids,
     )
+
+
+def run(model, call, processors, seed=0):
     with torch.no_grad(), processors.bound(call):
-        return model(**inputs).sample
+        return model(**model_inputs(seed)).sample
 
 
 @pytest.fixture
@@ -111,17 +114,8 @@ def test_gradients_reach_the_adapter_through_both_blocks(flux):
     model, subject, where, processors = flux
     tokens = subject.tokens.clone().requires_grad_(True)
     trained = subject.with_(tokens=tokens)
-    g = torch.Generator().manual_seed(0)
-    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
     with processors.bound(ModelCall([Placement(trained, where)], (4, 4))):
-        out = model(
-            hidden_states=torch.randn(1, N, 8, generator=g),
-            encoder_hidden_states=torch.randn(1, T, 32, generator=g),
-            pooled_projections=torch.randn(1, 16, generator=g),
-            timestep=torch.tensor([0.5]),
-            img_ids=img_ids.reshape(-1, 3),
-            txt_ids=torch.zeros(T, 3),
-        ).sample
+        out = model(**model_inputs()).sample
     out.square().mean().backward()
     assert tokens.grad.abs().sum() > 0
     assert all(subject.adapter.to_k[i].weight.grad is not None for i in range(2))
