@@ -19,7 +19,7 @@ every text token position id 0, whose rotation is the identity, but the rotation
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,36 @@ def joint_nested_attention(
     index = rows.to(q.device)
     part = [b.rows(rows) for b in active]
     out[index] = _joint(q[index], k[index], v[index], heads, text, part, base_attention, stacked, method)
+    return out
+
+
+def joint_layer(
+    binder,
+    call,
+    key: tuple,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: int,
+    norm_weight: Tensor,
+    rotation_at: Optional[Callable[[int], Tensor]] = None,
+    eps: float = 1e-6,
+    base_attention: AttentionFn = sdpa_attention,
+    stacked: bool = False,
+) -> Tensor:
+    """One joint-attention layer as both hosts serve it: the call's bindings at ``key`` (a binding.Binder's),
+    their nested keys put into the joint key space, the evaluation, and the record of the layer's maps.
+
+    q, k, v: (B, L, H*d), text first; ``rotation_at(position)``: the rotary matrices (d/2, 2, 2) of a sequence
+    position, or None for a model without RoPE; the nested keys take the trigger's first position's."""
+    image = q[:, call.placements[0].where.shape[1] :]  # (B, N, H*d): the queries the subjects act on
+    bound = []
+    for i, b in binder.bindings(call, key, image):
+        rotation = rotation_at(int(b.where.any(0).nonzero()[0, 0])) if rotation_at and bool(b.where.any()) else None
+        bound.append((i, replace(b, keys=joint_keys(b.keys, heads, norm_weight.to(q.device), rotation, eps))))
+    out = joint_nested_attention(q, k, v, heads, [b for _, b in bound], base_attention, stacked)
+    if bound:
+        binder.record(key, call, image, k, heads, [(i, widen(b, k.shape[1])) for i, b in bound])
     return out
 
 

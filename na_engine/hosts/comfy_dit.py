@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from ..joint import joint_keys, joint_nested_attention, widen
+from ..attention import _merge
+from ..joint import joint_layer
 from .comfy_patch import ROWS_KEY, NestedRun
 
 OVERRIDE = "optimized_attention_override"
@@ -67,16 +67,9 @@ class JointAttentionPatch:
         return nested_joint_attention
 
     def _attend(self, call, pe, q: Tensor, k: Tensor, v: Tensor, heads: int, host, stacked: bool) -> Tensor:
-        text = call.placements[0].where.shape[1]
-        image = q[:, text:]  # (B, N, H*d): the queries the subjects act on
-        bound = [
-            (i, replace(b, keys=joint_keys(b.keys, heads, self.key_norm.to(q.device), _rotation(pe, b.where))))
-            for i, b in self.run.binder.bindings(call, self.key, image)
-        ]
-        out = joint_nested_attention(q, k, v, heads, [b for _, b in bound], host, stacked)
-        if bound:
-            self.run.binder.record(self.key, call, image, k, heads, [(i, widen(b, k.shape[1])) for i, b in bound])
-        return out
+        rotation_at = None if pe is None else (lambda position: pe[0, 0, position])  # pe (1|B, 1, L, d/2, 2, 2)
+        binder = self.run.binder
+        return joint_layer(binder, call, self.key, q, k, v, heads, self.key_norm, rotation_at, 1e-6, host, stacked)
 
     def _supported(self, q: Tensor, kwargs: dict) -> bool:
         """Flux's call: (B, H, L, d) in, (B, L, H*d) out, no attention mask.  Anything else is left alone."""
@@ -90,20 +83,6 @@ class JointAttentionPatch:
                 self.key[:2],
             )
         return bool(ok)
-
-
-def _merge(x: Tensor) -> Tensor:
-    """(B, H, L, d) -> (B, L, H*d)."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
-
-
-def _rotation(pe: Optional[Tensor], where: Tensor) -> Optional[Tensor]:
-    """The rotary matrices (d/2, 2, 2) at the trigger's first position, from Flux's pe (1|B, 1, L, d/2, 2, 2)."""
-    if pe is None or not bool(where.any()):
-        return None
-    position = int(where.any(0).nonzero()[0, 0])
-    return pe[0, 0, position]
 
 
 def comfy_dit_layers(diffusion_model: torch.nn.Module) -> list:

@@ -18,7 +18,6 @@ No diffusers import: a processor is any callable with the signature below.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -28,7 +27,7 @@ from torch import Tensor
 from ..attention import NestedBinding, nested_attention
 from ..binding import Binder, ModelCall
 from ..errors import NestedAttentionError
-from ..joint import joint_keys, joint_nested_attention, widen
+from ..joint import joint_layer, joint_nested_attention
 from ..layers import Layer, is_joint
 
 
@@ -132,19 +131,13 @@ class NestedJointAttnProcessor:
         return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text.contiguous())
 
     def _attend(self, q, k, v, heads, key_norm, cos, sin) -> Tensor:
-        call, binder, key = self.processors.call, self.processors.binder, self.layer.comfy
+        call = self.processors.call
         if call is None:
             return joint_nested_attention(q, k, v, heads, [])
-        image = q[:, call.placements[0].where.shape[1] :]  # (B, N, H*d)
         eps = key_norm.eps if key_norm.eps is not None else torch.finfo(q.dtype).eps
-        bound = [
-            (i, replace(b, keys=joint_keys(b.keys, heads, key_norm.weight, _rotation(cos, sin, b.where), eps)))
-            for i, b in binder.bindings(call, key, image)
-        ]
-        out = joint_nested_attention(q, k, v, heads, [b for _, b in bound])
-        if bound:
-            binder.record(key, call, image, k, heads, [(i, widen(b, k.shape[1])) for i, b in bound])
-        return out
+        rotation_at = None if cos is None else (lambda position: _rotation(cos[position], sin[position]))
+        binder, key = self.processors.binder, self.layer.comfy
+        return joint_layer(binder, call, key, q, k, v, heads, key_norm.weight, rotation_at, eps)
 
 
 def _heads(x: Tensor, head_dim: int) -> Tensor:
@@ -159,12 +152,9 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos[None, :, None] + turned * sin[None, :, None]).to(x.dtype)
 
 
-def _rotation(cos: Optional[Tensor], sin: Optional[Tensor], where: Tensor) -> Optional[Tensor]:
-    """The rotary matrices (d/2, 2, 2) at the trigger's first position, in joint_keys' layout."""
-    if cos is None or not bool(where.any()):
-        return None
-    p = int(where.any(0).nonzero()[0, 0])
-    c, s = cos[p, 0::2], sin[p, 0::2]  # (d/2,)
+def _rotation(cos: Tensor, sin: Tensor) -> Tensor:
+    """diffusers' cos and sin (d,) of one position -> its rotary matrices (d/2, 2, 2), in joint_keys' layout."""
+    c, s = cos[0::2], sin[0::2]  # (d/2,): one per channel pair
     return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
 
 

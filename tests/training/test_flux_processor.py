@@ -5,7 +5,7 @@ import torch
 from engine_builders import TINY_RESAMPLER, reference_nested, reference_plain
 from tiny_diffusers import tiny_flux_transformer
 
-import na_engine.hosts.diffusers_processor as host
+import na_engine.joint as joint
 from na_engine import random_adapter
 from na_engine.attention import NestedBinding
 from na_engine.binding import ModelCall, Placement
@@ -48,14 +48,14 @@ def flux():
 
 def spy(monkeypatch):
     calls = []
-    real = host.joint_nested_attention
+    real = joint.joint_nested_attention
 
     def recorded(q, k, v, heads, bindings, *args, **kwargs):
         out = real(q, k, v, heads, bindings, *args, **kwargs)
         calls.append((q, k, v, heads, out))
         return out
 
-    monkeypatch.setattr(host, "joint_nested_attention", recorded)
+    monkeypatch.setattr(joint, "joint_nested_attention", recorded)  # as joint_layer calls it
     return calls
 
 
