@@ -43,7 +43,7 @@ def seen_products(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, log
     return {
         "what": f"{len(cases)} cases of {count} train identities (chance {1 / count:.4f}), read as the main table",
         "command": f"python -m study diagnose --out {run_dir}",
-        "methods": {m: evaluate._summary(c) for m, c in cells.items()},
+        "methods": {m: evaluate.summary_of(c) for m, c in cells.items()},
     }
 
 
@@ -59,13 +59,16 @@ def _pairs(heldout, variant: str, rng) -> list:
     return [[world.random_scene(rng, ident, attributes=attributes) for _ in range(2)] for ident in heldout]
 
 
-def _photo(scene, resolution: int, variant: str):
-    if variant != "masked":
-        return evaluate.reference_photo(scene, resolution)
+def masked_photo(scene, resolution: int):
+    """The evaluation's reference crop with its background whitened by the render's mask."""
     from na_engine.standalone.references import subject_box
 
     image, mask = world.render(scene, resolution)
     return subject_box(image, mask, white=True)
+
+
+def _photo(scene, resolution: int, variant: str):
+    return masked_photo(scene, resolution) if variant == "masked" else evaluate.reference_photo(scene, resolution)
 
 
 def _top1(a: list, b: list) -> float:

@@ -175,6 +175,14 @@ class Evaluator:
             self._subjects[key] = self.generators[m.adapter].encode([photo], kind, mode=m.mode)
         return self._subjects[key]
 
+    def use_adapter(self, method: str, adapter) -> None:
+        """Serve ``method``'s cells from another adapter from now on (subjects encoded before are dropped)."""
+        from na_engine.standalone.generate import NestedGenerator
+
+        first = self.generators[method]
+        self.generators[method] = NestedGenerator(first.base, first.vision, adapter, "cpu")
+        self._subjects.clear()
+
     def generate(self, method: str, prompt: world.Scene, refs, seed: int, strength: float = 1.0, maps=False):
         """One image of ``prompt`` with one subject per reference; ``strength`` multiplies the method's own."""
         m = METHODS[method]
@@ -317,9 +325,9 @@ def evaluate(run_dir: str, heldout, cfg: EvalConfig, log=print) -> dict:
         "heldout_identities": len(heldout),
         "chance_top1": round(1 / len(heldout), 4),
         "settings": asdict(cfg),
-        "methods": {m: _summary(c) for m, c in main.items()},
+        "methods": {m: summary_of(c) for m, c in main.items()},
         "attributes": {m: {k.key: c[k.key] for k in ATTRIBUTE_METRICS} for m, c in main.items()},
-        "multi": {m: _summary(c) for m, c in multi.items()},
+        "multi": {m: summary_of(c) for m, c in multi.items()},
         "tradeoff": {m: [point(m, s) for s in cfg.strengths] for m in in_table("tradeoff")},
         "paired": {
             "nested_vs_single_token_identity": paired_sign(
@@ -329,12 +337,12 @@ def evaluate(run_dir: str, heldout, cfg: EvalConfig, log=print) -> dict:
         },
     }
     results["ceiling"] = {
-        name: _summary(ev.cell(f"ceiling_{name}", lambda v=v: ev.ceiling(cases, v)))
+        name: summary_of(ev.cell(f"ceiling_{name}", lambda v=v: ev.ceiling(cases, v)))
         for name, v in (("render", False), ("vae", True))
     }
     return results
 
 
-def _summary(cell: dict) -> dict:
+def summary_of(cell: dict) -> dict:
     """A cell without its per-case rows and settings hash: what results.json keeps."""
     return {k: v for k, v in cell.items() if k not in ("rows", "settings")}

@@ -18,13 +18,8 @@ from . import diagnose, encoders, evaluate
 FOLDER = "pilot"
 
 
-def masked_photo(scene, resolution: int):
-    return diagnose._photo(scene, resolution, "masked")
-
-
 def pilot(run_dir: str, heldout, cases: int, cfg: evaluate.EvalConfig, enc: encoders.EncoderConfig, log=print) -> str:
     from na_engine.formats import load_adapter
-    from na_engine.standalone.generate import NestedGenerator
 
     folder = os.path.join(run_dir, FOLDER)
     out = os.path.join(folder, "nested_white.safetensors")
@@ -42,19 +37,17 @@ def pilot(run_dir: str, heldout, cases: int, cfg: evaluate.EvalConfig, enc: enco
     with open(record) as f:
         trained = json.load(f)
     few = evaluate.single_cases(heldout, cfg.cases, cfg.seed)[:cases]
-    ev = evaluate.Evaluator(run_dir, heldout, cfg, log, folder=FOLDER, photo=masked_photo)
+    ev = evaluate.Evaluator(run_dir, heldout, cfg, log, folder=FOLDER, photo=diagnose.masked_photo)
     round2 = ev.cell("nested_round2_masked", lambda: ev.single("nested", few))
-    first = ev.generators["nested"]
-    ev.generators["nested"] = NestedGenerator(first.base, first.vision, load_adapter(out), "cpu")
-    ev._subjects.clear()
+    ev.use_adapter("nested", load_adapter(out))
     white = ev.cell("nested_white_masked", lambda: ev.single("nested", few))
     retrieval = diagnose.token_retrieval(ev, heldout, cfg.seed + 7)["top1"]
     result = {
         "what": f"the main table's first {len(few)} cases, references masked; one method, not a claim",
         "command": f"python -m study pilot --out {run_dir}",
         "training": trained,
-        "nested_round2_masked": evaluate._summary(round2),
-        "nested_white_masked": evaluate._summary(white),
+        "nested_round2_masked": evaluate.summary_of(round2),
+        "nested_white_masked": evaluate.summary_of(white),
         "token_retrieval_nested_white": {variant: row["nested"] for variant, row in retrieval.items()},
     }
     path = os.path.join(run_dir, "pilot.json")
