@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ from . import world
 # Every word the world's captions use; other words fall back to letters (e.g. "photo").
 WORDS = [
     "a", "an", "and", "on", "of", "the", "in", "background", "photo", "with", "cap", "lit", "from", "lying",
-    *world.KINDS, *world.BACKGROUNDS, *world.PLACEMENTS, *world.SIZES,
+    *world.KINDS, *world.BACKGROUNDS, *world.PLACEMENTS, *world.SIZES, *world.PATTERN_WORDS.values(),
+    *world.HUE_WORDS,
 ]  # fmt: skip
 PUNCTUATION = [","]
 
@@ -57,6 +58,8 @@ class BaseConfig:
     ema: float = 0.999
     localise: float = 0.05  # weight of the localisation loss; 0 = off
     share_cases: int = 48  # held-out prompts on which the class words' attention shares are measured
+    described: float = 0.5  # share of the products whose caption names their pattern and hue (round 2: 0)
+    max_tokens: int = 48  # the captions' token length (round 2: 32, which cut some two-product captions)
     seed: int = 0
 
 
@@ -111,9 +114,12 @@ class RenderSet:
     kinds: list  # per image, its products' class words in order
 
 
-def render_set(identities, count: int, resolution: int, seed: int, latent: int | None = None) -> RenderSet:
-    """Renders with captions and per-product masks: one product, or two of different kinds (1 in 4)."""
-    rng = np.random.default_rng(seed)
+def render_set(
+    identities, count: int, resolution: int, seed: int, latent: int | None = None, described: float = 0.0
+) -> RenderSet:
+    """Renders with captions and per-product masks: one product, or two of different kinds (1 in 4); each
+    product's caption names its appearance with probability ``described`` (drawn apart: the scenes stay)."""
+    rng, words = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     latent = latent or resolution // 4
     images, captions, kinds = np.empty((count, resolution, resolution, 3), np.uint8), [], []
     masks = np.zeros((count, 2, latent, latent), np.float32)
@@ -124,6 +130,8 @@ def render_set(identities, count: int, resolution: int, seed: int, latent: int |
             others = [x for x in identities if x.kind != first.kind]
             second = others[int(rng.integers(len(others)))]
         scene = world.random_scene(rng, first, second)
+        said = words.random(len(scene.products)) < described
+        scene = world.Scene(scene.background, [replace(p, described=bool(d)) for p, d in zip(scene.products, said)])
         images[i] = np.asarray(world.render(scene, resolution)[0])
         captions.append(world.caption(scene))
         kinds.append([p.identity.kind for p in scene.products])
@@ -455,12 +463,12 @@ def build_base(folder: str, train_ids, heldout, cfg: BaseConfig, log=print) -> d
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
-    renders = render_set(train_ids, cfg.images, cfg.resolution, cfg.seed)
+    renders = render_set(train_ids, cfg.images, cfg.resolution, cfg.seed, described=cfg.described)
     log(f"rendered {len(renders.images)} training images in {time.time() - t0:.0f} s")
     vae, latents, psnr = train_vae(cfg, renders.images, log)
     log(f"vae: reconstruction PSNR {psnr:.1f} dB, latents {tuple(latents.shape[1:])}")
     tok_dir = os.path.join(folder, "tokenizer")
-    write_tokenizer(tok_dir, WORDS, PUNCTUATION)
+    write_tokenizer(tok_dir, WORDS, PUNCTUATION, cfg.max_tokens)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     unet, text, scheduler, losses = train_unet(cfg, latents, renders, tokenizer, log)
     save_pipeline(folder, vae, text, unet, scheduler, cfg)

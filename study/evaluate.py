@@ -282,16 +282,10 @@ class Evaluator:
     def ceiling(self, cases, through_vae: bool) -> dict:
         """The readings of the true product rendered in each prompt's scene, raw or encoded and decoded by the
         base's VAE: what a method that drew the product exactly could score, before and after the VAE."""
-        vae = self.generators["nested"].base.vae
-        rows = []
-        for case in cases:
-            image, _ = world.render(case.prompt, self.resolution)
-            if through_vae:
-                x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-                y = vae.decode(vae.encode(x).latent_dist.mean).sample[0]  # (3, R, R) in [-1, 1]
-                image = Image.fromarray(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-            rows.append(self.read_single(image, case))
-        return summarise(rows, SINGLE_METRICS)
+        images = [world.render(case.prompt, self.resolution)[0] for case in cases]
+        if through_vae:
+            images = probe.through_vae(self.generators["nested"].base.vae, images)
+        return summarise([self.read_single(image, case) for image, case in zip(images, cases)], SINGLE_METRICS)
 
 
 def _attribute_acc(row: dict) -> float:

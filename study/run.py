@@ -108,17 +108,22 @@ def stage_encoders(run: Run) -> dict:
 
 
 def stage_probe(run: Run) -> dict:
+    from diffusers import AutoencoderKL
+
     from . import probe
 
     cfg = probe.QUICK if run.scale.quick else probe.ProbeConfig()
     train, heldout = run.identities()
     resolution = run.stages["base"]["config"]["resolution"]
-    model = probe.train_probe(train, resolution, cfg, run.log)
+    vae = AutoencoderKL.from_pretrained(run.path("base", "vae")).eval()
+    model = probe.train_probe(train, resolution, cfg, run.log, vae)
     probe.save_probe(model, run.path("probe"), cfg)
     gallery = probe.Gallery(model, heldout, resolution, cfg.gallery_renders, cfg.seed)
     ceiling = probe.render_accuracy(gallery, heldout, resolution, 4, cfg.seed)
-    run.log(f"probe: top-1 {ceiling:.3f} on fresh held-out renders (chance {1 / len(heldout):.3f})")
-    return {"heldout_render_top1": ceiling, "config": cfg.__dict__}
+    through = probe.render_accuracy(gallery, heldout, resolution, 4, cfg.seed, vae)
+    chance = 1 / len(heldout)
+    run.log(f"probe: top-1 {ceiling:.3f} on fresh held-out renders, {through:.3f} through the VAE, chance {chance:.3f}")
+    return {"heldout_render_top1": ceiling, "heldout_vae_top1": through, "config": cfg.__dict__}
 
 
 def stage_evaluation(run: Run) -> dict:
@@ -196,6 +201,17 @@ STAGES = [
 ]
 
 
+def _worth(run: Run) -> int:
+    from . import worth
+
+    if "encoders" not in run.stages:
+        raise SystemExit(f"{run.out} has no finished encoders stage; run the study first.")
+    cfg = worth.QUICK if run.scale.quick else worth.WorthConfig()
+    train, heldout = run.identities()
+    run.log(f"worth: wrote {worth.worth(run.out, train, heldout, cfg, run.log)}")
+    return 0
+
+
 @command_line
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m study", description=__doc__.split("\n")[0])
@@ -220,6 +236,9 @@ def main(argv=None) -> int:
     pl.add_argument("--out", required=True, help="the run's folder")
     pl.add_argument("--quick", action="store_true", help="a --quick run's folder")
     pl.add_argument("--cases", type=int, default=150, help="main-table cases read (default: all 150)")
+    w = sub.add_parser("worth", help="after the encoders: what the subject is worth to the denoiser (study/worth.py)")
+    w.add_argument("--out", required=True, help="the run's folder")
+    w.add_argument("--quick", action="store_true", help="a --quick run's folder")
     d = sub.add_parser("demo", help="personalised images of held-out products from trained weights")
     d.add_argument("--weights", default=os.path.join(os.path.dirname(__file__), "weights"), help="a run's folder")
     d.add_argument("--out", required=True, help="output folder")
@@ -233,6 +252,8 @@ def main(argv=None) -> int:
         return _diagnose(Run(args.out, QUICK if args.quick else FULL))
     if args.command == "pilot":
         return _pilot(Run(args.out, QUICK if args.quick else FULL), args.cases)
+    if args.command == "worth":
+        return _worth(Run(args.out, QUICK if args.quick else FULL))
     run = Run(args.out, QUICK if args.quick else FULL, args.docs, args.readme)
     names = [name for name, _ in STAGES]
     for name in args.again:  # a stage run again makes every later stage and its caches stale

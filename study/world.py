@@ -9,8 +9,10 @@
     caption(Scene("teal", [lying]))                    # "a lying bottle with a cap on the left, small, ..."
 
 An identity is one product: its kind's class word, a shape variant, a continuous body colour and a
-label pattern (stripes, dots, checks or a band) with its own colour and frequency. Nothing in the
-vocabulary names those, so an identity can only come from a reference photo. A scene names what the
+label pattern (stripes, dots, checks or a band) with its own colour and frequency. Only the base's
+training captions may name its look, coarsely (a described product: "a striped amber bottle", one of 24
+word pairs); the prompts a subject is tested with never do, so an identity can only come from a reference
+photo. A scene names what the
 prompt can say: a background colour, and per product a placement, a size and three attributes that act
 on the product itself (ATTRIBUTES): its pose, the side its light comes from and a white cap. Each is
 binary; the default value goes unsaid, the marked one is said. They are what a reference photo can
@@ -49,6 +51,14 @@ CAP = (250, 250, 250)  # RGB; never a body, ink or background colour (those are 
 CAP_DEPTH = 0.18  # fraction of the product's height, from its top
 SHADE = (0.7, 1.1)  # the shading from the far side to the lit side
 SUPERSAMPLE = 4  # drawn at 4x then box-filtered, so edges and patterns are anti-aliased
+# Appearance words: a product's pattern and the sector of its body's hue. Only the base's training captions
+# use them (a share of its products are described), so that its class word, like a real model's, carries
+# what the product looks like; the prompts of the evaluation and of encoder training never do, so identity
+# still comes from the reference alone (and the words are coarse: 24 pairs of words, 10 train products each).
+PATTERN_WORDS = {"stripes": "striped", "dots": "dotted", "checks": "checked", "band": "banded"}
+# Hue words and each one's upper hue in degrees. Most bodies are orange to yellow (far from every background),
+# so the first edges are the sextiles of the world's body hues (seed 0, 300 identities: 41.0, 47.6, 53.2, 61.5).
+HUE_WORDS = {"orange": 41.0, "amber": 47.6, "gold": 53.2, "mustard": 61.5, "lemon": 180.0, "pink": 360.0}
 
 
 @dataclass(frozen=True)
@@ -77,26 +87,37 @@ class Placed:
     placement: str
     size: str
     marked: frozenset = frozenset()  # the ATTRIBUTES that take their marked value
+    described: bool = False  # the caption names its pattern and hue (the base's training captions only)
 
     def value(self, attribute: str) -> str:
         default, marked, _ = ATTRIBUTES[attribute]
         return marked if attribute in self.marked else default
 
     def describe(self) -> str:
-        """The kind with its marked attributes' words: "lying bottle with a cap, lit from the left,"."""
-        words = ("lying " if "pose" in self.marked else "") + self.identity.kind
+        """The kind with its marked attributes' words: "lying bottle with a cap, lit from the left,"; described:
+        "lying striped amber bottle ..."."""
+        words = ("lying " if "pose" in self.marked else "") + (
+            appearance(self.identity) + " " if self.described else ""
+        )
+        words += self.identity.kind
         words += " with a cap" if "cap" in self.marked else ""
         return words + (", lit from the left," if "light" in self.marked else "")
 
     def flipped(self) -> "Placed":
         """The same product with every attribute at its other value: how a reference contradicts a prompt."""
-        return Placed(self.identity, self.placement, self.size, frozenset(ATTRIBUTES) - self.marked)
+        return Placed(self.identity, self.placement, self.size, frozenset(ATTRIBUTES) - self.marked, self.described)
 
 
 @dataclass(frozen=True)
 class Scene:
     background: str
     products: list[Placed] = field(default_factory=list)
+
+
+def appearance(identity: Identity) -> str:
+    """The words for its pattern and body hue: "striped amber"."""
+    hue = colorsys.rgb_to_hsv(*identity.body)[0] * 360
+    return f"{PATTERN_WORDS[identity.pattern]} {next(w for w, top in HUE_WORDS.items() if hue < top)}"
 
 
 def _colour(rng: np.random.Generator) -> tuple[float, float, float]:

@@ -136,7 +136,19 @@ class NestedDenoiser(nn.Module):
     ) -> Tensor:
         """noisy (B, 4, h, w); context (B, T, C); features (S, P, E) of S subjects; where (S, T) bool, each
         subject's trigger positions in the caption of its row rows[s] (default: subject s is row s) -> (B, 4, h, w)."""
-        tokens = self.adapter.resampler(features)  # (S, M, D)
+        return self.predict(noisy, timesteps, context, added, self.adapter.resampler(features), where, rows)
+
+    def predict(
+        self,
+        noisy: Tensor,
+        timesteps: Tensor,
+        context: Tensor,
+        added: Optional[dict],
+        tokens: Tensor,
+        where: Tensor,
+        rows: Optional[Tensor] = None,
+    ) -> Tensor:
+        """As forward, from the subjects' tokens (S, M, D) instead of their reference features."""
         rows = torch.arange(len(where), device=where.device) if rows is None else rows
         placements = []
         for s in range(len(where)):

@@ -56,10 +56,12 @@ def test_results_hold_every_key(quick_run):
         assert [p["strength"] for p in points] == [0.0, 1.0, 2.0]
         assert all({"identity_top1", "attribute_acc"} <= set(p) for p in points)
     assert {"render", "vae"} == set(results["ceiling"])
+
     share = results["base"]["trigger_share"]
     assert 0 <= share["elsewhere"] <= 1 and 0 <= share["product"] <= 1 and len(share["layers"]) >= 4
     assert 0 <= results["paired"]["nested_vs_decoupled_swap"]["sign_test_p"] <= 1
     stages = json.loads((out / "stages.json").read_text())
+    assert 0 <= stages["probe"]["heldout_vae_top1"] <= 1 and stages["probe"]["config"]["vae_share"] == 0.5
     total = sum(v["stage_seconds"] for k, v in stages.items() if k not in ("scale", "report"))
     assert results["run_seconds"] == pytest.approx(total, abs=0.2)
     assert json.loads((docs / "study" / "results.json").read_text()) == results
@@ -126,6 +128,28 @@ def test_diagnose_reads_seen_products(quick_run):
     seen = diagnosis["seen_products"]
     assert set(seen["methods"]) == {"base", "single_token", "decoupled", "bridge", "nested"}
     assert all(METHOD_KEYS <= set(cell) and cell["n"] == 12 for cell in seen["methods"].values())
+
+
+def test_worth_reads_every_condition_on_held_out_and_seen_products(quick_run):
+    """`python -m study worth`: the subject's worth to the denoiser, per condition, product by product."""
+    out, _, _ = quick_run
+    cmd = [sys.executable, "-m", "study", "worth", "--quick", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    worth = json.loads((out / "worth.json").read_text())
+    conditions = {"none", "text/optimised", "nested/optimised", "decoupled/optimised"}
+    conditions |= {
+        f"{m}/{r}" for m in ("nested", "single_token", "decoupled") for r in ("as_evaluated", "masked", "own", "wrong")
+    }
+    for part in ("heldout", "seen"):
+        rows = worth[part]
+        assert conditions <= set(rows) and rows["none"]["n"] == 3 and rows["nested/optimised"]["n"] == 1
+        assert rows["none"]["product_change_pct"] == 0 and rows["nested/masked"]["product"] > 0
+        assert {"fit_before", "fit_after"} <= set(rows["text/optimised"])
+    cached = json.loads((out / "worth" / "heldout.json").read_text())
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "worth: heldout" not in again.stdout  # every product read from its cache
+    assert json.loads((out / "worth" / "heldout.json").read_text()) == cached
 
 
 def test_pilot_trains_on_masked_references_and_reads_them(quick_run):

@@ -44,6 +44,21 @@ def test_captions_name_the_class_word_and_the_scene():
     assert caption(two) == "a bottle on the left and a box on the right, on a blue background"
 
 
+def test_described_products_name_their_pattern_and_hue_and_the_words_spread():
+    """The base's training captions may name a product's look; the words are coarse but each names many."""
+    from collections import Counter
+
+    from study.world import HUE_WORDS, PATTERN_WORDS, appearance
+
+    ident = sample_identities(0, 1)[0]
+    described = Placed(ident, "left", "small", frozenset({"pose"}), described=True)
+    words = appearance(ident)
+    assert caption(Scene("teal", [described])) == f"a lying {words} bottle on the left, small, on a teal background"
+    assert described.flipped().described and words.split()[0] == PATTERN_WORDS[ident.pattern]
+    hues = Counter(appearance(i).split()[1] for i in sample_identities(0, 300))
+    assert set(hues) == set(HUE_WORDS) and min(hues.values()) >= 20  # no word names almost every product
+
+
 def test_metrics_read_every_render_of_the_world():
     """The readings are the ground truth on renders, so a generated image is judged by the scene alone."""
     rng = np.random.default_rng(0)
