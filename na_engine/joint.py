@@ -95,6 +95,8 @@ def joint_layer(
 
     q, k, v: (B, L, H*d), text first; ``rotation_at(position)``: the rotary matrices (d/2, 2, 2) of a sequence
     position, or None for a model without RoPE; the nested keys take the trigger's first position's."""
+    if not call.placements:  # a call that binds no subject (a base image; a training batch that dropped them all)
+        return base_attention(q, k, v, heads)
     image = q[:, call.placements[0].where.shape[1] :]  # (B, N, H*d): the queries the subjects act on
     bound = []
     for i, b in binder.bindings(call, key, image):

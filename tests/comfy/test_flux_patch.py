@@ -202,3 +202,69 @@ def test_clones_share_the_patch_state_and_other_layouts_pass_through(pack, engin
     q = torch.randn(1, 6, 8)  # merged layout, as a model other than Flux may call it
     assert override(func, q, q, q, 2, skip_reshape=False) is q and seen == [q.shape]
     assert "not applied there" in caplog.text
+
+
+def test_the_comfy_patch_and_the_diffusers_processor_agree_on_one_flux(pack, engine, comfy, tiny_clip_vision):
+    """One tiny Flux, its weights in ComfyUI's layout and in diffusers' (comfy.utils.flux_to_diffusers): the same
+    velocity without a subject, and with the same subject through each host's own path (the nodes; install)."""
+    import importlib
+
+    from tiny_diffusers import flux_transformer_from_comfy
+
+    if not comfy.has_flux():
+        pytest.skip("this ComfyUI has no Flux")
+    from comfy.utils import flux_to_diffusers
+
+    model, clip = comfy.tiny_flux_model(mlp_ratio=4.0), comfy.tiny_flux_clip()  # diffusers' blocks have mlp 4
+    diffusion = model.model.diffusion_model
+    transformer = flux_transformer_from_comfy(diffusion, flux_to_diffusers(comfy.TINY_FLUX))
+    layers = importlib.import_module(engine.__name__ + ".layers").dit_layers(2, 2, 64)  # names for both hosts
+    adapter = engine.random_adapter(flux_adapter(engine, model).config, layers, seed=3)
+    subjects = encode(pack, adapter, tiny_clip_vision, "bottle")
+    text = "a photo of a bottle on a table"
+    patched, pos, _ = apply(pack, model, clip, subjects, text)
+    context, pooled = pos[0][0], pos[0][1]["pooled_output"]  # (1, T, 64), (1, 64)
+    x, sigma = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.7])
+
+    def comfy_velocity(patcher):
+        options = patcher.model_options
+        c = {"c_crossattn": context, "y": pooled, "transformer_options": options.get("transformer_options", {})}
+
+        def forward(x_, t_, c_crossattn, y, transformer_options):
+            return diffusion(x_, t_, context=c_crossattn, y=y, transformer_options=transformer_options)
+
+        wrapper = options.get("model_function_wrapper")
+        with torch.no_grad():
+            if wrapper is None:
+                return forward(x, sigma, **c)
+            return wrapper(forward, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]})
+
+    processors = importlib.import_module(engine.__name__ + ".hosts.diffusers_processor").install(
+        transformer, adapter.layers
+    )
+    binding = importlib.import_module(engine.__name__ + ".binding")
+    tokens = [t[0] for t in clip.tokenize(text)["t5xxl"][0]]
+    where = torch.zeros(1, len(tokens), dtype=torch.bool)
+    where[0, tokens.index(clip.tokenize("bottle")["t5xxl"][0][0][0])] = True
+
+    def diffusers_velocity(placements):
+        packed = x.view(1, 16, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 16, 64)  # (1, N, C*2*2)
+        rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+        img_ids = torch.stack([torch.zeros(4, 4), rows, cols], -1).reshape(16, 3)
+        with torch.no_grad(), processors.bound(binding.ModelCall(placements, (4, 4))):
+            out = transformer(
+                hidden_states=packed,
+                timestep=sigma,
+                encoder_hidden_states=context,
+                pooled_projections=pooled,
+                img_ids=img_ids,
+                txt_ids=torch.zeros(len(tokens), 3),
+            ).sample  # (1, N, 64)
+        return out.view(1, 4, 4, 16, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, 16, 8, 8)
+
+    plain = comfy_velocity(model)
+    torch.testing.assert_close(diffusers_velocity([]), plain, atol=1e-4, rtol=1e-4)
+    nested = comfy_velocity(patched)
+    bound = diffusers_velocity([binding.Placement(subjects[0], where)])
+    torch.testing.assert_close(bound, nested, atol=1e-4, rtol=1e-4)
+    assert (nested - plain).abs().max() > 1e-3  # the subject changed the output, in both hosts alike

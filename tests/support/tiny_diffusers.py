@@ -209,3 +209,38 @@ def tiny_flux_transformer(seed: int = 0):
             if "norm_q" in name or "norm_k" in name or "norm_added" in name:
                 p.copy_(0.5 + torch.rand(p.shape))
     return model.eval()
+
+
+def flux_transformer_from_comfy(diffusion_model, key_map: dict):
+    """The diffusers FluxTransformer2DModel holding a ComfyUI Flux model's weights (same widths and depths);
+    ``key_map`` is comfy.utils.flux_to_diffusers': diffusers key -> comfy key, (key, (dim, start, size)) for a
+    slice of a fused tensor, or (key, None, fn) for a rewritten one."""
+    from diffusers import FluxTransformer2DModel
+
+    dm = diffusion_model
+    heads = dm.num_heads
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=dm.img_in.in_features,
+        num_layers=len(dm.double_blocks),
+        num_single_layers=len(dm.single_blocks),
+        attention_head_dim=dm.hidden_size // heads,
+        num_attention_heads=heads,
+        joint_attention_dim=dm.txt_in.in_features,
+        pooled_projection_dim=dm.vector_in.in_layer.in_features,
+        guidance_embeds=False,
+        axes_dims_rope=tuple(dm.pe_embedder.axes_dim),
+    )
+    source = dm.state_dict()
+    weights = {}
+    for name in model.state_dict():
+        entry = key_map[name]
+        if isinstance(entry, str):
+            weights[name] = source[entry]
+        elif entry[1] is not None:
+            dim, start, size = entry[1]
+            weights[name] = source[entry[0]].narrow(dim, start, size)
+        else:
+            weights[name] = entry[2](source[entry[0]])
+    model.load_state_dict({k: v.clone() for k, v in weights.items()}, strict=True)
+    return model.eval()

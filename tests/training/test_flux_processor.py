@@ -99,13 +99,15 @@ def _angles(model, position):
     return torch.atan2(sin[0, 0::2], cos[0, 0::2]).double()
 
 
-def test_no_call_is_the_plain_model_and_strength_zero_too(flux):
+def test_no_call_no_subject_and_strength_zero_are_the_plain_model(flux):
     model, subject, where, processors = flux
     fresh = tiny_flux_transformer()
     plain = run(fresh, None, install(fresh, subject.adapter.layers))
     assert torch.allclose(run(model, None, processors), plain, atol=1e-6)
     off = ModelCall([Placement(subject, where, strength=0.0)], (4, 4))
     assert torch.allclose(run(model, off, processors), plain, atol=1e-6)
+    nobody = ModelCall([], (4, 4))  # a call that binds no subject: a trainer's batch that dropped them all
+    assert torch.allclose(run(model, nobody, processors), plain, atol=1e-6)
     on = ModelCall([Placement(subject, where)], (4, 4))
     assert (run(model, on, processors) - plain).abs().max() > 1e-4
 
