@@ -15,6 +15,8 @@ Catalogue: --batch jobs.csv, one image a row:
 Each image is written to --out with, unless --no-maps, its attention-map panel:
 [where the trigger attends | which subject token each pixel draws from | the reference coloured by token].
 A rerun skips the rows already rendered with the same job and settings.
+--base may be a diffusers FluxPipeline folder, with a Flux adapter (standalone/flux.py): --cfg is then Flux's
+guidance, and a negative prompt is refused.
 `accelerate launch --multi_gpu --num_processes N -m na_engine generate ...` splits the rows across N
 processes (GPUs, or CPU processes where none is visible), each row the same image as one process gives;
 manifest.csv lists every row with the process that rendered it.
@@ -41,10 +43,11 @@ from ..binding import ModelCall, Placement
 from ..capture import AttentionCapture, token_legend
 from ..errors import NestedAttentionError, command_line
 from ..hosts.diffusers_processor import install
+from ..layers import is_joint
 from ..subjects import Subject
 from ..tokens import has_word
 from . import cli
-from .models import Base, Vision, image_features, trigger_where
+from .models import Base, Vision, encode_subject, trigger_where
 
 
 @dataclass
@@ -78,15 +81,8 @@ class NestedGenerator:
 
     @torch.no_grad()
     def encode(self, images: Sequence, trigger: str, combine: str = "concat", mode: str = "nested") -> Subject:
-        """PIL photos of one subject -> the subject, as the ComfyUI encode node makes it.
-
-        ``mode`` "decoupled" makes it act as IP-Adapter does (added image attention) instead of nested."""
-        tokens, weights = self.adapter.encode(image_features(self.vision, images, self.device), combine)
-        reference = (
-            torch.from_numpy(np.array(images[0].convert("RGB").resize((256, 256)))).float() / 255
-        )  # (256, 256, 3)
-        attention = weights.float().cpu() if len(images) == 1 else None  # the maps' legend colours one photo
-        return Subject(tokens, self.adapter, trigger, token_attention=attention, reference=reference, mode=mode)
+        """PIL photos of one subject -> the subject (models.encode_subject)."""
+        return encode_subject(self.adapter, self.vision, self.device, images, trigger, combine, mode)
 
     @torch.no_grad()
     def decode(self, latents: Tensor):
@@ -490,7 +486,8 @@ def check_arguments(args) -> None:
 
 def generate(args) -> List[str]:
     from ..formats import load_adapter
-    from .models import check_match, clip_vision_width, load_base, load_vision, unet_config
+    from . import flux
+    from .models import base_layers, check_match, clip_vision_width, load_base, load_vision
 
     jobs = read_jobs(args.batch) if args.batch else _jobs_from_args(args)
     if not args.adapter and any(job.images for job in jobs):
@@ -502,22 +499,22 @@ def generate(args) -> List[str]:
                 "should appear."
             )
     adapter = load_adapter(args.adapter) if args.adapter else None
-    check_match(
-        unet_config(args.base, args.base_config),
-        clip_vision_width(args.clip_vision),
-        adapter,
-        args.base,
-        args.clip_vision,
-    )
+    layers = base_layers(args.base, args.base_config)
+    check_match(layers, clip_vision_width(args.clip_vision), adapter, args.base, args.clip_vision)
     from accelerate import PartialState
 
     cli.check_launch()
     device = PartialState(cpu=not torch.cuda.is_available()).device  # this process's device under accelerate launch
     dtype = cli.DTYPES.get(args.dtype, torch.float16 if device.type == "cuda" else torch.float32)
-    base, vision = load_base(args.base, args.base_config, dtype), load_vision(args.clip_vision, dtype)
+    vision = load_vision(args.clip_vision, dtype)
     vision.model.to(device)
-    generator = NestedGenerator(base, vision, adapter.to(device) if adapter is not None else None, device)
-    size = args.size or cli.base_record(args.base, args.base_config).get("resolution") or (1024 if base.is_xl else 512)
+    adapter = adapter.to(device) if adapter is not None else None
+    if is_joint(layers):  # Flux
+        generator, large = flux.FluxGenerator(flux.load_pipeline(args.base, dtype), vision, adapter, device), True
+    else:
+        base = load_base(args.base, args.base_config, dtype)
+        generator, large = NestedGenerator(base, vision, adapter, device), base.is_xl
+    size = args.size or cli.base_record(args.base, args.base_config).get("resolution") or (1024 if large else 512)
     return run_jobs(
         generator,
         jobs,

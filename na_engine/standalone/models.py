@@ -19,6 +19,7 @@ from ..adapter import NestedAdapter, encoder_name
 from ..errors import NestedAttentionError
 from ..layers import Layer, base_name, diffusers_layers
 from ..resampler import ResamplerConfig
+from ..subjects import Subject
 from ..tokens import find_trigger
 
 
@@ -104,13 +105,22 @@ def clip_vision_width(path: str) -> int:
     return int(_vision_file_weights(path)["vision_model.embeddings.patch_embedding.weight"].shape[0])
 
 
+def base_layers(path: str, config: Optional[str] = None) -> List[Layer]:
+    """The adapter layers a base has, read from its configs: a UNet's cross-attentions, or a Flux
+    transformer's joint attentions (standalone/flux.py)."""
+    from .flux import flux_layers, is_flux
+
+    if os.path.isdir(path) and is_flux(path):
+        return flux_layers(path)
+    return diffusers_layers(unet_config(path, config))
+
+
 def check_match(
-    unet_cfg: dict, vision_width: int, adapter: Optional[NestedAdapter], base: str, clip_vision: str
+    layers: Sequence[Layer], vision_width: int, adapter: Optional[NestedAdapter], base: str, clip_vision: str
 ) -> None:
-    """An adapter must fit both the base's cross-attention layers and the CLIP vision width."""
+    """An adapter must fit both the base's layers (``base_layers``) and the CLIP vision width."""
     if adapter is None:
         return
-    layers = diffusers_layers(unet_cfg)
     theirs = [(layer.comfy, layer.width) for layer in adapter.layers]
     if theirs != [(layer.comfy, layer.width) for layer in layers]:
         from ..layers import describe
@@ -288,6 +298,21 @@ def image_features(vision: Vision, images: Sequence, device) -> Tensor:
 
     pixels = vision.processor(images=[pad_square(i) for i in images], return_tensors="pt").pixel_values
     return pixel_features(vision, pixels, device)
+
+
+@torch.no_grad()
+def encode_subject(
+    adapter: NestedAdapter, vision: Vision, device, images: Sequence, trigger: str, combine: str, mode: str
+) -> Subject:
+    """PIL photos of one subject -> the subject, as the ComfyUI encode node makes it.
+
+    ``mode`` "decoupled" makes it act as IP-Adapter does (added image attention) instead of nested."""
+    import numpy as np
+
+    tokens, weights = adapter.encode(image_features(vision, images, device), combine)
+    reference = torch.from_numpy(np.array(images[0].convert("RGB").resize((256, 256)))).float() / 255  # (256, 256, 3)
+    attention = weights.float().cpu() if len(images) == 1 else None  # the maps' legend colours one photo
+    return Subject(tokens, adapter, trigger, token_attention=attention, reference=reference, mode=mode)
 
 
 @torch.no_grad()

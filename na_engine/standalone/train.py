@@ -296,7 +296,7 @@ def check_inputs(cfg: TrainConfig):
 
     Returns (record, unet config, vision width, init adapter)."""
     from ..formats import load_adapter
-    from .models import check_match, clip_vision_width, unet_config
+    from .models import check_match, clip_vision_width, diffusers_layers, unet_config
 
     check_numbers(cfg)
 
@@ -343,7 +343,7 @@ def check_inputs(cfg: TrainConfig):
     check_data(cfg, record)
     unet_cfg, width = unet_config(cfg.base, cfg.base_config), clip_vision_width(cfg.clip_vision)
     init = load_adapter(cfg.init_from) if cfg.init_from else None
-    check_match(unet_cfg, width, init, cfg.base, cfg.clip_vision)
+    check_match(diffusers_layers(unet_cfg), width, init, cfg.base, cfg.clip_vision)
     return record, unet_cfg, width, init
 
 

@@ -244,3 +244,66 @@ def flux_transformer_from_comfy(diffusion_model, key_map: dict):
             weights[name] = entry[2](source[entry[0]])
     model.load_state_dict({k: v.clone() for k, v in weights.items()}, strict=True)
     return model.eval()
+
+
+def write_t5_tokenizer(folder: str, words, max_length: int = 16) -> None:
+    """A T5 tokenizer (Unigram, as T5's SentencePiece model is) in which each of ``words`` is one piece and any
+    other word splits into letters; T5's specials <pad> 0, </s> 1, <unk> 2 (no tokenizer can be downloaded)."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in words] + [(c, -5.0) for c in string.ascii_lowercase]
+    T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length).save_pretrained(folder)
+
+
+def make_flux_base(folder: str, seed: int = 0) -> str:
+    """A tiny FluxPipeline folder: a FluxTransformer2DModel of 2 heads of 16 (1 double, 1 single block), a VAE
+    of 4 latent channels (16 packed), CLIP text (pooled 32) and a T5 encoder (width 32), flow-matching Euler."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        return folder
+    torch.manual_seed(seed)
+    FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ).save_pretrained(os.path.join(folder, "transformer"))
+    vae = tiny_vae()
+    vae.register_to_config(shift_factor=0.1, scaling_factor=0.5)
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    write_tokenizer(os.path.join(folder, "tokenizer"), WORDS, max_length=16)
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    CLIPTextModel(text_config(tokenizer, 32)).save_pretrained(os.path.join(folder, "text_encoder"))
+    write_t5_tokenizer(os.path.join(folder, "tokenizer_2"), WORDS)
+    t5_tok = T5TokenizerFast.from_pretrained(os.path.join(folder, "tokenizer_2"))
+    t5 = T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    T5EncoderModel(t5).save_pretrained(os.path.join(folder, "text_encoder_2"))
+    FlowMatchEulerDiscreteScheduler(shift=1.0).save_pretrained(os.path.join(folder, "scheduler"))
+    index = {
+        "_class_name": "FluxPipeline",
+        "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "image_encoder": [None, None],
+        "feature_extractor": [None, None],
+    }
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    return folder
