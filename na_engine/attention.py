@@ -72,6 +72,11 @@ class NestedBinding:
         where = self.where[index.to(self.where.device)]
         return replace(self, where=where, query_mask=mask)
 
+    def queries(self, start: int, stop: int) -> "NestedBinding":
+        """The binding for the queries start..stop-1 (its query mask cut to them)."""
+        mask = None if self.query_mask is None else self.query_mask[:, start:stop]
+        return replace(self, query_mask=mask)
+
     @property
     def weighted(self) -> bool:
         return self.trigger_weight != 1
@@ -232,12 +237,29 @@ EVALUATIONS = {
 }
 
 
+CORRECTION_ELEMENTS = 2**26  # of one (B, H, n, T) block of outer probabilities (256 MB in fp32): queries beyond
+# it are corrected in chunks (Flux's joint attention at 1024 px would hold 1.8 GB per layer at once)
+
+
 def nested_correction(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding]) -> Tensor:
     """What the bindings change, shape (B, N, H*d); added to plain attention it gives nested attention for any
     strength:  (p' - p) V + sum over bindings of lam*m(q) * sum_j p'_j(q) (u(q) - v_j),
     with p the outer attention and p' the same with the trigger weights (p' = p when they are 1).
-    A decoupled binding adds lam*m(q) * u(q) on its rows instead.
+    A decoupled binding adds lam*m(q) * u(q) on its rows instead.  Each query's row is its own, so the
+    queries go in chunks of at most CORRECTION_ELEMENTS outer probabilities.
     """
+    n = q.shape[1]
+    step = max(1, CORRECTION_ELEMENTS // (q.shape[0] * heads * k.shape[1]))
+    if n <= step:
+        return _correction(q, k, v, heads, bindings)
+    parts = [
+        _correction(q[:, i : i + step], k, v, heads, [b.queries(i, i + step) for b in bindings])
+        for i in range(0, n, step)
+    ]
+    return torch.cat(parts, 1)
+
+
+def _correction(q: Tensor, k: Tensor, v: Tensor, heads: int, bindings: Sequence[NestedBinding]) -> Tensor:
     qh, kh, vh = _split(q, heads), _split(k, heads), _split(v, heads)
     scale, acc = qh.shape[-1] ** -0.5, _acc_dtype(q)
     p = torch.softmax((qh @ kh.transpose(-1, -2)).to(acc) * scale, dim=-1)  # (B, H, N, T)

@@ -396,6 +396,25 @@ def test_nested_correction_plus_base_equals_nested_attention():
     assert torch.count_nonzero(empty[1]) == 0
 
 
+def test_nested_correction_in_query_chunks_is_the_same(monkeypatch):
+    """Above CORRECTION_ELEMENTS outer probabilities the queries go in chunks, each with its slice of every
+    query mask: the result is the unchunked one, with masks, trigger weights and a decoupled binding."""
+    import na_engine.attention as attention
+
+    q, k, v = random_qkv(2, 11, 30, 3, 4, seed=32)
+    mask = torch.rand(2, 11, generator=torch.Generator().manual_seed(3))
+    binds = [
+        make_binding(2, 30, 12, 4, {0: [1, 2], 1: [29]}, strength=0.9, query_mask=mask, trigger_weight=3.0),
+        make_binding(2, 30, 12, 2, {1: [7]}, strength=1.7, seed=4),
+        make_binding(2, 30, 12, 3, {0: [5]}, query_mask=mask[:1], seed=5, decoupled=True),
+    ]
+    whole = nested_correction(q, k, v, 3, binds)
+    monkeypatch.setattr(attention, "CORRECTION_ELEMENTS", 2 * 3 * 30 * 4)  # chunks of 4 queries: 4, 4, 3
+    chunked = nested_correction(q, k, v, 3, binds)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+    assert (whole.abs() > 1e-4).any()
+
+
 def test_subject_maps():
     b, n, t, heads, d, m = 3, 10, 20, 2, 8, 5
     q, k, v = random_qkv(b, n, t, heads, d, seed=41)
