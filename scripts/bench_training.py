@@ -83,7 +83,8 @@ def measure(shape: str, batch: int, steps: int, checkpointing: bool, device, dty
     unet = UNet2DConditionModel(**cfg).to(device, dtype).requires_grad_(False)
     width, patches = VISION[shape]
     layers = diffusers_layers(dict(unet.config))
-    adapter = random_adapter(fresh_config(dict(unet.config), width, 16, 4), layers, seed=0).to(device).train()
+    resampler = fresh_config(unet.config.cross_attention_dim, width, 16, 4)
+    adapter = random_adapter(resampler, layers, seed=0).to(device).train()
     model = NestedDenoiser(adapter, unet, "dog")
     if checkpointing:
         unet.enable_gradient_checkpointing(model.processors.checkpoint)

@@ -137,9 +137,10 @@ def check_match(
         )
 
 
-def fresh_config(unet_cfg: dict, vision_width: int, tokens: int = 16, depth: int = 4) -> ResamplerConfig:
-    """A new adapter's resampler: reads the CLIP vision width, writes tokens of the base's context width."""
-    ctx = int(unet_cfg["cross_attention_dim"])
+def fresh_config(context_dim: int, vision_width: int, tokens: int = 16, depth: int = 4) -> ResamplerConfig:
+    """A new adapter's resampler: reads the CLIP vision width, writes tokens of the base's context width (a UNet's
+    cross_attention_dim, a Flux transformer's joint attention width)."""
+    ctx = int(context_dim)
     heads = max(1, ctx // 64)
     return ResamplerConfig(
         dim=ctx, depth=depth, dim_head=64, heads=heads, num_queries=tokens, embedding_dim=vision_width, output_dim=ctx
@@ -322,8 +323,8 @@ def pixel_features(vision: Vision, pixels: Tensor, device) -> Tensor:
     return vision.model(pixels.to(device, param.dtype), output_hidden_states=True).hidden_states[-2]
 
 
-def adapter_for(base: Base, resampler: ResamplerConfig, seed: int = 0) -> NestedAdapter:
-    """A fresh adapter for this base: random resampler, nested K/V started near zero-mean small weights."""
+def adapter_for(layers: Sequence[Layer], resampler: ResamplerConfig, seed: int = 0) -> NestedAdapter:
+    """A fresh adapter for a base's layers: random resampler, nested K/V started near zero-mean small weights."""
     from ..adapter import random_adapter
 
-    return random_adapter(resampler, base.layers, seed=seed, base=base_name(base.layers)).train()
+    return random_adapter(resampler, layers, seed=seed, base=base_name(layers)).train()

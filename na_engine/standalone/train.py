@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import functools
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -158,10 +159,18 @@ class NestedDenoiser(nn.Module):
             mask[rows[s]] = where[s]
             subject = Subject(tokens[s], self.adapter, self.trigger, mode=self.mode)
             placements.append(Placement(subject, mask, trigger_weight=self.trigger_weight))
-        with self.processors.bound(ModelCall(placements, tuple(noisy.shape[-2:]))):
-            pred = self.unet(noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        with self.processors.bound(ModelCall(placements, self.grid(noisy))):
+            pred = self.denoise(noisy, timesteps, context, added)
         # A batch that dropout left without any subject still backpropagates (to zero), as every DDP rank must.
         return pred if placements else pred + 0 * tokens.sum()
+
+    def denoise(self, noisy: Tensor, timesteps: Tensor, context: Tensor, added: Optional[dict]) -> Tensor:
+        return self.unet(noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
+
+    @staticmethod
+    def grid(noisy: Tensor) -> tuple:
+        """The latent grid the subjects' masks and maps are read at."""
+        return tuple(noisy.shape[-2:])
 
 
 class EMA:
@@ -189,15 +198,19 @@ class EMA:
         self.shadow = {k: v.float().clone() for k, v in sd.items()}
 
 
-def init_nested_from_unet(adapter: NestedAdapter, unet) -> None:
-    """Start each nested K/V at its layer's text K/V projection, as IP-Adapter does (tokens live in context space)."""
-    modules = dict(unet.named_modules())
+def init_nested_from_text(adapter: NestedAdapter, denoiser) -> None:
+    """Start each nested K/V at the projection its layer's text goes through, as IP-Adapter does (tokens live in
+    context space): a UNet's to_k/to_v, a Flux double block's text stream (add_k_proj/add_v_proj), a single
+    block's to_k/to_v over the whole sequence."""
+    modules = dict(denoiser.named_modules())
     with torch.no_grad():
         for layer in adapter.layers:
             attn = modules[layer.diffusers]
-            if attn.to_k.weight.shape == adapter.to_k[layer.index].weight.shape:
-                adapter.to_k[layer.index].weight.copy_(attn.to_k.weight)
-                adapter.to_v[layer.index].weight.copy_(attn.to_v.weight)
+            to_k = getattr(attn, "add_k_proj", None) or attn.to_k
+            to_v = getattr(attn, "add_v_proj", None) or attn.to_v
+            if to_k.weight.shape == adapter.to_k[layer.index].weight.shape:
+                adapter.to_k[layer.index].weight.copy_(to_k.weight)
+                adapter.to_v[layer.index].weight.copy_(to_v.weight)
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -294,9 +307,10 @@ def check_data(cfg: TrainConfig, record: dict) -> None:
 def check_inputs(cfg: TrainConfig):
     """Everything that can be checked from files and configs, before any weights load.
 
-    Returns (record, unet config, vision width, init adapter)."""
+    Returns (record, the base's layers, its context width, vision width, init adapter)."""
     from ..formats import load_adapter
-    from .models import check_match, clip_vision_width, diffusers_layers, unet_config
+    from ..layers import is_joint
+    from .models import base_layers, check_match, clip_vision_width, unet_config
 
     check_numbers(cfg)
 
@@ -341,10 +355,16 @@ def check_inputs(cfg: TrainConfig):
             "latest, or start afresh with another --out (or after removing that folder)."
         )
     check_data(cfg, record)
-    unet_cfg, width = unet_config(cfg.base, cfg.base_config), clip_vision_width(cfg.clip_vision)
+    layers, width = base_layers(cfg.base, cfg.base_config), clip_vision_width(cfg.clip_vision)
+    flux = is_joint(layers)
+    if flux and cfg.mode != "nested":
+        raise NestedAttentionError(f"--mode {cfg.mode} is not available on Flux: train a nested adapter there.")
+    if flux and int(record["resolution"] if cfg.resolution is None else cfg.resolution) % 16:
+        raise NestedAttentionError("Flux trains on sides that are multiples of 16; pass --resolution accordingly.")
+    context = layers[0].width if flux else int(unet_config(cfg.base, cfg.base_config)["cross_attention_dim"])
     init = load_adapter(cfg.init_from) if cfg.init_from else None
-    check_match(diffusers_layers(unet_cfg), width, init, cfg.base, cfg.clip_vision)
-    return record, unet_cfg, width, init
+    check_match(layers, width, init, cfg.base, cfg.clip_vision)
+    return record, layers, context, width, init
 
 
 @dataclass
@@ -366,6 +386,7 @@ class Session:
     frozen_dtype: torch.dtype
     sample_latents: bool  # train on the VAE posterior's sample, else on its mean (latent_convention)
     start: int  # the optimizer step it starts (or resumes) after
+    flux: bool = False  # base is a train_flux.FluxBase: flow matching on packed latents
 
     @property
     def device(self):
@@ -412,9 +433,12 @@ def setup(cfg: TrainConfig) -> Session:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    from ..layers import is_joint
+    from . import train_flux
     from .models import adapter_for, fresh_config, load_base, load_vision
 
-    record, unet_cfg, width, init = check_inputs(cfg)
+    record, layers, context, width, init = check_inputs(cfg)
+    flux = is_joint(layers)
     cli.check_launch()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
@@ -423,15 +447,17 @@ def setup(cfg: TrainConfig) -> Session:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     frozen_dtype = cli.DTYPES[{"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)]
-    base, vision = load_base(cfg.base, cfg.base_config, frozen_dtype), load_vision(cfg.clip_vision, frozen_dtype)
+    vision = load_vision(cfg.clip_vision, frozen_dtype)
+    base = train_flux.load(cfg.base, frozen_dtype) if flux else load_base(cfg.base, cfg.base_config, frozen_dtype)
     for module in [base.unet, base.vae, vision.model] + base.text_encoders:
         module.to(accelerator.device)
     if init is not None:
         adapter = init.train()
     else:
-        adapter = adapter_for(base, fresh_config(unet_cfg, width, cfg.tokens, cfg.resampler_depth), cfg.seed)
-        init_nested_from_unet(adapter, base.unet)
-    model = NestedDenoiser(adapter, base.unet, record["class_word"], cfg.mode, cfg.trigger_weight)
+        adapter = adapter_for(layers, fresh_config(context, width, cfg.tokens, cfg.resampler_depth), cfg.seed)
+        init_nested_from_text(adapter, base.unet)
+    denoiser = train_flux.FluxDenoiser if flux else NestedDenoiser
+    model = denoiser(adapter, base.unet, record["class_word"], cfg.mode, cfg.trigger_weight)
     if cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing(model.processors.checkpoint)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=1e-2)
@@ -451,37 +477,69 @@ def setup(cfg: TrainConfig) -> Session:
         _remove_partials(cfg)
     return Session(
         cfg, accelerator, base, vision, adapter, model, optimizer, schedule, ema, data, loader, resolution,
-        frozen_dtype, latent_convention(cfg) == "sample", start,
+        frozen_dtype, latent_convention(cfg) == "sample", start, flux,
     )  # fmt: skip
 
 
 def micro_step(run: Session, micro: int, batch: dict) -> Tensor:
     """One micro-batch: noise its targets, predict, backpropagate; returns the (detached) loss."""
-    from .models import encode_prompts, pixel_features, trigger_where
+    from . import train_flux
+    from .models import pixel_features
 
-    cfg, base, device, schedule = run.cfg, run.base, run.device, run.base.scheduler
+    cfg, device = run.cfg, run.device
     rank = run.accelerator.process_index
     rows = range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)  # this process's global rows
     with torch.no_grad():
-        posterior = base.vae.encode(batch["target"].to(device)).latent_dist
-        r = RowDraws.draw(cfg, micro, rows, posterior.mean.shape[1:], schedule.config.num_train_timesteps)
-        latents = training_latents(posterior, r.latent_eps.to(device), run.sample_latents, base.vae)
+        posterior = run.base.vae.encode(batch["target"].to(device)).latent_dist
+        timesteps = run.base.scheduler.config.num_train_timesteps
+        r = RowDraws.draw(cfg, micro, rows, posterior.mean.shape[1:], timesteps)
         captions = ["" if d else c for d, c in zip(r.drop_caption.tolist(), batch["caption"])]
-        context, added = encode_prompts(base, captions, run.resolution, device)
         features = pixel_features(run.vision, batch["references"], device).float()  # (S, P, E)
-    subject_rows = batch["subject_rows"]  # (S,)
-    where = trigger_where(base, [captions[i] for i in subject_rows], batch["triggers"], required=False)
-    where &= ~r.drop_subject[subject_rows][:, None]  # (S, T)
-    noise, timesteps = r.noise.to(device), r.timesteps.to(device)
-    noisy = schedule.add_noise(latents, noise, timesteps).to(run.frozen_dtype)
-    target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(latents, noise, timesteps)
+        subject_rows = batch["subject_rows"]  # (S,)
+        step = (train_flux.step_inputs if run.flux else unet_inputs)(run, posterior, r, captions)
+        where = step.where(run.base, [captions[i] for i in subject_rows], batch["triggers"])  # (S, T)
+    where &= ~r.drop_subject[subject_rows][:, None]
     sync = (micro + 1) % cfg.grad_accum == 0
     with contextlib.nullcontext() if sync else run.accelerator.no_sync(run.model):
         with run.accelerator.autocast():
-            pred = run.model(noisy, timesteps, context, added, features, where.to(device), subject_rows.to(device))
-        loss = F.mse_loss(pred.float(), target.float())
+            pred = run.model(
+                step.noisy,
+                step.timesteps,
+                step.context,
+                step.added,
+                features,
+                where.to(device),
+                subject_rows.to(device),
+            )
+        loss = F.mse_loss(pred.float(), step.target.float())
         run.accelerator.backward(loss / cfg.grad_accum)
     return loss.detach().float()
+
+
+@dataclass
+class StepInputs:
+    """One micro-batch's model inputs and regression target, as its base takes them."""
+
+    noisy: Tensor
+    timesteps: Tensor
+    context: Tensor
+    added: Optional[dict]
+    target: Tensor
+    where: Callable  # (base, subject captions, triggers) -> (S, T) bool: each subject's trigger positions
+
+
+def unet_inputs(run: Session, posterior, r: RowDraws, captions: List[str]) -> StepInputs:
+    """A UNet's: the scheduler's noising at the drawn timesteps; epsilon or v target; the trigger in CLIP tokens."""
+    from .models import encode_prompts, trigger_where
+
+    base, device, schedule = run.base, run.device, run.base.scheduler
+    latents = training_latents(posterior, r.latent_eps.to(device), run.sample_latents, base.vae)
+    context, added = encode_prompts(base, captions, run.resolution, device)
+    noise, timesteps = r.noise.to(device), r.timesteps.to(device)
+    noisy = schedule.add_noise(latents, noise, timesteps).to(run.frozen_dtype)
+    target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(latents, noise, timesteps)
+    where = functools.partial(trigger_where, required=False)
+    return StepInputs(noisy, timesteps, context, added, target, where)
 
 
 def optimizer_step(run: Session, step: int) -> int:
@@ -620,10 +678,14 @@ def validate(
     cfg: TrainConfig, base, vision, adapter: NestedAdapter, ema: Optional[EMA], data: TrainSet, step: int, device
 ) -> None:
     """Images and attention-map panels for the validation prompts, with the first training subject."""
+    from .flux import FluxGenerator
     from .generate import NestedGenerator
+    from .train_flux import GUIDANCE, FluxBase
 
-    generator = NestedGenerator(
-        base, vision, ema.copy_to(copy.deepcopy(adapter)) if ema is not None else adapter, device
+    weights = ema.copy_to(copy.deepcopy(adapter)) if ema is not None else adapter
+    flux = isinstance(base, FluxBase)
+    generator = (
+        FluxGenerator(base.pipe, vision, weights, device) if flux else NestedGenerator(base, vision, weights, device)
     )
     first = data.subjects[0][0]
     reference = subject_box(data.image(0), data.mask(0, first), white=True)
@@ -632,8 +694,15 @@ def validate(
     folder = os.path.join(cfg.run_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     for i, prompt in enumerate(prompts):
+        guidance = GUIDANCE if flux else 7.0
         picture, panel = generator(
-            prompt, subject, cfg.seed, cfg.validation_steps, 7.0, data.resolution, trigger_weight=cfg.trigger_weight
+            prompt,
+            subject,
+            cfg.seed,
+            cfg.validation_steps,
+            guidance,
+            data.resolution,
+            trigger_weight=cfg.trigger_weight,
         )
         picture.save(os.path.join(folder, f"step{step:07d}_{i}.png"))
         panel.save(os.path.join(folder, f"step{step:07d}_{i}.maps.png"))

@@ -49,7 +49,7 @@ def world(tmp_path_factory):
     base, vision = make_base(str(root / "base")), make_clip_vision(str(root / "vision"))
     unet = unet_config(base)
     adapter = str(root / "adapter.safetensors")
-    resampler = fresh_config(unet, clip_vision_width(vision), tokens=4, depth=1)
+    resampler = fresh_config(unet["cross_attention_dim"], clip_vision_width(vision), tokens=4, depth=1)
     save_adapter(random_adapter(resampler, diffusers_layers(unet), seed=1), adapter)
     photos = make_photos(str(root / "photos"), count=2)
     return {

@@ -78,12 +78,12 @@ def losses(run_dir, column: str = "loss") -> list:
 def initial_adapter(world) -> dict:
     """The adapter before step 1, as the trainer makes it (seed 0)."""
     from na_engine.standalone.models import adapter_for, clip_vision_width, fresh_config, load_base, unet_config
-    from na_engine.standalone.train import init_nested_from_unet
+    from na_engine.standalone.train import init_nested_from_text
 
     base = load_base(world["base"])
-    cfg = fresh_config(unet_config(world["base"]), clip_vision_width(world["vision"]), 4, 1)
-    adapter = adapter_for(base, cfg, 0)
-    init_nested_from_unet(adapter, base.unet)
+    cfg = fresh_config(unet_config(world["base"])["cross_attention_dim"], clip_vision_width(world["vision"]), 4, 1)
+    adapter = adapter_for(base.layers, cfg, 0)
+    init_nested_from_text(adapter, base.unet)
     return adapter
 
 

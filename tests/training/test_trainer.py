@@ -259,12 +259,12 @@ def test_base_and_clip_vision_mismatch_names_both(world, tmp_path):
     from na_engine.standalone.models import fresh_config
 
     unet_cfg = UNet2DConditionModel.load_config(world["base"], subfolder="unet")
-    other = random_adapter(fresh_config(unet_cfg, 48, tokens=4, depth=1), diffusers_layers(unet_cfg))
+    other = random_adapter(fresh_config(unet_cfg["cross_attention_dim"], 48, tokens=4, depth=1), diffusers_layers(unet_cfg))
     save_adapter(other, str(tmp_path / "wide.safetensors"))
     with pytest.raises(NestedAttentionError, match=r"width 48.*width 32"):
         train(config(world, "m.safetensors", init_from=str(tmp_path / "wide.safetensors")))
     sd15 = random_adapter(
-        fresh_config({"cross_attention_dim": 64}, 32, tokens=4, depth=1),
+        fresh_config(64, 32, tokens=4, depth=1),
         diffusers_layers({**SD15, "block_out_channels": [64, 64, 64, 64]}),
     )
     save_adapter(sd15, str(tmp_path / "sd15.safetensors"))
