@@ -259,7 +259,8 @@ def test_base_and_clip_vision_mismatch_names_both(world, tmp_path):
     from na_engine.standalone.models import fresh_config
 
     unet_cfg = UNet2DConditionModel.load_config(world["base"], subfolder="unet")
-    other = random_adapter(fresh_config(unet_cfg["cross_attention_dim"], 48, tokens=4, depth=1), diffusers_layers(unet_cfg))
+    wide = fresh_config(unet_cfg["cross_attention_dim"], 48, tokens=4, depth=1)
+    other = random_adapter(wide, diffusers_layers(unet_cfg))
     save_adapter(other, str(tmp_path / "wide.safetensors"))
     with pytest.raises(NestedAttentionError, match=r"width 48.*width 32"):
         train(config(world, "m.safetensors", init_from=str(tmp_path / "wide.safetensors")))
