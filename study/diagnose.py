@@ -1,4 +1,4 @@
-"""python -m study diagnose --out DIR: two readings beside the evaluation, each testing one explanation of
+"""python -m study diagnose --out DIR: readings beside the evaluation, each testing one explanation of
 where identity is lost.  Run it after the evaluation stage; its cells are cached in DIR/diagnosis/ and its
 summary written to DIR/diagnosis.json.  It is not a stage: the claims are the evaluation's alone.
 
@@ -13,6 +13,13 @@ attribute drift: from the evaluation's cached trade-off cells (no generation), e
 each strength.  The reference always shows the other value of every attribute, so an accuracy falling with
 strength means the subject brings the reference's pose, light or cap along, whether or not identity comes.
 
+described: the base alone drawing the main table's cases with the product's appearance words in the prompt
+("a striped amber bottle ...", the words a share of its training captions used; no reference, no adapter).
+It is what the base's own channel for appearance can carry: an adapter that acts through the class word, as
+nested does, steers that channel.  High: the base can draw a product it is told about, and the adapters do not
+tell it enough; low: the words (and so the class word's value) do not pin a product down among the held-out
+ones, and identity would need a base that takes more of a product's look from its text.
+
 seen products: the main table's kind of cases (a reference contradicting the prompt in scene and attributes),
 drawn from as many *train* identities as there are held-out ones, whose photos the encoders trained on; the
 probe's gallery is those identities, so chance is the same.
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -44,6 +52,20 @@ def seen_products(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, log
         "what": f"{len(cases)} cases of {count} train identities (chance {1 / count:.4f}), read as the main table",
         "command": f"python -m study diagnose --out {run_dir}",
         "methods": {m: evaluate.summary_of(c) for m, c in cells.items()},
+    }
+
+
+def described_base(ev: evaluate.Evaluator, cases) -> dict:
+    """The main table's readings of the base drawing ``cases`` with their product described in the prompt."""
+    told = [
+        replace(c, prompt=world.Scene(c.prompt.background, [replace(p, described=True) for p in c.prompt.products]))
+        for c in cases
+    ]
+    cell = ev.cell("described_base", lambda: ev.single("base", told))
+    return {
+        "what": f"the base on the main table's {len(cases)} cases, told the product's pattern and hue",
+        "example_prompt": world.caption(told[0].prompt),
+        "reading": evaluate.summary_of(cell),
     }
 
 
@@ -129,11 +151,12 @@ def attribute_drift(run_dir: str, cfg: evaluate.EvalConfig) -> dict:
 
 
 def diagnose(run_dir: str, train, heldout, cfg: evaluate.EvalConfig, log=print) -> str:
-    retrieval = token_retrieval(evaluate.Evaluator(run_dir, heldout, cfg, log, folder=FOLDER), heldout, cfg.seed + 7)
+    ev = evaluate.Evaluator(run_dir, heldout, cfg, log, folder=FOLDER)
     result = {
-        "token_retrieval": retrieval,
+        "token_retrieval": token_retrieval(ev, heldout, cfg.seed + 7),
         "attribute_drift": attribute_drift(run_dir, cfg),
         "seen_products": seen_products(run_dir, train, len(heldout), cfg, log),
+        "described": described_base(ev, evaluate.single_cases(heldout, cfg.cases, cfg.seed)),
     }
     path = os.path.join(run_dir, "diagnosis.json")
     with open(path, "w") as f:

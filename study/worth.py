@@ -14,7 +14,9 @@ noisy latents are denoised under each condition, so conditions are compared prod
 - optimised (nested and decoupled): tokens fitted to the product through the frozen adapter on OPTIMISE
   other renders of it, then read on the target: what the adapter path can carry at all (round 1's bound);
 - text/optimised: no subject, the class word's context moved by an offset fitted the same way (textual
-  inversion at the text encoder's output): how far the base itself can be steered at the class word.
+  inversion at the text encoder's output): how far the base itself can be steered at the class word;
+- text/described: no subject, the caption naming the product's pattern and hue ("a striped amber bottle"), as
+  a share of the base's training captions did: what the base's own appearance words are worth.
 
 The reading is the product-region error's change against none, in percent (negative: the subject helps),
 and "identity": wrong minus masked, the part of the help that is this product's own.  Writes DIR/worth.json.
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -100,6 +102,7 @@ class Reader:
         m = F.interpolate(m, size=latents.shape[-2:], mode="area")[0, 0]  # (h, w): the product's share of each latent
         return {
             "noisy": schedule.add_noise(latents, noise, times),
+            "noise": noise,
             "target": schedule.get_velocity(latents, noise, times),
             "times": times,
             "context": context,
@@ -163,11 +166,19 @@ def _draws(cfg: WorthConfig, rng, size: int) -> tuple:
     return times, torch.from_numpy(rng.standard_normal((len(times), 4, size, size)).astype(np.float32))
 
 
+def described(reader: Reader, scene: world.Scene, target: dict) -> dict:
+    """The text/described condition: ``target``'s noisy latents under the caption that names its appearance."""
+    said = world.Scene(scene.background, [replace(p, described=True) for p in scene.products])
+    told = reader.target(said, target["times"], target["noise"])
+    return {"text/described": regions(reader.error(told), told["mask"])}
+
+
 def read_product(reader: Reader, ident, others, cfg: WorthConfig, rng, fit: bool) -> dict:
     """Every condition's product and elsewhere error for one product (and ``others``: its kind's other products)."""
     from na_engine.standalone.references import subject_box
 
-    target = reader.target(world.random_scene(rng, ident), *_draws(cfg, rng, reader.latent))
+    shown = world.random_scene(rng, ident)
+    target = reader.target(shown, *_draws(cfg, rng, reader.latent))
     scene = world.random_scene(rng, ident)
     wrong = world.random_scene(rng, others[int(rng.integers(len(others)))])
     photos = {
@@ -176,7 +187,7 @@ def read_product(reader: Reader, ident, others, cfg: WorthConfig, rng, fit: bool
         "own": subject_box(target["image"], target["product_mask"], white=True),
         "wrong": diagnose.masked_photo(wrong, reader.resolution),
     }
-    out = {"none": regions(reader.error(target), target["mask"])}
+    out = {"none": regions(reader.error(target), target["mask"])} | described(reader, shown, target)
     for method in TRAINED:
         for name, photo in photos.items():
             with torch.no_grad():
@@ -243,11 +254,16 @@ def worth(run_dir: str, train, heldout, cfg: WorthConfig, log=print) -> str:
         cache = os.path.join(folder, f"{name}.json")
         rows = json.load(open(cache)) if os.path.isfile(cache) else []  # a product's rows, cached as read
         for k, ident in enumerate(idents[: cfg.products]):
-            if k < len(rows):
-                continue
-            others = [i for i in idents if i.kind == ident.kind and i.index != ident.index]
             draws = np.random.default_rng([cfg.seed, len(name), k])  # a product's draws depend on it alone
-            rows.append(read_product(reader, ident, others, cfg, draws, fit=k < cfg.optimised))
+            if k < len(rows):
+                if "text/described" not in rows[k]:  # a row cached before the condition existed: its first draws
+                    shown = world.random_scene(draws, ident)
+                    rows[k] |= described(reader, shown, reader.target(shown, *_draws(cfg, draws, reader.latent)))
+                else:
+                    continue
+            else:
+                others = [i for i in idents if i.kind == ident.kind and i.index != ident.index]
+                rows.append(read_product(reader, ident, others, cfg, draws, fit=k < cfg.optimised))
             with open(cache, "w") as f:
                 json.dump(rows, f)
             log(f"worth: {name} {k + 1}/{min(cfg.products, len(idents))}")

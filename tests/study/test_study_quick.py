@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from study.world import PATTERN_WORDS
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHOD_KEYS = {
     "identity_top1",
@@ -128,6 +130,9 @@ def test_diagnose_reads_seen_products(quick_run):
     seen = diagnosis["seen_products"]
     assert set(seen["methods"]) == {"base", "single_token", "decoupled", "bridge", "nested"}
     assert all(METHOD_KEYS <= set(cell) and cell["n"] == 12 for cell in seen["methods"].values())
+    told = diagnosis["described"]
+    assert METHOD_KEYS <= set(told["reading"]) and told["reading"]["n"] == 4
+    assert any(w in told["example_prompt"].split() for w in PATTERN_WORDS.values())
 
 
 def test_worth_reads_every_condition_on_held_out_and_seen_products(quick_run):
@@ -137,7 +142,7 @@ def test_worth_reads_every_condition_on_held_out_and_seen_products(quick_run):
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     worth = json.loads((out / "worth.json").read_text())
-    conditions = {"none", "text/optimised", "nested/optimised", "decoupled/optimised"}
+    conditions = {"none", "text/optimised", "text/described", "nested/optimised", "decoupled/optimised"}
     conditions |= {
         f"{m}/{r}" for m in ("nested", "single_token", "decoupled") for r in ("as_evaluated", "masked", "own", "wrong")
     }
@@ -150,6 +155,15 @@ def test_worth_reads_every_condition_on_held_out_and_seen_products(quick_run):
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "worth: heldout" not in again.stdout  # every product read from its cache
     assert json.loads((out / "worth" / "heldout.json").read_text()) == cached
+    # a product cached before text/described existed gets it from its own draws, equal to reading it afresh
+    stale = [{k: v for k, v in row.items() if k != "text/described"} for row in cached]
+    (out / "worth" / "heldout.json").write_text(json.dumps(stale))
+    filled = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert filled.returncode == 0 and "worth: heldout 3/3" in filled.stdout
+    refilled = json.loads((out / "worth" / "heldout.json").read_text())
+    for old, new in zip(cached, refilled):
+        assert new["text/described"] == pytest.approx(old["text/described"], rel=1e-5)
+        assert new["none"] == old["none"]
 
 
 def test_pilot_trains_on_masked_references_and_reads_them(quick_run):
