@@ -15,7 +15,9 @@ Nested attention scales its correction by that share, so without it a subject ha
 subjects cannot be told apart. The folder's na_engine.json records that the UNet was trained on the VAE
 posterior's mean, which `python -m na_engine train` then follows.
 
-The base never sees a held-out identity: its renders are of train identities only.
+The base never sees a product of the study: it learns to draw products in general from its own
+(BaseConfig.products), as a real base has seen many objects but not the user's, and half of its captions
+describe their look (world.appearance), so that its class word's state carries what a product looks like.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from . import world
 WORDS = [
     "a", "an", "and", "on", "of", "the", "in", "background", "photo", "with", "cap", "lit", "from", "lying",
     *world.KINDS, *world.BACKGROUNDS, *world.PLACEMENTS, *world.SIZES, *world.PATTERN_WORDS.values(),
-    *world.HUE_WORDS,
+    *world.HUE_WORDS, *world.INK_WORDS, *world.BUILD_WORDS, *world.DENSITY_WORDS,
 ]  # fmt: skip
 PUNCTUATION = [","]
 
@@ -46,7 +48,8 @@ PUNCTUATION = [","]
 @dataclass
 class BaseConfig:
     resolution: int = 64
-    images: int = 8000  # renders of train identities; 1/4 of them two-product scenes
+    images: int = 8000  # renders of its own products; 1/4 of them two-product scenes
+    products: int = 3000  # its own products (world seed PRODUCTS_SEED), none of the study's; 0: the train identities
     vae_steps: int = 1500  # on half-size crops: the VAE is convolutional
     vae_widths: tuple = (16, 32, 64)
     unet_steps: int = 5000
@@ -58,46 +61,75 @@ class BaseConfig:
     ema: float = 0.999
     localise: float = 0.05  # weight of the localisation loss; 0 = off
     share_cases: int = 48  # held-out prompts on which the class words' attention shares are measured
-    described: float = 0.5  # share of the products whose caption names their pattern and hue (round 2: 0)
+    described: float = 0.5  # share of the products whose caption names their look (round 2: 0)
     max_tokens: int = 48  # the captions' token length (round 2: 32, which cut some two-product captions)
     seed: int = 0
 
 
 QUICK = BaseConfig(
-    images=96, vae_steps=20, vae_widths=(8, 16, 16), unet_steps=20, unet_widths=(16, 32, 32), batch=8, share_cases=2
+    images=96,
+    products=40,
+    vae_steps=20,
+    vae_widths=(8, 16, 16),
+    unet_steps=20,
+    unet_widths=(16, 32, 32),
+    batch=8,
+    share_cases=2,
 )
 
 
 # -- tokenizer ----------------------------------------------------------------------------------
 
 
+def _bpe(parts: list, ranks: dict) -> list:
+    """``parts`` merged as CLIP's BPE merges a word: the best-ranked adjacent pair first, every occurrence of it."""
+    while len(parts) > 1:
+        pair = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, math.inf))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if tuple(parts[i : i + 2]) == pair:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
 def write_tokenizer(folder: str, words, punctuation=(), max_length: int = 32) -> None:
-    """A CLIP BPE tokenizer in which each of ``words`` is one token; other words fall back to letters."""
+    """A CLIP BPE tokenizer in which each of ``words`` is one token; other words fall back to letters.
+
+    Each word gets the merges it still needs after those of the words before it, appended last: a merge ranked
+    after every earlier one never fires inside a word already whole, and an earlier merge that cuts into this
+    word (the "o n</w>" of "on" inside "lemon") is merged on from rather than undone."""
     from transformers import CLIPTokenizer
 
     os.makedirs(folder, exist_ok=True)
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab, merges = {}, []
+    vocab, ranks = {}, {}
     for sym in ["!", *letters, *(f"{c}</w>" for c in letters), *(f"{p}</w>" for p in punctuation)]:
         vocab[sym] = len(vocab)
     for word in words:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:  # merge left to right: the word becomes one symbol
-            pair = f"{parts[0]} {parts[1]}"
-            if pair not in merges:
-                merges.append(pair)
+        parts = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(parts) > 1:
+            ranks.setdefault((parts[0], parts[1]), len(ranks))
             vocab.setdefault(parts[0] + parts[1], len(vocab))
-            parts = [parts[0] + parts[1]] + parts[2:]
+            parts = _bpe(parts, ranks)
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
     with open(vocab_file, "w") as f:
         json.dump(vocab, f)
     with open(merges_file, "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        f.write("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in ranks) + "\n")
     CLIPTokenizer(vocab_file, merges_file, model_max_length=max_length).save_pretrained(folder)
 
 
+# The world seed of the base's own products: none is a train or held-out identity of the study (WORLD_SEED 0).
+PRODUCTS_SEED = 1
 # The localisation loss is zero once a word's share on its product is this many times its share elsewhere.
 LOCALISE_RATIO = 4.0
 LATENTS = "mean"  # what the UNet is trained on: the VAE posterior's mean (recorded in na_engine.json)
@@ -463,7 +495,8 @@ def build_base(folder: str, train_ids, heldout, cfg: BaseConfig, log=print) -> d
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
-    renders = render_set(train_ids, cfg.images, cfg.resolution, cfg.seed, described=cfg.described)
+    products = world.sample_identities(PRODUCTS_SEED, cfg.products) if cfg.products else train_ids
+    renders = render_set(products, cfg.images, cfg.resolution, cfg.seed, described=cfg.described)
     log(f"rendered {len(renders.images)} training images in {time.time() - t0:.0f} s")
     vae, latents, psnr = train_vae(cfg, renders.images, log)
     log(f"vae: reconstruction PSNR {psnr:.1f} dB, latents {tuple(latents.shape[1:])}")

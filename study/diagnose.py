@@ -20,6 +20,11 @@ nested does, steers that channel.  High: the base can draw a product it is told 
 tell it enough; low: the words (and so the class word's value) do not pin a product down among the held-out
 ones, and identity would need a base that takes more of a product's look from its text.
 
+look-alikes: no generation; each main-table case's prompt scene rendered with a stand-in product of the same
+kind that the base's appearance words describe alike (world.appearance), read by the probe as the product itself,
+raw and through the base's VAE.  It is the most that words of that vocabulary can carry: a base that drew every
+word it is told perfectly, and guessed the rest, would score this.
+
 seen products: the main table's kind of cases (a reference contradicting the prompt in scene and attributes),
 drawn from as many *train* identities as there are held-out ones, whose photos the encoders trained on; the
 probe's gallery is those identities, so chance is the same.
@@ -38,7 +43,7 @@ import numpy as np
 import torch
 
 from . import evaluate, world
-from .methods import ATTRIBUTE_METRICS, TRAINED, in_table
+from .methods import ATTRIBUTE_METRICS, SINGLE_METRICS, TRAINED, in_table
 
 FOLDER = "diagnosis"
 
@@ -61,11 +66,40 @@ def described_base(ev: evaluate.Evaluator, cases) -> dict:
         replace(c, prompt=world.Scene(c.prompt.background, [replace(p, described=True) for p in c.prompt.products]))
         for c in cases
     ]
-    cell = ev.cell("described_base", lambda: ev.single("base", told))
+    prompts = [world.caption(c.prompt) for c in told]
+    cell = ev.cell("described_base", lambda: ev.single("base", told), inputs="\n".join(prompts))
     return {
         "what": f"the base on the main table's {len(cases)} cases, told the product's pattern and hue",
-        "example_prompt": world.caption(told[0].prompt),
+        "example_prompt": prompts[0],
         "reading": evaluate.summary_of(cell),
+    }
+
+
+def lookalikes(ev: evaluate.Evaluator, cases, pool: int, seed: int = 3) -> dict:
+    """The main table's readings of each case's prompt scene drawn with a look-alike (same kind and words, drawn
+    from ``pool`` products of world seed ``seed``), raw and through the base's VAE; cases with none are left out."""
+    from . import probe
+
+    stand_in = {}
+    for ident in world.sample_identities(seed, pool):
+        stand_in.setdefault((ident.kind, world.appearance(ident)), ident)
+    found, images = [], []
+    for c in cases:
+        other = stand_in.get((c.identity.kind, world.appearance(c.identity)))
+        if other is not None:
+            prompt = world.Scene(c.prompt.background, [replace(p, identity=other) for p in c.prompt.products])
+            found.append(c)
+            images.append(world.render(prompt, ev.resolution)[0])
+    with torch.no_grad():
+        through = probe.through_vae(ev.generators["nested"].base.vae, images)
+    readings = {
+        name: evaluate.summarise([ev.read_single(im, c) for im, c in zip(shown, found)], SINGLE_METRICS)
+        for name, shown in (("render", images), ("vae", through))
+    }
+    return {
+        "what": f"{len(found)} of the main table's {len(cases)} cases drawn with a look-alike from {pool} products",
+        "example_words": world.appearance(found[0].identity) if found else "",
+        **readings,
     }
 
 
@@ -150,15 +184,24 @@ def attribute_drift(run_dir: str, cfg: evaluate.EvalConfig) -> dict:
     return {"what": f"the first {cfg.tradeoff_cases} main-table cases at each strength (eval/ cells)", "methods": out}
 
 
-def diagnose(run_dir: str, train, heldout, cfg: evaluate.EvalConfig, log=print) -> str:
+READINGS = ("token_retrieval", "attribute_drift", "seen_products", "described", "lookalikes")
+
+
+def diagnose(run_dir: str, train, heldout, cfg: evaluate.EvalConfig, log=print, readings=READINGS) -> str:
+    """Takes ``readings`` and writes them into DIR/diagnosis.json, beside the readings it already holds."""
     ev = evaluate.Evaluator(run_dir, heldout, cfg, log, folder=FOLDER)
-    result = {
-        "token_retrieval": token_retrieval(ev, heldout, cfg.seed + 7),
-        "attribute_drift": attribute_drift(run_dir, cfg),
-        "seen_products": seen_products(run_dir, train, len(heldout), cfg, log),
-        "described": described_base(ev, evaluate.single_cases(heldout, cfg.cases, cfg.seed)),
+    cases = evaluate.single_cases(heldout, cfg.cases, cfg.seed)
+    take = {
+        "token_retrieval": lambda: token_retrieval(ev, heldout, cfg.seed + 7),
+        "attribute_drift": lambda: attribute_drift(run_dir, cfg),
+        "seen_products": lambda: seen_products(run_dir, train, len(heldout), cfg, log),
+        "described": lambda: described_base(ev, cases),
+        "lookalikes": lambda: lookalikes(ev, cases, pool=200 * len(heldout)),  # full scale: all 60 have one
     }
     path = os.path.join(run_dir, "diagnosis.json")
+    result = json.load(open(path)) if os.path.isfile(path) else {}
+    for name in readings:
+        result[name] = take[name]()
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     return path

@@ -204,16 +204,18 @@ class Evaluator:
             trigger_weight=m.trigger_weight,
         )
 
-    def cell(self, name: str, fn) -> dict:
-        """fn's result, cached in eval/<name>.json under these settings (other settings: computed again)."""
+    def cell(self, name: str, fn, inputs: str = "") -> dict:
+        """fn's result, cached in eval/<name>.json under these settings and ``inputs`` (a text that changes with
+        what the cell reads beyond the settings; other settings or inputs: computed again)."""
         path = os.path.join(self.dir, name + ".json")
+        settings = self.settings + (":" + hashlib.sha256(inputs.encode()).hexdigest()[:12] if inputs else "")
         if os.path.isfile(path):
             with open(path) as f:
                 cached = json.load(f)
-            if cached.get("settings") == self.settings:
+            if cached.get("settings") == settings:
                 return cached
         self.log(f"evaluate: {name}")
-        result = {**fn(), "settings": self.settings}
+        result = {**fn(), "settings": settings}
         with open(path + ".tmp", "w") as f:
             json.dump(result, f)
         os.replace(path + ".tmp", path)

@@ -163,14 +163,14 @@ def stage_report(run: Run) -> dict:
     return record
 
 
-def _diagnose(run: Run) -> int:
+def _diagnose(run: Run, readings) -> int:
     from . import diagnose, evaluate
 
     if "evaluation" not in run.stages:
         raise SystemExit(f"{run.out} has no finished evaluation stage; run the study first.")
     cfg = evaluate.QUICK if run.scale.quick else evaluate.EvalConfig()
     train, heldout = run.identities()
-    run.log(f"diagnose: wrote {diagnose.diagnose(run.out, train, heldout, cfg, run.log)}")
+    run.log(f"diagnose: wrote {diagnose.diagnose(run.out, train, heldout, cfg, run.log, readings)}")
     return 0
 
 
@@ -214,6 +214,8 @@ def _worth(run: Run) -> int:
 
 @command_line
 def main(argv=None) -> int:
+    from .diagnose import READINGS
+
     p = argparse.ArgumentParser(prog="python -m study", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run (or continue) the study")
@@ -229,9 +231,10 @@ def main(argv=None) -> int:
         choices=[name for name, _ in STAGES],
         help="run these finished stages again, and every later one (e.g. report)",
     )
-    g = sub.add_parser("diagnose", help="after the evaluation: identity on seen (train) products (study/diagnose.py)")
+    g = sub.add_parser("diagnose", help="after the evaluation: readings of where identity is lost (study/diagnose.py)")
     g.add_argument("--out", required=True, help="the run's folder")
     g.add_argument("--quick", action="store_true", help="a --quick run's folder")
+    g.add_argument("--readings", nargs="+", choices=READINGS, default=READINGS, help="take only these (default: all)")
     pl = sub.add_parser("pilot", help="after the evaluation: nested trained on masked references (study/pilot.py)")
     pl.add_argument("--out", required=True, help="the run's folder")
     pl.add_argument("--quick", action="store_true", help="a --quick run's folder")
@@ -249,7 +252,7 @@ def main(argv=None) -> int:
         print(f"[study demo] {demo(args.weights, args.out)}")
         return 0
     if args.command == "diagnose":
-        return _diagnose(Run(args.out, QUICK if args.quick else FULL))
+        return _diagnose(Run(args.out, QUICK if args.quick else FULL), args.readings)
     if args.command == "pilot":
         return _pilot(Run(args.out, QUICK if args.quick else FULL), args.cases)
     if args.command == "worth":

@@ -10,8 +10,8 @@
 
 An identity is one product: its kind's class word, a shape variant, a continuous body colour and a
 label pattern (stripes, dots, checks or a band) with its own colour and frequency. Only the base's
-training captions may name its look, coarsely (a described product: "a striped amber bottle", one of 24
-word pairs); the prompts a subject is tested with never do, so an identity can only come from a reference
+training captions may name its look (a described product: "a slim fine azure striped amber bottle", one of
+768 looks per kind); the prompts a subject is tested with never do, so an identity can only come from a reference
 photo. A scene names what the
 prompt can say: a background colour, and per product a placement, a size and three attributes that act
 on the product itself (ATTRIBUTES): its pose, the side its light comes from and a white cap. Each is
@@ -51,14 +51,20 @@ CAP = (250, 250, 250)  # RGB; never a body, ink or background colour (those are 
 CAP_DEPTH = 0.18  # fraction of the product's height, from its top
 SHADE = (0.7, 1.1)  # the shading from the far side to the lit side
 SUPERSAMPLE = 4  # drawn at 4x then box-filtered, so edges and patterns are anti-aliased
-# Appearance words: a product's pattern and the sector of its body's hue. Only the base's training captions
-# use them (a share of its products are described), so that its class word, like a real model's, carries
-# what the product looks like; the prompts of the evaluation and of encoder training never do, so identity
-# still comes from the reference alone (and the words are coarse: 24 pairs of words, 10 train products each).
+# Appearance words: what a base's training captions say of a described product, every word before its class
+# word so that a causal text encoder folds them into the class word's state, as in real models: its build, its
+# pattern's density, its ink's hue, its pattern and its body's hue ("a slim fine azure striped amber bottle").
+# Only the base's training captions use them (a share of its products are described); the prompts of the
+# evaluation and of encoder training never do, so identity still comes from the reference alone. Together they
+# name 768 looks per kind; a product's exact colours, its shape variant and its pattern's phase go unsaid.
 PATTERN_WORDS = {"stripes": "striped", "dots": "dotted", "checks": "checked", "band": "banded"}
 # Hue words and each one's upper hue in degrees. Most bodies are orange to yellow (far from every background),
 # so the first edges are the sextiles of the world's body hues (seed 0, 300 identities: 41.0, 47.6, 53.2, 61.5).
 HUE_WORDS = {"orange": 41.0, "amber": 47.6, "gold": 53.2, "mustard": 61.5, "lemon": 180.0, "pink": 360.0}
+# Inks take any hue: eight sectors of 45 degrees, the first centred on red, named apart from the backgrounds.
+INK_WORDS = ("crimson", "tangerine", "lime", "jade", "aqua", "azure", "violet", "magenta")
+BUILD_WORDS = ("slim", "stout")  # aspect below / above the middle of its range (0.5-0.85)
+DENSITY_WORDS = ("broad", "fine")  # pattern frequency below / above the middle of its range (2-5)
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ class Placed:
 
     def describe(self) -> str:
         """The kind with its marked attributes' words: "lying bottle with a cap, lit from the left,"; described:
-        "lying striped amber bottle ..."."""
+        "lying slim fine azure striped amber bottle ..."."""
         words = ("lying " if "pose" in self.marked else "") + (
             appearance(self.identity) + " " if self.described else ""
         )
@@ -115,9 +121,16 @@ class Scene:
 
 
 def appearance(identity: Identity) -> str:
-    """The words for its pattern and body hue: "striped amber"."""
-    hue = colorsys.rgb_to_hsv(*identity.body)[0] * 360
-    return f"{PATTERN_WORDS[identity.pattern]} {next(w for w, top in HUE_WORDS.items() if hue < top)}"
+    """The words for its look, before its class word: "slim fine azure striped amber"."""
+
+    def hue(rgb) -> float:
+        return colorsys.rgb_to_hsv(*rgb)[0] * 360
+
+    body = next(w for w, top in HUE_WORDS.items() if hue(identity.body) < top)
+    ink = INK_WORDS[int((hue(identity.ink) + 22.5) % 360 // 45)]
+    build = BUILD_WORDS[identity.aspect >= 0.675]
+    density = DENSITY_WORDS[identity.frequency >= 3.5]
+    return f"{build} {density} {ink} {PATTERN_WORDS[identity.pattern]} {body}"
 
 
 def _colour(rng: np.random.Generator) -> tuple[float, float, float]:

@@ -133,6 +133,13 @@ def test_diagnose_reads_seen_products(quick_run):
     told = diagnosis["described"]
     assert METHOD_KEYS <= set(told["reading"]) and told["reading"]["n"] == 4
     assert any(w in told["example_prompt"].split() for w in PATTERN_WORDS.values())
+    alike = diagnosis["lookalikes"]
+    assert alike["render"]["n"] == alike["vae"]["n"] >= 1 and METHOD_KEYS <= set(alike["vae"])
+    # one reading taken again is written beside the others, which are kept
+    (out / "diagnosis" / "described_base.json").unlink()
+    again = subprocess.run(cmd + ["--readings", "described"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "evaluate: described_base" in again.stdout
+    assert json.loads((out / "diagnosis.json").read_text()).keys() == diagnosis.keys()
 
 
 def test_worth_reads_every_condition_on_held_out_and_seen_products(quick_run):

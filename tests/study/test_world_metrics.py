@@ -44,19 +44,23 @@ def test_captions_name_the_class_word_and_the_scene():
     assert caption(two) == "a bottle on the left and a box on the right, on a blue background"
 
 
-def test_described_products_name_their_pattern_and_hue_and_the_words_spread():
-    """The base's training captions may name a product's look; the words are coarse but each names many."""
+def test_described_products_name_their_look_before_the_class_word_and_the_words_spread():
+    """The base's training captions may name a product's look, every word before its class word; each word names
+    many products, and together they tell almost every held-out product apart."""
     from collections import Counter
 
-    from study.world import HUE_WORDS, PATTERN_WORDS, appearance
+    from study.world import BUILD_WORDS, DENSITY_WORDS, HUE_WORDS, INK_WORDS, PATTERN_WORDS, appearance
 
     ident = sample_identities(0, 1)[0]
     described = Placed(ident, "left", "small", frozenset({"pose"}), described=True)
     words = appearance(ident)
     assert caption(Scene("teal", [described])) == f"a lying {words} bottle on the left, small, on a teal background"
-    assert described.flipped().described and words.split()[0] == PATTERN_WORDS[ident.pattern]
-    hues = Counter(appearance(i).split()[1] for i in sample_identities(0, 300))
-    assert set(hues) == set(HUE_WORDS) and min(hues.values()) >= 20  # no word names almost every product
+    assert described.flipped().described and words.split()[3] == PATTERN_WORDS[ident.pattern]
+    ids = sample_identities(0, 300)
+    for k, vocabulary in enumerate([BUILD_WORDS, DENSITY_WORDS, INK_WORDS, PATTERN_WORDS.values(), HUE_WORDS]):
+        used = Counter(appearance(i).split()[k] for i in ids)
+        assert set(used) == set(vocabulary) and min(used.values()) >= 15  # no word names almost every product
+    assert len({(i.kind, appearance(i)) for i in ids[-60:]}) >= 55
 
 
 def test_metrics_read_every_render_of_the_world():
@@ -115,3 +119,26 @@ def test_wilson_interval():
     lo, hi = proportion_interval(180, 200)
     assert lo < 0.9 < hi and 0.84 < lo and hi < 0.94
     assert proportion_interval(0, 50)[0] == 0.0 and proportion_interval(0, 0) == (0.0, 1.0)
+
+
+def test_the_longest_caption_is_one_token_a_word_and_fits_the_base(tmp_path):
+    """Two described products with every attribute marked: each word is one token of the base's tokenizer, and
+    the caption is not cut (a cut caption loses its background, or a product's placement)."""
+    from transformers import CLIPTokenizer
+
+    from study.base import PUNCTUATION, WORDS, BaseConfig, write_tokenizer
+
+    cfg = BaseConfig()
+    write_tokenizer(str(tmp_path), WORDS, PUNCTUATION, cfg.max_tokens)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
+    ids = sample_identities(0, 300)
+    every = frozenset(ATTRIBUTES)
+
+    def told(ident, at: str) -> Placed:
+        return Placed(ident, at, "small", every, described=True)
+
+    pairs = [[told(a, "centre"), told(b, "right")] for a, b in zip(ids, ids[1:])]
+    longest = max((caption(Scene("purple", pair)) for pair in pairs), key=lambda c: len(c.split()))
+    tokens = tokenizer(longest)["input_ids"]
+    assert len(tokens) == len(longest.replace(",", " ,").split()) + 2  # every word one token, plus BOS and EOS
+    assert len(tokens) <= cfg.max_tokens
