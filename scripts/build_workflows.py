@@ -427,7 +427,7 @@ def wf06():
         "- models/vae/%s (Flux's VAE)\n"
         "- models/clip_vision/%s (the image encoder the adapter was made with)\n"
         "- models/nested_attention/%s (a Nested Attention adapter for Flux: none is published yet, and "
-        "python -m na_engine train does not train one yet; see the README's Flux section)\n"
+        "python -m na_engine train --base <a FluxPipeline folder> trains one; see the README's Flux section)\n"
         "Input image: input/subject_product.png (a photo of the product).\n\n"
         "Flux takes cfg 1.0 and its guidance from FluxGuidance; the trigger is found in Flux's T5 tokens, so a "
         "word of several T5 pieces works. " % (FLUX, CLIP_L, T5XXL, FLUX_VAE, VIT_H, NA_FLUX) + KNOBS + "\n\n"
