@@ -14,7 +14,7 @@ each strength.  The reference always shows the other value of every attribute, s
 strength means the subject brings the reference's pose, light or cap along, whether or not identity comes.
 
 described: the base alone drawing the main table's cases with the product's appearance words in the prompt
-("a striped amber bottle ...", the words a share of its training captions used; no reference, no adapter).
+(world.appearance, the words a share of its training captions used; no reference, no adapter).
 It is what the base's own channel for appearance can carry: an adapter that acts through the class word, as
 nested does, steers that channel.  High: the base can draw a product it is told about, and the adapters do not
 tell it enough; low: the words (and so the class word's value) do not pin a product down among the held-out
@@ -35,6 +35,7 @@ probe's gallery is those identities, so chance is the same.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import replace
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 
 from . import evaluate, world
-from .methods import ATTRIBUTE_METRICS, SINGLE_METRICS, TRAINED, in_table
+from .methods import ATTRIBUTE_METRICS, TRAINED, in_table
 
 FOLDER = "diagnosis"
 
@@ -62,14 +63,11 @@ def seen_products(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, log
 
 def described_base(ev: evaluate.Evaluator, cases) -> dict:
     """The main table's readings of the base drawing ``cases`` with their product described in the prompt."""
-    told = [
-        replace(c, prompt=world.Scene(c.prompt.background, [replace(p, described=True) for p in c.prompt.products]))
-        for c in cases
-    ]
+    told = [replace(c, prompt=world.told(c.prompt)) for c in cases]
     prompts = [world.caption(c.prompt) for c in told]
     cell = ev.cell("described_base", lambda: ev.single("base", told), inputs="\n".join(prompts))
     return {
-        "what": f"the base on the main table's {len(cases)} cases, told the product's pattern and hue",
+        "what": f"the base on the main table's {len(cases)} cases, told the product's look",
         "example_prompt": prompts[0],
         "reading": evaluate.summary_of(cell),
     }
@@ -78,28 +76,22 @@ def described_base(ev: evaluate.Evaluator, cases) -> dict:
 def lookalikes(ev: evaluate.Evaluator, cases, pool: int, seed: int = 3) -> dict:
     """The main table's readings of each case's prompt scene drawn with a look-alike (same kind and words, drawn
     from ``pool`` products of world seed ``seed``), raw and through the base's VAE; cases with none are left out."""
-    from . import probe
-
     stand_in = {}
     for ident in world.sample_identities(seed, pool):
         stand_in.setdefault((ident.kind, world.appearance(ident)), ident)
-    found, images = [], []
+    found = []  # each case with its prompt's product swapped for the look-alike; read against the case's own
     for c in cases:
         other = stand_in.get((c.identity.kind, world.appearance(c.identity)))
         if other is not None:
-            prompt = world.Scene(c.prompt.background, [replace(p, identity=other) for p in c.prompt.products])
-            found.append(c)
-            images.append(world.render(prompt, ev.resolution)[0])
-    with torch.no_grad():
-        through = probe.through_vae(ev.generators["nested"].base.vae, images)
-    readings = {
-        name: evaluate.summarise([ev.read_single(im, c) for im, c in zip(shown, found)], SINGLE_METRICS)
-        for name, shown in (("render", images), ("vae", through))
-    }
+            products = [replace(p, identity=other) for p in c.prompt.products]
+            found.append(replace(c, prompt=world.Scene(c.prompt.background, products)))
+    what = f"{len(found)} of the main table's {len(cases)} cases drawn with a look-alike from {pool} products"
+    if not found:
+        return {"what": what}
     return {
-        "what": f"{len(found)} of the main table's {len(cases)} cases drawn with a look-alike from {pool} products",
-        "example_words": world.appearance(found[0].identity) if found else "",
-        **readings,
+        "what": what,
+        "example_words": world.appearance(found[0].identity),
+        **{name: ev.ceiling(found, vae) for name, vae in (("render", False), ("vae", True))},
     }
 
 
@@ -189,14 +181,14 @@ READINGS = ("token_retrieval", "attribute_drift", "seen_products", "described", 
 
 def diagnose(run_dir: str, train, heldout, cfg: evaluate.EvalConfig, log=print, readings=READINGS) -> str:
     """Takes ``readings`` and writes them into DIR/diagnosis.json, beside the readings it already holds."""
-    ev = evaluate.Evaluator(run_dir, heldout, cfg, log, folder=FOLDER)
+    ev = functools.cache(lambda: evaluate.Evaluator(run_dir, heldout, cfg, log, folder=FOLDER))  # loaded if needed
     cases = evaluate.single_cases(heldout, cfg.cases, cfg.seed)
     take = {
-        "token_retrieval": lambda: token_retrieval(ev, heldout, cfg.seed + 7),
+        "token_retrieval": lambda: token_retrieval(ev(), heldout, cfg.seed + 7),
         "attribute_drift": lambda: attribute_drift(run_dir, cfg),
         "seen_products": lambda: seen_products(run_dir, train, len(heldout), cfg, log),
-        "described": lambda: described_base(ev, cases),
-        "lookalikes": lambda: lookalikes(ev, cases, pool=200 * len(heldout)),  # full scale: all 60 have one
+        "described": lambda: described_base(ev(), cases),
+        "lookalikes": lambda: lookalikes(ev(), cases, pool=200 * len(heldout)),  # full scale: all 60 have one
     }
     path = os.path.join(run_dir, "diagnosis.json")
     result = json.load(open(path)) if os.path.isfile(path) else {}

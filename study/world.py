@@ -22,7 +22,7 @@ contradict, so the identity-prompt trade-off can appear.
 from __future__ import annotations
 
 import colorsys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from PIL import Image
@@ -93,7 +93,7 @@ class Placed:
     placement: str
     size: str
     marked: frozenset = frozenset()  # the ATTRIBUTES that take their marked value
-    described: bool = False  # the caption names its pattern and hue (the base's training captions only)
+    described: bool = False  # the caption names its look, world.appearance (the base's training captions only)
 
     def value(self, attribute: str) -> str:
         default, marked, _ = ATTRIBUTES[attribute]
@@ -118,6 +118,11 @@ class Placed:
 class Scene:
     background: str
     products: list[Placed] = field(default_factory=list)
+
+
+def told(scene: Scene) -> Scene:
+    """The scene with every product's look named in its caption, as in a share of the base's training captions."""
+    return Scene(scene.background, [replace(p, described=True) for p in scene.products])
 
 
 def appearance(identity: Identity) -> str:

@@ -15,8 +15,9 @@ noisy latents are denoised under each condition, so conditions are compared prod
   other renders of it, then read on the target: what the adapter path can carry at all (round 1's bound);
 - text/optimised: no subject, the class word's context moved by an offset fitted the same way (textual
   inversion at the text encoder's output): how far the base itself can be steered at the class word;
-- text/described: no subject, the caption naming the product's pattern and hue ("a striped amber bottle"), as
-  a share of the base's training captions did: what the base's own appearance words are worth.
+- text/described: no subject, the caption naming the product's look (world.appearance), as a share of the
+  base's training captions did: what the base's own appearance words are worth (cached with its caption, and
+  read again where the words have changed since).
 
 The reading is the product-region error's change against none, in percent (negative: the subject helps),
 and "identity": wrong minus masked, the part of the help that is this product's own.  Writes DIR/worth.json.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -102,7 +103,6 @@ class Reader:
         m = F.interpolate(m, size=latents.shape[-2:], mode="area")[0, 0]  # (h, w): the product's share of each latent
         return {
             "noisy": schedule.add_noise(latents, noise, times),
-            "noise": noise,
             "target": schedule.get_velocity(latents, noise, times),
             "times": times,
             "context": context,
@@ -166,19 +166,24 @@ def _draws(cfg: WorthConfig, rng, size: int) -> tuple:
     return times, torch.from_numpy(rng.standard_normal((len(times), 4, size, size)).astype(np.float32))
 
 
-def described(reader: Reader, scene: world.Scene, target: dict) -> dict:
-    """The text/described condition: ``target``'s noisy latents under the caption that names its appearance."""
-    said = world.Scene(scene.background, [replace(p, described=True) for p in scene.products])
-    told = reader.target(said, target["times"], target["noise"])
-    return {"text/described": regions(reader.error(told), told["mask"])}
+def first_draws(reader: Reader, ident, cfg: WorthConfig, rng) -> tuple:
+    """A product's first draws, which every condition reads: its target scene, (B,) timesteps, (B, 4, h, w) noise."""
+    return world.random_scene(rng, ident), *_draws(cfg, rng, reader.latent)
+
+
+def described(reader: Reader, scene: world.Scene, times: torch.Tensor, noise: torch.Tensor) -> dict:
+    """The text/described condition: the target's noisy latents under the caption that names its look."""
+    said = world.told(scene)
+    t = reader.target(said, times, noise)
+    return {"text/described": regions(reader.error(t), t["mask"]) | {"caption": world.caption(said)}}
 
 
 def read_product(reader: Reader, ident, others, cfg: WorthConfig, rng, fit: bool) -> dict:
     """Every condition's product and elsewhere error for one product (and ``others``: its kind's other products)."""
     from na_engine.standalone.references import subject_box
 
-    shown = world.random_scene(rng, ident)
-    target = reader.target(shown, *_draws(cfg, rng, reader.latent))
+    shown, times, noise = first_draws(reader, ident, cfg, rng)
+    target = reader.target(shown, times, noise)
     scene = world.random_scene(rng, ident)
     wrong = world.random_scene(rng, others[int(rng.integers(len(others)))])
     photos = {
@@ -187,7 +192,7 @@ def read_product(reader: Reader, ident, others, cfg: WorthConfig, rng, fit: bool
         "own": subject_box(target["image"], target["product_mask"], white=True),
         "wrong": diagnose.masked_photo(wrong, reader.resolution),
     }
-    out = {"none": regions(reader.error(target), target["mask"])} | described(reader, shown, target)
+    out = {"none": regions(reader.error(target), target["mask"])} | described(reader, shown, times, noise)
     for method in TRAINED:
         for name, photo in photos.items():
             with torch.no_grad():
@@ -255,12 +260,11 @@ def worth(run_dir: str, train, heldout, cfg: WorthConfig, log=print) -> str:
         rows = json.load(open(cache)) if os.path.isfile(cache) else []  # a product's rows, cached as read
         for k, ident in enumerate(idents[: cfg.products]):
             draws = np.random.default_rng([cfg.seed, len(name), k])  # a product's draws depend on it alone
-            if k < len(rows):
-                if "text/described" not in rows[k]:  # a row cached before the condition existed: its first draws
-                    shown = world.random_scene(draws, ident)
-                    rows[k] |= described(reader, shown, reader.target(shown, *_draws(cfg, draws, reader.latent)))
-                else:
+            if k < len(rows):  # cached: text/described is read again if its words are not today's (or absent)
+                shown, times, noise = first_draws(reader, ident, cfg, draws)
+                if rows[k].get("text/described", {}).get("caption") == world.caption(world.told(shown)):
                     continue
+                rows[k] |= described(reader, shown, times, noise)
             else:
                 others = [i for i in idents if i.kind == ident.kind and i.index != ident.index]
                 rows.append(read_product(reader, ident, others, cfg, draws, fit=k < cfg.optimised))

@@ -162,15 +162,21 @@ def test_worth_reads_every_condition_on_held_out_and_seen_products(quick_run):
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "worth: heldout" not in again.stdout  # every product read from its cache
     assert json.loads((out / "worth" / "heldout.json").read_text()) == cached
-    # a product cached before text/described existed gets it from its own draws, equal to reading it afresh
-    stale = [{k: v for k, v in row.items() if k != "text/described"} for row in cached]
+    # a product cached without text/described (the first), or with other words (the second), reads it again from
+    # its own draws, equal to reading it afresh; one cached with today's words (the third) is not read
+    stale = [dict(row) for row in cached]
+    del stale[0]["text/described"]
+    stale[1]["text/described"] = {**cached[1]["text/described"], "caption": "a striped amber box", "product": 9.0}
     (out / "worth" / "heldout.json").write_text(json.dumps(stale))
     filled = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert filled.returncode == 0 and "worth: heldout 3/3" in filled.stdout
+    assert filled.returncode == 0, filled.stderr[-2000:]
+    read = [line for line in filled.stdout.splitlines() if "worth: heldout" in line]
+    assert [line.split()[-1] for line in read] == ["1/3", "2/3"]
     refilled = json.loads((out / "worth" / "heldout.json").read_text())
     for old, new in zip(cached, refilled):
-        assert new["text/described"] == pytest.approx(old["text/described"], rel=1e-5)
-        assert new["none"] == old["none"]
+        was, now = old["text/described"], new["text/described"]
+        assert now["caption"] == was["caption"] and any(w in was["caption"] for w in PATTERN_WORDS.values())
+        assert (now["product"], now["elsewhere"]) == pytest.approx((was["product"], was["elsewhere"]), rel=1e-5)
 
 
 def test_pilot_trains_on_masked_references_and_reads_them(quick_run):

@@ -139,6 +139,7 @@ def test_the_longest_caption_is_one_token_a_word_and_fits_the_base(tmp_path):
 
     pairs = [[told(a, "centre"), told(b, "right")] for a, b in zip(ids, ids[1:])]
     longest = max((caption(Scene("purple", pair)) for pair in pairs), key=lambda c: len(c.split()))
+    assert [w for w in [*WORDS, *PUNCTUATION] if len(tokenizer.tokenize(w)) != 1] == []
     tokens = tokenizer(longest)["input_ids"]
     assert len(tokens) == len(longest.replace(",", " ,").split()) + 2  # every word one token, plus BOS and EOS
     assert len(tokens) <= cfg.max_tokens
