@@ -80,8 +80,8 @@ class NestedAttentionApply:
                         "tooltip": "Multiplies the attention the trigger word receives (the other words make room). "
                         "1.0 is the paper's formula, right for adapters trained for nesting. IP-Adapter Plus files "
                         "(the training-free bridge) were not: the study's first round found 8 raised their identity; "
-                        "its second (docs/STUDY.md) found 8 also makes the product follow the reference's pose. "
-                        "Lower it if the prompt loses ground.",
+                        "its later rounds (docs/STUDY.md) found 8 also pulls the product's pose and cap toward the "
+                        "reference's. Lower it if the prompt loses ground.",
                     },
                 ),
             },
