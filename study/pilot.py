@@ -1,56 +1,80 @@
-"""python -m study pilot --out DIR: one encoder trained on masked references, to test the diagnosis's
-explanation (the reference's background hides the product from the encoders) before a full third round.
+"""python -m study pilot --out DIR --change NAME: one change to nested's training, tried on its own before a
+full round is planned around it.
 
-It is not a stage and not a claim: one method (nested), the round's data, seed and budget, with
-`--white-references` (another photo's background whitened by its mask).  Read on the main table's first
-cases with references masked the same way, beside the round's nested adapter given the same masked
-references (masking at inference alone) and as evaluated (results.json).  Writes DIR/pilot/ (the adapter,
-its loss.csv, the cells) and DIR/pilot.json.
+It is not a stage and not a claim: one method (nested), the round's data and seed, trained with the change
+(CHANGES), then read on the main table's first cases beside the round's own nested adapter on the very same
+cases and references.  Writes DIR/pilot/ (the adapter, its loss.csv, the cells) and DIR/pilot_<NAME>.json.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, replace
 
 from . import diagnose, encoders, evaluate
 
 FOLDER = "pilot"
 
 
-def pilot(run_dir: str, heldout, cases: int, cfg: evaluate.EvalConfig, enc: encoders.EncoderConfig, log=print) -> str:
+@dataclass(frozen=True)
+class Change:
+    what: str
+    budget: float = 1.0  # times the round's training steps
+    white_references: bool = False  # another photo's background whitened by its mask, in training and reading
+
+
+CHANGES = {
+    "white_references": Change("trained and read on masked references (round 2's pilot)", white_references=True),
+    "double_budget": Change("trained for twice the round's steps, same data, seed and schedule shape", budget=2.0),
+}
+
+
+def pilot(
+    run_dir: str, heldout, cases: int, cfg: evaluate.EvalConfig, enc: encoders.EncoderConfig, name: str, log=print
+) -> str:
     from na_engine.formats import load_adapter
 
+    change = CHANGES[name]
     folder = os.path.join(run_dir, FOLDER)
-    out = os.path.join(folder, "nested_white.safetensors")
-    record = os.path.join(folder, "nested_white.json")
+    out = os.path.join(folder, f"nested_{name}.safetensors")
+    record = os.path.join(folder, f"nested_{name}.json")
     if not os.path.isfile(record):  # written once the adapter is
         os.makedirs(folder, exist_ok=True)
         data = os.path.join(run_dir, "encoders", "data", "prepared")
         vision, base = os.path.join(run_dir, "encoders", "vision"), os.path.join(run_dir, "base")
         if not os.path.isfile(os.path.join(data, "dataset.json")):
             raise SystemExit(f"{data} is missing: run the study's encoders stage (it re-renders the training set).")
-        log("pilot: training nested on masked references")
-        trained = encoders.train_method("nested", base, vision, data, out, enc, white_references=True)
+        log(f"pilot: training nested, {change.what}")
+        budget = replace(enc, steps=int(round(enc.steps * change.budget)))
+        trained = encoders.train_method(
+            "nested", base, vision, data, out, budget, white_references=change.white_references
+        )
         with open(record, "w") as f:
             json.dump(trained, f)
     with open(record) as f:
         trained = json.load(f)
     few = evaluate.single_cases(heldout, cfg.cases, cfg.seed)[:cases]
-    ev = evaluate.Evaluator(run_dir, heldout, cfg, log, folder=FOLDER, photo=diagnose.masked_photo)
-    round2 = ev.cell("nested_round2_masked", lambda: ev.single("nested", few))
+    photos = "masked" if change.white_references else "as_evaluated"
+    ev = evaluate.Evaluator(
+        run_dir, heldout, cfg, log, FOLDER, diagnose.masked_photo if change.white_references else None
+    )
+    rounds = ev.cell(f"nested_round_{photos}", lambda: ev.single("nested", few))
     ev.use_adapter("nested", load_adapter(out))
-    white = ev.cell("nested_white_masked", lambda: ev.single("nested", few))
-    retrieval = diagnose.token_retrieval(ev, heldout, cfg.seed + 7)["top1"]
+    changed = ev.cell(f"nested_{name}_{photos}", lambda: ev.single("nested", few))
     result = {
-        "what": f"the main table's first {len(few)} cases, references masked; one method, not a claim",
-        "command": f"python -m study pilot --out {run_dir}",
+        "what": f"the main table's first {len(few)} cases, references {photos}; one method, not a claim",
+        "change": change.what,
+        "command": f"python -m study pilot --out {run_dir} --change {name}",
         "training": trained,
-        "nested_round2_masked": evaluate.summary_of(round2),
-        "nested_white_masked": evaluate.summary_of(white),
-        "token_retrieval_nested_white": {variant: row["nested"] for variant, row in retrieval.items()},
+        "nested_round": evaluate.summary_of(rounds),
+        "nested_changed": evaluate.summary_of(changed),
+        "identity_changed_vs_round": evaluate.paired_sign(changed["rows"], rounds["rows"], "identity_top1"),
+        "token_retrieval_changed": {
+            v: row["nested"] for v, row in diagnose.token_retrieval(ev, heldout, cfg.seed + 7)["top1"].items()
+        },
     }
-    path = os.path.join(run_dir, "pilot.json")
+    path = os.path.join(run_dir, f"pilot_{name}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     return path

@@ -174,14 +174,14 @@ def _diagnose(run: Run, readings) -> int:
     return 0
 
 
-def _pilot(run: Run, cases: int) -> int:
+def _pilot(run: Run, cases: int, change: str) -> int:
     from . import encoders, evaluate, pilot
 
     if "evaluation" not in run.stages:
         raise SystemExit(f"{run.out} has no finished evaluation stage; run the study first.")
     quick = run.scale.quick
     cfg, enc = (evaluate.QUICK, encoders.QUICK) if quick else (evaluate.EvalConfig(), encoders.EncoderConfig())
-    run.log(f"pilot: wrote {pilot.pilot(run.out, run.identities()[1], cases, cfg, enc, run.log)}")
+    run.log(f"pilot: wrote {pilot.pilot(run.out, run.identities()[1], cases, cfg, enc, change, run.log)}")
     return 0
 
 
@@ -215,6 +215,7 @@ def _worth(run: Run) -> int:
 @command_line
 def main(argv=None) -> int:
     from .diagnose import READINGS
+    from .pilot import CHANGES
 
     p = argparse.ArgumentParser(prog="python -m study", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -235,10 +236,11 @@ def main(argv=None) -> int:
     g.add_argument("--out", required=True, help="the run's folder")
     g.add_argument("--quick", action="store_true", help="a --quick run's folder")
     g.add_argument("--readings", nargs="+", choices=READINGS, default=READINGS, help="take only these (default: all)")
-    pl = sub.add_parser("pilot", help="after the evaluation: nested trained on masked references (study/pilot.py)")
+    pl = sub.add_parser("pilot", help="after the evaluation: one change to nested's training (study/pilot.py)")
     pl.add_argument("--out", required=True, help="the run's folder")
     pl.add_argument("--quick", action="store_true", help="a --quick run's folder")
     pl.add_argument("--cases", type=int, default=150, help="main-table cases read (default: all 150)")
+    pl.add_argument("--change", required=True, choices=sorted(CHANGES), help="the change tried (study/pilot.py)")
     w = sub.add_parser("worth", help="after the encoders: what the subject is worth to the denoiser (study/worth.py)")
     w.add_argument("--out", required=True, help="the run's folder")
     w.add_argument("--quick", action="store_true", help="a --quick run's folder")
@@ -254,7 +256,7 @@ def main(argv=None) -> int:
     if args.command == "diagnose":
         return _diagnose(Run(args.out, QUICK if args.quick else FULL), args.readings)
     if args.command == "pilot":
-        return _pilot(Run(args.out, QUICK if args.quick else FULL), args.cases)
+        return _pilot(Run(args.out, QUICK if args.quick else FULL), args.cases, args.change)
     if args.command == "worth":
         return _worth(Run(args.out, QUICK if args.quick else FULL))
     run = Run(args.out, QUICK if args.quick else FULL, args.docs, args.readme)

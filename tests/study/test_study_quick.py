@@ -179,16 +179,24 @@ def test_worth_reads_every_condition_on_held_out_and_seen_products(quick_run):
         assert (now["product"], now["elsewhere"]) == pytest.approx((was["product"], was["elsewhere"]), rel=1e-5)
 
 
-def test_pilot_trains_on_masked_references_and_reads_them(quick_run):
-    """`python -m study pilot`: nested trained with --white-references, read with masked references."""
+@pytest.mark.parametrize(
+    "change, steps, photos, white",
+    [("white_references", 4, "masked", True), ("double_budget", 8, "as_evaluated", False)],
+)
+def test_pilot_trains_nested_with_one_change_and_reads_it_beside_the_round(quick_run, change, steps, photos, white):
+    """`python -m study pilot --change`: nested trained with the change, read on the same cases as the round's."""
     out, _, _ = quick_run
-    cmd = [sys.executable, "-m", "study", "pilot", "--quick", "--out", str(out), "--cases", "2"]
+    cmd = [sys.executable, "-m", "study", "pilot", "--quick", "--out", str(out), "--cases", "2", "--change", change]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    pilot = json.loads((out / "pilot.json").read_text())
-    assert pilot["training"]["steps"] == 4 and (out / "pilot" / "nested_white.safetensors").is_file()
-    for cell in ("nested_round2_masked", "nested_white_masked"):
+    pilot = json.loads((out / f"pilot_{change}.json").read_text())
+    assert pilot["training"]["steps"] == steps and (out / "pilot" / f"nested_{change}.safetensors").is_file()
+    assert pilot["what"].endswith(f"references {photos}; one method, not a claim")
+    for cell in ("nested_round", "nested_changed"):
         assert METHOD_KEYS <= set(pilot[cell]) and pilot[cell]["n"] == 2
-    assert set(pilot["token_retrieval_nested_white"]) == {"as_evaluated", "masked", "same_attributes"}
-    trainer = json.loads(next((out / "pilot").glob("nested_white_run/checkpoint-*/trainer.json")).read_text())
-    assert trainer["white_references"] is True
+    assert (out / "pilot" / f"nested_{change}_{photos}.json").is_file()
+    paired = pilot["identity_changed_vs_round"]
+    assert paired["a_higher"] + paired["b_higher"] <= 2 and 0 <= paired["sign_test_p"] <= 1
+    assert set(pilot["token_retrieval_changed"]) == {"as_evaluated", "masked", "same_attributes"}
+    trainer = json.loads(next((out / "pilot").glob(f"nested_{change}_run/checkpoint-*/trainer.json")).read_text())
+    assert trainer["white_references"] is white
