@@ -195,6 +195,9 @@ def test_pilot_trains_nested_with_one_change_and_reads_it_beside_the_round(quick
     for cell in ("nested_round", "nested_changed"):
         assert METHOD_KEYS <= set(pilot[cell]) and pilot[cell]["n"] == 2
     assert (out / "pilot" / f"nested_{change}_{photos}.json").is_file()
+    if photos == "as_evaluated":  # the round's adapter on the same cases and references: the evaluation's own rows
+        rows = json.loads((out / "pilot" / "nested_round_as_evaluated.json").read_text())["rows"]
+        assert rows == json.loads((out / "eval" / "main_nested.json").read_text())["rows"][:2]
     paired = pilot["identity_changed_vs_round"]
     assert paired["a_higher"] + paired["b_higher"] <= 2 and 0 <= paired["sign_test_p"] <= 1
     assert set(pilot["token_retrieval_changed"]) == {"as_evaluated", "masked", "same_attributes"}
