@@ -55,10 +55,9 @@ def pilot(
     with open(record) as f:
         trained = json.load(f)
     few = evaluate.single_cases(heldout, cfg.cases, cfg.seed)[:cases]
-    photos = "masked" if change.white_references else "as_evaluated"
-    ev = evaluate.Evaluator(
-        run_dir, heldout, cfg, log, FOLDER, diagnose.masked_photo if change.white_references else None
-    )
+    photo = diagnose.masked_photo if change.white_references else None  # None: the evaluation's own reference
+    photos = "masked" if photo else "as_evaluated"
+    ev = evaluate.Evaluator(run_dir, heldout, cfg, log, FOLDER, photo)
     rounds = ev.cell(f"nested_round_{photos}", lambda: ev.single("nested", few))
     ev.use_adapter("nested", load_adapter(out))
     changed = ev.cell(f"nested_{name}_{photos}", lambda: ev.single("nested", few))
