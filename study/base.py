@@ -146,16 +146,12 @@ class RenderSet:
     kinds: list  # per image, its products' class words in order
 
 
-def render_set(
-    identities, count: int, resolution: int, seed: int, latent: int | None = None, described: float = 0.0
-) -> RenderSet:
-    """Renders with captions and per-product masks: one product, or two of different kinds (1 in 4); each
-    product's caption names its appearance with probability ``described`` (drawn apart: the scenes stay)."""
+def training_scenes(identities, count: int, seed: int, described: float = 0.0) -> list[world.Scene]:
+    """The scenes of ``count`` training renders: one product, or two of different kinds (1 in 4); each product's
+    caption names its appearance with probability ``described`` (drawn apart: the scenes stay)."""
     rng, words = np.random.default_rng(seed), np.random.default_rng([seed, 1])
-    latent = latent or resolution // 4
-    images, captions, kinds = np.empty((count, resolution, resolution, 3), np.uint8), [], []
-    masks = np.zeros((count, 2, latent, latent), np.float32)
-    for i in range(count):
+    scenes = []
+    for _ in range(count):
         first = identities[int(rng.integers(len(identities)))]
         second = None
         if rng.random() < 0.25:
@@ -163,7 +159,20 @@ def render_set(
             second = others[int(rng.integers(len(others)))]
         scene = world.random_scene(rng, first, second)
         said = words.random(len(scene.products)) < described
-        scene = world.Scene(scene.background, [replace(p, described=bool(d)) for p, d in zip(scene.products, said)])
+        scenes.append(
+            world.Scene(scene.background, [replace(p, described=bool(d)) for p, d in zip(scene.products, said)])
+        )
+    return scenes
+
+
+def render_set(
+    identities, count: int, resolution: int, seed: int, latent: int | None = None, described: float = 0.0
+) -> RenderSet:
+    """The renders of training_scenes with captions and per-product masks."""
+    latent = latent or resolution // 4
+    images, captions, kinds = np.empty((count, resolution, resolution, 3), np.uint8), [], []
+    masks = np.zeros((count, 2, latent, latent), np.float32)
+    for i, scene in enumerate(training_scenes(identities, count, seed, described)):
         images[i] = np.asarray(world.render(scene, resolution)[0])
         captions.append(world.caption(scene))
         kinds.append([p.identity.kind for p in scene.products])
@@ -171,6 +180,21 @@ def render_set(
             masks[i, k] = np.asarray(mask.resize((latent, latent), resample=Image.BOX), np.float32) / 255
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     return RenderSet(pixels, captions, torch.from_numpy(masks), kinds)
+
+
+def own_products(cfg: BaseConfig, train_ids) -> list:
+    """The products the base's renders are drawn from: its own (world seed PRODUCTS_SEED), or the train identities."""
+    return world.sample_identities(PRODUCTS_SEED, cfg.products) if cfg.products else list(train_ids)
+
+
+def drawn_products(cfg: BaseConfig, train_ids) -> dict:
+    """{index in own_products: how many of the base's training renders show it}; products never drawn are absent."""
+    products = own_products(cfg, train_ids)
+    counts: dict = {}
+    for scene in training_scenes(products, cfg.images, cfg.seed, cfg.described):
+        for p in scene.products:
+            counts[p.identity.index] = counts.get(p.identity.index, 0) + 1
+    return counts
 
 
 def word_positions(tokenizer, ids: torch.Tensor, kinds: list) -> torch.Tensor:
@@ -495,8 +519,7 @@ def build_base(folder: str, train_ids, heldout, cfg: BaseConfig, log=print) -> d
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
-    products = world.sample_identities(PRODUCTS_SEED, cfg.products) if cfg.products else train_ids
-    renders = render_set(products, cfg.images, cfg.resolution, cfg.seed, described=cfg.described)
+    renders = render_set(own_products(cfg, train_ids), cfg.images, cfg.resolution, cfg.seed, described=cfg.described)
     log(f"rendered {len(renders.images)} training images in {time.time() - t0:.0f} s")
     vae, latents, psnr = train_vae(cfg, renders.images, log)
     log(f"vae: reconstruction PSNR {psnr:.1f} dB, latents {tuple(latents.shape[1:])}")

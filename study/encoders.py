@@ -1,4 +1,4 @@
-"""The encoders stage: a CLIP vision tower, a training set of train identities, and the trained methods.
+"""The encoders stage: a CLIP vision tower, a training set of products, and the trained methods.
 
 Every method of study.methods.TRAINED is trained by the project's own trainer (na_engine.standalone.train,
 `python -m na_engine train`) with the same data, steps, batch, schedule and learning rate; only what the
@@ -6,9 +6,10 @@ issue compares differs (the number of tokens, nested or decoupled). The bridge i
 through the nested path: it needs no training.
 
 The training set is what a user with several photos per product gives `python -m na_engine prepare`: one
-subfolder of photos per train identity (random scenes and attributes), so each row's reference is another
-photo of its product, background kept; and a quarter of the rows are two-product scenes, each product bound
-to its own class word (a <name>.json names them).
+subfolder of photos per product (random scenes and attributes), so each row's reference is another photo of
+its product, background kept; and a quarter of the rows are two-product scenes, each product bound to its own
+class word (a <name>.json names them). Its products are as many as the train identities: half of them
+(base_share, round 5) are products the base drew in its own training, the rest train identities it never saw.
 
 The CLIP vision tower stays randomly initialised (seeded): a pretrained one cannot be downloaded, and a
 tower trained here on identities would share the probe's objective. The resampler, trained per method,
@@ -30,7 +31,8 @@ from .methods import TRAINED
 
 @dataclass
 class EncoderConfig:
-    scenes_per_identity: int = 12  # renders of each train identity, each in a random scene
+    scenes_per_identity: int = 12  # renders of each training product, each in a random scene
+    base_share: float = 0.5  # of the training products: ones the base drew (its own); the rest, train identities
     pair_share: float = 0.25  # of the training rows: two-product scenes
     steps: int = 2500
     batch_size: int = 16
@@ -72,14 +74,32 @@ def make_vision(folder: str, resolution: int, width: int, seed: int) -> str:
     return folder
 
 
-def _subject(ident) -> str:
-    return f"id{ident.index:04d}"
+def training_products(train_ids, base_cfg, share: float) -> dict:
+    """{subject name: identity}: as many products as train identities, kinds balanced. ``share`` of them are the
+    base's own products that its training renders show most often ("base<index>"), the rest the first train
+    identities ("id<index>"). A base trained on the train identities drew them all (round 3)."""
+    from .base import drawn_products, own_products
+
+    if not base_cfg.products:
+        return {f"id{i.index:04d}": i for i in train_ids}
+    drawn, own = drawn_products(base_cfg, train_ids), own_products(base_cfg, train_ids)
+    per_kind = int(round(len(train_ids) * share)) // len(world.KINDS)
+    chosen = {}
+    for kind in world.KINDS:
+        theirs = [own[i] for i in sorted(drawn, key=lambda i: (-drawn[i], i)) if own[i].kind == kind][:per_kind]
+        if len(theirs) < per_kind:
+            raise ValueError(f"the base drew {len(theirs)} {kind}s of its own; base_share {share} needs {per_kind}")
+        chosen.update({f"base{i.index:04d}": i for i in theirs})
+    new = len(train_ids) - len(chosen)
+    chosen.update({f"id{i.index:04d}": i for i in train_ids[:new]})
+    return chosen
 
 
-def write_photos(folder: str, masks: str, identities, cfg: EncoderConfig, resolution: int, seed: int) -> str:
-    """Renders of each identity in random one-product scenes, a subfolder each (<id>/<k>.png, .txt; masks in
-    ``masks`` alike), and two-product scenes pair<k>.png, .txt, .json with masks pair<k>.<word>.png."""
+def write_photos(folder: str, masks: str, subjects: dict, cfg: EncoderConfig, resolution: int, seed: int) -> str:
+    """Renders of each subject ({name: identity}) in random one-product scenes, a subfolder each (<name>/<k>.png,
+    .txt; masks in ``masks`` alike), and two-product scenes pair<k>.png, .txt, .json with masks pair<k>.<word>.png."""
     rng = np.random.default_rng(seed)
+    names, identities = list(subjects), list(subjects.values())
 
     def save(name: str, scene) -> None:
         image, _ = world.render(scene, resolution)
@@ -93,17 +113,18 @@ def write_photos(folder: str, masks: str, identities, cfg: EncoderConfig, resolu
             os.makedirs(os.path.dirname(os.path.join(masks, name)), exist_ok=True)
             mask.save(os.path.join(masks, name + suffix + ".png"))
 
-    for ident in identities:
+    for subject, ident in subjects.items():
         for k in range(cfg.scenes_per_identity):
-            save(f"{_subject(ident)}/{k:02d}", world.random_scene(rng, ident))
+            save(f"{subject}/{k:02d}", world.random_scene(rng, ident))
     singles = len(identities) * cfg.scenes_per_identity
     for k in range(int(round(singles * cfg.pair_share / (1 - cfg.pair_share)))):
-        first = identities[int(rng.integers(len(identities)))]
-        others = [i for i in identities if i.kind != first.kind]
-        scene = world.random_scene(rng, first, others[int(rng.integers(len(others)))])
+        first = int(rng.integers(len(identities)))
+        others = [j for j, i in enumerate(identities) if i.kind != identities[first].kind]
+        second = others[int(rng.integers(len(others)))]
+        scene = world.random_scene(rng, identities[first], identities[second])
         save(f"pair{k:05d}", scene)
         with open(os.path.join(folder, f"pair{k:05d}.json"), "w") as f:
-            json.dump({"subjects": {p.identity.kind: _subject(p.identity) for p in scene.products}}, f)
+            json.dump({"subjects": {identities[j].kind: names[j] for j in (first, second)}}, f)
     return folder
 
 
@@ -170,7 +191,7 @@ def training_seconds(rows: list[dict]) -> float:
     return round(total + last, 1)
 
 
-def ensure_training_set(folder: str, train_ids, resolution: int, cfg: EncoderConfig) -> tuple[str, str]:
+def ensure_training_set(folder: str, subjects: dict, resolution: int, cfg: EncoderConfig) -> tuple[str, str]:
     """vision/ and data/prepared/ (re-rendered when absent: not kept in git); returns their paths."""
     from na_engine.standalone.prepare import prepare
 
@@ -183,16 +204,18 @@ def ensure_training_set(folder: str, train_ids, resolution: int, cfg: EncoderCon
     if not os.path.isfile(os.path.join(prepared, "dataset.json")):  # written last: anything else is half made
         for part in (photos, masks, prepared):
             shutil.rmtree(part, ignore_errors=True)
-        write_photos(photos, masks, train_ids, cfg, resolution, cfg.seed + 1)
+        write_photos(photos, masks, subjects, cfg, resolution, cfg.seed + 1)
         prepare(photos, prepared, list(world.KINDS), resolution=resolution, keep_captions=True, masks=masks)
     return vision, prepared
 
 
-def build_encoders(folder: str, base: str, train_ids, resolution: int, cfg: EncoderConfig, log=print) -> dict:
-    """vision/, data/, and adapters/<method>.safetensors."""
-    vision, prepared = ensure_training_set(folder, train_ids, resolution, cfg)
+def build_encoders(folder: str, base: str, subjects: dict, resolution: int, cfg: EncoderConfig, log=print) -> dict:
+    """vision/, data/, and adapters/<method>.safetensors, trained on ``subjects`` (training_products)."""
+    vision, prepared = ensure_training_set(folder, subjects, resolution, cfg)
     os.makedirs(os.path.join(folder, "adapters"), exist_ok=True)
-    record = {"config": asdict(cfg), "methods": {}, "seconds_before_resume": 0.0}
+    drawn = sum(name.startswith("base") for name in subjects)
+    products = {"drawn_by_base": drawn, "train_identities": len(subjects) - drawn}
+    record = {"config": asdict(cfg), "products": products, "methods": {}, "seconds_before_resume": 0.0}
     for name in TRAINED:
         out = os.path.join(folder, "adapters", f"{name}.safetensors")
         done = os.path.splitext(out)[0] + ".json"  # written once the adapter is: a method is trained once

@@ -99,12 +99,12 @@ def stage_base(run: Run) -> dict:
 
 def stage_encoders(run: Run) -> dict:
     from . import encoders
+    from .base import BaseConfig
 
     cfg = encoders.QUICK if run.scale.quick else encoders.EncoderConfig()
-    resolution = run.stages["base"]["config"]["resolution"]
-    return encoders.build_encoders(
-        run.path("encoders"), run.path("base"), run.identities()[0], resolution, cfg, run.log
-    )
+    base_cfg = BaseConfig(**run.stages["base"]["config"])
+    products = encoders.training_products(run.identities()[0], base_cfg, cfg.base_share)
+    return encoders.build_encoders(run.path("encoders"), run.path("base"), products, base_cfg.resolution, cfg, run.log)
 
 
 def stage_probe(run: Run) -> dict:
@@ -201,6 +201,17 @@ STAGES = [
 ]
 
 
+def _compare(run: Run, against: str) -> int:
+    from .compare import compare
+
+    for folder in (run.out, against):
+        path = os.path.join(folder, "stages.json")
+        if not os.path.isfile(path) or "evaluation" not in json.load(open(path)):
+            raise SystemExit(f"{folder} has no finished evaluation stage; run the study first.")
+    run.log(f"compare: wrote {compare(run.out, against)}")
+    return 0
+
+
 def _worth(run: Run) -> int:
     from . import worth
 
@@ -244,6 +255,10 @@ def main(argv=None) -> int:
     w = sub.add_parser("worth", help="after the encoders: what the subject is worth to the denoiser (study/worth.py)")
     w.add_argument("--out", required=True, help="the run's folder")
     w.add_argument("--quick", action="store_true", help="a --quick run's folder")
+    c = sub.add_parser("compare", help="after two evaluations: one run's main cells against another's, case by case")
+    c.add_argument("--out", required=True, help="the run's folder")
+    c.add_argument("--against", required=True, help="the other run's folder (the same world and settings)")
+    c.add_argument("--quick", action="store_true", help="--quick runs' folders")
     d = sub.add_parser("demo", help="personalised images of held-out products from trained weights")
     d.add_argument("--weights", default=os.path.join(os.path.dirname(__file__), "weights"), help="a run's folder")
     d.add_argument("--out", required=True, help="output folder")
@@ -257,6 +272,8 @@ def main(argv=None) -> int:
         return _diagnose(Run(args.out, QUICK if args.quick else FULL), args.readings)
     if args.command == "pilot":
         return _pilot(Run(args.out, QUICK if args.quick else FULL), args.cases, args.change)
+    if args.command == "compare":
+        return _compare(Run(args.out, QUICK if args.quick else FULL), args.against)
     if args.command == "worth":
         return _worth(Run(args.out, QUICK if args.quick else FULL))
     run = Run(args.out, QUICK if args.quick else FULL, args.docs, args.readme)

@@ -203,3 +203,31 @@ def test_pilot_trains_nested_with_one_change_and_reads_it_beside_the_round(quick
     assert set(pilot["token_retrieval_changed"]) == {"as_evaluated", "masked", "same_attributes"}
     trainer = json.loads(next((out / "pilot").glob(f"nested_{change}_run/checkpoint-*/trainer.json")).read_text())
     assert trainer["white_references"] is white
+
+
+def test_compare_pairs_two_runs_case_by_case(quick_run, tmp_path):
+    """`python -m study compare`: another run's cells on the same cases; a case only one run gets right counts."""
+    import shutil
+
+    out, _, _ = quick_run
+    other = tmp_path / "other"
+    shutil.copytree(out / "eval", other / "eval")
+    for name in ("world.json", "stages.json"):
+        shutil.copyfile(out / name, other / name)
+    path = other / "eval" / "main_nested.json"
+    cell = json.loads(path.read_text())
+    was = bool(cell["rows"][0]["identity_top1"])
+    cell["rows"][0]["identity_top1"] = not was
+    path.write_text(json.dumps(cell))
+    cmd = [sys.executable, "-m", "study", "compare", "--quick", "--out", str(out), "--against", str(other)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    pairs = json.loads((out / "compare.json").read_text())["methods"]
+    assert set(pairs) == {"base", "single_token", "decoupled", "bridge", "nested"}
+    assert (pairs["nested"]["a_higher"], pairs["nested"]["b_higher"]) == ((1, 0) if was else (0, 1))
+    assert all(p["a_higher"] == p["b_higher"] == 0 for m, p in pairs.items() if m != "nested")
+    world = json.loads((other / "world.json").read_text())
+    world["heldout"] = world["heldout"][::-1]
+    (other / "world.json").write_text(json.dumps(world))
+    refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "different worlds" in refused.stderr and "Traceback" not in refused.stderr
