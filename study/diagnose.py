@@ -31,6 +31,10 @@ probe's gallery is those identities, so chance is the same.
 - seen products come back and held-out ones do not: the encoders memorise products instead of reading them
   from the reference (too few identities to generalise from);
 - neither comes back: the adapter's signal is too weak, or the base does not use it, whatever the product.
+
+drawn products: the same, on the encoders' training products that the base drew in its own training too (round
+5's mixture; none before). Against seen products (which the base never drew), it says how much the adapters lean
+on a product the base already draws.
 """
 
 from __future__ import annotations
@@ -49,16 +53,33 @@ from .methods import ATTRIBUTE_METRICS, TRAINED, in_table
 FOLDER = "diagnosis"
 
 
-def seen_products(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, log=print) -> dict:
-    """Identity top-1 (and every other main-table reading) of each main-table method on ``count`` train identities."""
-    ev = evaluate.Evaluator(run_dir, train[:count], cfg, log, folder=FOLDER)
-    cases = evaluate.single_cases(train[:count], count * 2, cfg.seed)
-    cells = {m: ev.cell(f"seen_{m}", lambda m=m: ev.single(m, cases)) for m in in_table("main")}
+def seen_products(
+    run_dir: str, products, count: int, cfg: evaluate.EvalConfig, log=print, name: str = "seen", what="train identities"
+) -> dict:
+    """Identity top-1 (and every other main-table reading) of each main-table method on ``count`` of ``products``."""
+    ev = evaluate.Evaluator(run_dir, products[:count], cfg, log, folder=FOLDER)
+    cases = evaluate.single_cases(products[:count], count * 2, cfg.seed)
+    cells = {m: ev.cell(f"{name}_{m}", lambda m=m: ev.single(m, cases)) for m in in_table("main")}
     return {
-        "what": f"{len(cases)} cases of {count} train identities (chance {1 / count:.4f}), read as the main table",
+        "what": f"{len(cases)} cases of {count} {what} (chance {1 / count:.4f}), read as the main table",
         "command": f"python -m study diagnose --out {run_dir}",
         "methods": {m: evaluate.summary_of(c) for m, c in cells.items()},
     }
+
+
+def drawn_products(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, log=print) -> dict:
+    """seen_products on the encoders' training products that the base drew too (round 5 on), kinds in turn."""
+    from .base import BaseConfig
+    from .encoders import drawn_by_base, training_products
+
+    with open(os.path.join(run_dir, "stages.json")) as f:
+        stages = json.load(f)
+    share = stages["encoders"]["config"].get("base_share", 0.0)
+    drawn = drawn_by_base(training_products(train, BaseConfig(**stages["base"]["config"]), share))
+    if len(drawn) < count:
+        return {"what": f"none: the encoders trained on {len(drawn)} products the base drew, fewer than {count}"}
+    turns = [x for trio in zip(*([i for i in drawn if i.kind == k] for k in world.KINDS)) for x in trio]
+    return seen_products(run_dir, turns, count, cfg, log, "drawn", "of the encoders' products that the base drew")
 
 
 def described_base(ev: evaluate.Evaluator, cases) -> dict:
@@ -176,7 +197,7 @@ def attribute_drift(run_dir: str, cfg: evaluate.EvalConfig) -> dict:
     return {"what": f"the first {cfg.tradeoff_cases} main-table cases at each strength (eval/ cells)", "methods": out}
 
 
-READINGS = ("token_retrieval", "attribute_drift", "seen_products", "described", "lookalikes")
+READINGS = ("token_retrieval", "attribute_drift", "seen_products", "drawn_products", "described", "lookalikes")
 
 
 def diagnose(run_dir: str, train, heldout, cfg: evaluate.EvalConfig, log=print, readings=READINGS) -> str:
@@ -187,6 +208,7 @@ def diagnose(run_dir: str, train, heldout, cfg: evaluate.EvalConfig, log=print, 
         "token_retrieval": lambda: token_retrieval(ev(), heldout, cfg.seed + 7),
         "attribute_drift": lambda: attribute_drift(run_dir, cfg),
         "seen_products": lambda: seen_products(run_dir, train, len(heldout), cfg, log),
+        "drawn_products": lambda: drawn_products(run_dir, train, len(heldout), cfg, log),
         "described": lambda: described_base(ev(), cases),
         "lookalikes": lambda: lookalikes(ev(), cases, pool=200 * len(heldout)),  # full scale: all 60 have one
     }

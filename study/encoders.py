@@ -74,6 +74,14 @@ def make_vision(folder: str, resolution: int, width: int, seed: int) -> str:
     return folder
 
 
+BASE_DRAWN = "base"  # the subject names of training products the base drew: base<index>
+
+
+def drawn_by_base(products: dict) -> list:
+    """The identities of training_products that the base drew in its own training (round 5 on; none before)."""
+    return [i for name, i in products.items() if name.startswith(BASE_DRAWN)]
+
+
 def training_products(train_ids, base_cfg, share: float) -> dict:
     """{subject name: identity}: as many products as train identities, kinds balanced. ``share`` of them are the
     base's own products that its training renders show most often ("base<index>"), the rest the first train
@@ -89,7 +97,7 @@ def training_products(train_ids, base_cfg, share: float) -> dict:
         theirs = [own[i] for i in sorted(drawn, key=lambda i: (-drawn[i], i)) if own[i].kind == kind][:per_kind]
         if len(theirs) < per_kind:
             raise ValueError(f"the base drew {len(theirs)} {kind}s of its own; base_share {share} needs {per_kind}")
-        chosen.update({f"base{i.index:04d}": i for i in theirs})
+        chosen.update({f"{BASE_DRAWN}{i.index:04d}": i for i in theirs})
     new = len(train_ids) - len(chosen)
     chosen.update({f"id{i.index:04d}": i for i in train_ids[:new]})
     return chosen
@@ -213,7 +221,7 @@ def build_encoders(folder: str, base: str, subjects: dict, resolution: int, cfg:
     """vision/, data/, and adapters/<method>.safetensors, trained on ``subjects`` (training_products)."""
     vision, prepared = ensure_training_set(folder, subjects, resolution, cfg)
     os.makedirs(os.path.join(folder, "adapters"), exist_ok=True)
-    drawn = sum(name.startswith("base") for name in subjects)
+    drawn = len(drawn_by_base(subjects))
     products = {"drawn_by_base": drawn, "train_identities": len(subjects) - drawn}
     record = {"config": asdict(cfg), "products": products, "methods": {}, "seconds_before_resume": 0.0}
     for name in TRAINED:

@@ -127,9 +127,12 @@ def test_diagnose_reads_seen_products(quick_run):
     drift = diagnosis["attribute_drift"]["methods"]
     assert set(drift) == {"nested", "decoupled", "bridge"} and [p["strength"] for p in drift["nested"]] == [0, 1, 2]
     assert {"identity_top1", "pose_acc", "light_acc", "cap_acc", "size_acc"} <= set(drift["nested"][0])
-    seen = diagnosis["seen_products"]
-    assert set(seen["methods"]) == {"base", "single_token", "decoupled", "bridge", "nested"}
-    assert all(METHOD_KEYS <= set(cell) and cell["n"] == 12 for cell in seen["methods"].values())
+    seen, drawn = diagnosis["seen_products"], diagnosis["drawn_products"]
+    for reading in (seen, drawn):
+        assert set(reading["methods"]) == {"base", "single_token", "decoupled", "bridge", "nested"}
+        assert all(METHOD_KEYS <= set(cell) and cell["n"] == 12 for cell in reading["methods"].values())
+    assert "the base drew" in drawn["what"] and (out / "diagnosis" / "drawn_nested.json").is_file()
+    assert seen["methods"]["base"] != drawn["methods"]["base"]  # other products, other readings
     told = diagnosis["described"]
     assert METHOD_KEYS <= set(told["reading"]) and told["reading"]["n"] == 4
     assert any(w in told["example_prompt"].split() for w in PATTERN_WORDS.values())
