@@ -13,6 +13,9 @@ noisy latents are denoised under each condition, so conditions are compared prod
 - wrong: the tokens of another product of the same kind, masked: what a subject gives that is not identity;
 - optimised (nested and decoupled): tokens fitted to the product through the frozen adapter on OPTIMISE
   other renders of it, then read on the target: what the adapter path can carry at all (round 1's bound);
+- nested/maps_optimised: nested's tokens and its per-layer maps (to_k, to_v) fitted together the same way,
+  the maps at a tenth of the tokens' rate and put back after: whether the maps or the tokens are what is
+  narrow, when nested's fitted tokens do less than a plain class-word offset (round 4);
 - text/optimised: no subject, the class word's context moved by an offset fitted the same way (textual
   inversion at the text encoder's output): how far the base itself can be steered at the class word;
 - text/described: no subject, the caption naming the product's look (world.appearance), as a share of the
@@ -47,6 +50,7 @@ class WorthConfig:
     optimise_renders: int = 4
     optimise_steps: int = 60
     optimise_lr: float = 0.02
+    optimise_maps_lr: float = 0.002  # nested/maps_optimised's maps: weights of about 0.1, moved gently
     seed: int = 2000
 
 
@@ -139,11 +143,13 @@ def regions(err: torch.Tensor, mask: torch.Tensor) -> dict:
     }
 
 
-def optimise(error_of, start: torch.Tensor, fits: list, cfg: WorthConfig) -> tuple:
+def optimise(error_of, start: torch.Tensor, fits: list, cfg: WorthConfig, maps: list = ()) -> tuple:
     """``start`` fitted to one product by Adam on the product-region error ``error_of(t, x)`` of ``fits`` (other
-    renders of it); returns it and the fits' product error before and after (does the fit itself go down?)."""
+    renders of it), with ``maps`` (parameters that require grad) if given; returns it and the fits' product
+    error before and after (does the fit itself go down?)."""
     x = start.clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=cfg.optimise_lr)
+    groups = [{"params": [x]}] + ([{"params": list(maps), "lr": cfg.optimise_maps_lr}] if maps else [])
+    opt = torch.optim.Adam(groups, lr=cfg.optimise_lr)
 
     def fit_error() -> float:
         with torch.no_grad():
@@ -158,6 +164,25 @@ def optimise(error_of, start: torch.Tensor, fits: list, cfg: WorthConfig) -> tup
         loss.backward()
         opt.step()
     return x.detach(), {"fit_before": before, "fit_after": fit_error()}
+
+
+def with_maps_fitted(reader: Reader, start: torch.Tensor, fits: list, target: dict, cfg: WorthConfig) -> dict:
+    """The nested/maps_optimised condition: nested's tokens and per-layer maps fitted on ``fits``, read on
+    ``target``; the adapter's maps are put back as they were."""
+    adapter = reader.adapters["nested"]
+    maps = [layer.weight for layer in (*adapter.to_k, *adapter.to_v)]
+    saved = [w.detach().clone() for w in maps]
+    try:
+        for w in maps:
+            w.requires_grad_(True)
+        tokens, fitted = optimise(lambda t, x: reader.error(t, "nested", x), start, fits, cfg, maps)
+        with torch.no_grad():
+            return regions(reader.error(target, "nested", tokens), target["mask"]) | fitted
+    finally:
+        with torch.no_grad():
+            for w, was in zip(maps, saved):
+                w.copy_(was)
+                w.requires_grad_(False)
 
 
 def _draws(cfg: WorthConfig, rng, size: int) -> tuple:
@@ -210,6 +235,9 @@ def read_product(reader: Reader, ident, others, cfg: WorthConfig, rng, fit: bool
             )
             with torch.no_grad():
                 out[f"{method}/optimised"] = regions(reader.error(target, method, tokens), target["mask"]) | fitted
+        out["nested/maps_optimised"] = with_maps_fitted(
+            reader, reader.tokens("nested", photos["masked"]), fits, target, cfg
+        )
         offset, fitted = optimise(
             lambda t, x: reader.error(t, offset=x), torch.zeros(reader.base.context_dim), fits, cfg
         )

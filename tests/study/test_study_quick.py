@@ -153,6 +153,7 @@ def test_worth_reads_every_condition_on_held_out_and_seen_products(quick_run):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     worth = json.loads((out / "worth.json").read_text())
     conditions = {"none", "text/optimised", "text/described", "nested/optimised", "decoupled/optimised"}
+    conditions |= {"nested/maps_optimised"}
     conditions |= {
         f"{m}/{r}" for m in ("nested", "single_token", "decoupled") for r in ("as_evaluated", "masked", "own", "wrong")
     }
@@ -160,7 +161,8 @@ def test_worth_reads_every_condition_on_held_out_and_seen_products(quick_run):
         rows = worth[part]
         assert conditions <= set(rows) and rows["none"]["n"] == 3 and rows["nested/optimised"]["n"] == 1
         assert rows["none"]["product_change_pct"] == 0 and rows["nested/masked"]["product"] > 0
-        assert {"fit_before", "fit_after"} <= set(rows["text/optimised"])
+        for fitted in ("text/optimised", "nested/maps_optimised"):
+            assert {"fit_before", "fit_after"} <= set(rows[fitted])
     cached = json.loads((out / "worth" / "heldout.json").read_text())
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "worth: heldout" not in again.stdout  # every product read from its cache
@@ -234,3 +236,28 @@ def test_compare_pairs_two_runs_case_by_case(quick_run, tmp_path):
     (other / "world.json").write_text(json.dumps(world))
     refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "different worlds" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_fitting_nested_maps_moves_the_fit_and_puts_the_maps_back(quick_run):
+    """worth's nested/maps_optimised fits the adapter's maps with the tokens, and leaves the adapter as loaded."""
+    import numpy as np
+    import torch
+
+    from study import world, worth
+
+    out, _, _ = quick_run
+    reader = worth.Reader(str(out))
+    ident = world.sample_identities(0, 30)[-1]
+    rng = np.random.default_rng(0)
+    target = reader.target(world.random_scene(rng, ident), *worth._draws(worth.QUICK, rng, reader.latent))
+    fits = [reader.target(world.random_scene(rng, ident), *worth._draws(worth.QUICK, rng, reader.latent))]
+    adapter = reader.adapters["nested"]
+    before = [w.clone() for w in (*adapter.to_k.parameters(), *adapter.to_v.parameters())]
+    tokens = torch.randn(4, adapter.config.output_dim)
+    cfg = worth.QUICK.__class__(**{**worth.QUICK.__dict__, "optimise_steps": 3, "optimise_maps_lr": 0.05})
+    reading = worth.with_maps_fitted(reader, tokens, fits, target, cfg)
+    assert reading["fit_after"] != reading["fit_before"] and reading["product"] > 0
+    _, tokens_only = worth.optimise(lambda t, x: reader.error(t, "nested", x), tokens, fits, cfg)
+    assert tokens_only["fit_before"] == reading["fit_before"] and tokens_only["fit_after"] != reading["fit_after"]
+    after = [*adapter.to_k.parameters(), *adapter.to_v.parameters()]
+    assert all(torch.equal(a, b) and not b.requires_grad for a, b in zip(before, after))
