@@ -187,7 +187,7 @@ def own_products(cfg: BaseConfig, train_ids) -> list:
     return world.sample_identities(PRODUCTS_SEED, cfg.products) if cfg.products else list(train_ids)
 
 
-def drawn_products(cfg: BaseConfig, train_ids) -> dict:
+def renders_per_product(cfg: BaseConfig, train_ids) -> dict:
     """{index in own_products: how many of the base's training renders show it}; products never drawn are absent."""
     products = own_products(cfg, train_ids)
     counts: dict = {}

@@ -12,7 +12,7 @@ import filecmp
 import json
 import os
 
-from .evaluate import paired_sign, summary_of
+from .evaluate import paired_sign
 from .methods import in_table
 
 
@@ -33,8 +33,8 @@ def compare(run_dir: str, other_dir: str, key: str = "identity_top1") -> str:
         if mine["settings"] != theirs["settings"] or mine["n"] != theirs["n"]:
             raise SystemExit(f"main_{method}: the two runs were evaluated with other settings; nothing to pair.")
         methods[method] = {
-            "run": summary_of(mine)[key],
-            "against": summary_of(theirs)[key],
+            "run": mine[key],
+            "against": theirs[key],
             **paired_sign(mine["rows"], theirs["rows"], key),  # a_higher: cases only this run gets right
         }
     result = {"run": run_dir, "against": other_dir, "key": key, "n": mine["n"], "methods": methods}

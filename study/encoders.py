@@ -86,11 +86,11 @@ def training_products(train_ids, base_cfg, share: float) -> dict:
     """{subject name: identity}: as many products as train identities, kinds balanced. ``share`` of them are the
     base's own products that its training renders show most often ("base<index>"), the rest the first train
     identities ("id<index>"). A base trained on the train identities drew them all (round 3)."""
-    from .base import drawn_products, own_products
+    from .base import own_products, renders_per_product
 
     if not base_cfg.products:
         return {f"id{i.index:04d}": i for i in train_ids}
-    drawn, own = drawn_products(base_cfg, train_ids), own_products(base_cfg, train_ids)
+    drawn, own = renders_per_product(base_cfg, train_ids), own_products(base_cfg, train_ids)
     per_kind = int(round(len(train_ids) * share)) // len(world.KINDS)
     chosen = {}
     for kind in world.KINDS:

@@ -18,14 +18,14 @@ def test_the_scenes_drawn_are_the_scenes_rendered():
     renders = base.render_set(own, 12, 32, seed=3, described=0.5)
     assert renders.captions == [world.caption(s) for s in scenes]
     assert renders.kinds == [[p.identity.kind for p in s.products] for s in scenes]
-    counts = base.drawn_products(QUICK, _train_ids())
+    counts = base.renders_per_product(QUICK, _train_ids())
     assert sum(counts.values()) == sum(len(s.products) for s in base.training_scenes(own, 96, 0, 0.5))
 
 
 def test_half_the_products_are_ones_the_base_drew_and_half_are_train_identities():
     train = _train_ids()
     products = encoders.training_products(train, QUICK, 0.5)
-    drawn, own = base.drawn_products(QUICK, train), base.own_products(QUICK, train)
+    drawn, own = base.renders_per_product(QUICK, train), base.own_products(QUICK, train)
     assert len(products) == len(train) == 24
     mine = {n: i for n, i in products.items() if i in encoders.drawn_by_base(products)}
     assert len(mine) == 12 and all(own[i.index] == i and i.index in drawn for i in mine.values())
