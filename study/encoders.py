@@ -145,6 +145,7 @@ def train_method(
     cfg: EncoderConfig,
     trigger_weight: float = 1.0,
     white_references: bool = False,
+    subject_loss_weight: float = 1.0,
 ) -> dict:
     """One method through the project's trainer; returns its final loss and time."""
     import csv
@@ -174,6 +175,7 @@ def train_method(
         mode=mode,
         trigger_weight=trigger_weight,
         white_references=white_references,
+        subject_loss_weight=subject_loss_weight,
     )
     train(run)
     with open(os.path.join(run.run_dir, "loss.csv")) as f:

@@ -122,8 +122,7 @@ def summarise(rows: list[dict], metric_list) -> dict:
         if m.rate:
             low, high = metrics.proportion_interval(v.sum(), n)
         else:
-            half = 1.96 * v.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0
-            low, high = v.mean() - half, v.mean() + half
+            low, high = metrics.mean_interval(v)
         out[m.key] = round(float(v.mean()), 4) if n else 0.0
         out[m.key + "_ci95"] = [round(float(low), 4), round(float(high), 4)]
     return out | {"n": len(rows)}

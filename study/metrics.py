@@ -143,6 +143,13 @@ def proportion_interval(successes: int, n: int, z: float = 1.96) -> tuple[float,
     return (float(centre - half), float(centre + half))
 
 
+def mean_interval(values, z: float = 1.96) -> tuple[float, float]:
+    """95% normal interval of a mean (the mean itself where there is one value)."""
+    v = np.asarray(values, dtype=float)
+    half = z * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
+    return (float(v.mean() - half), float(v.mean() + half))
+
+
 def sign_test(a: int, b: int) -> float:
     """Two-sided exact sign test: the chance of a split at least as uneven as a:b if each side were a coin flip."""
     n = a + b

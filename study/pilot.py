@@ -3,7 +3,8 @@ full round is planned around it.
 
 It is not a stage and not a claim: one method (nested), the round's data and seed, trained with the change
 (CHANGES), then read on the main table's first cases beside the round's own nested adapter on the very same
-cases and references.  Writes DIR/pilot/ (the adapter, its loss.csv, the cells) and DIR/pilot_<NAME>.json.
+cases and references, and on worth's held-out products (the product error, worth.as_evaluated) beside it too.
+Writes DIR/pilot/ (the adapter, its loss.csv, the cells) and DIR/pilot_<NAME>.json.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import json
 import os
 from dataclasses import dataclass, replace
 
-from . import diagnose, encoders, evaluate
+import numpy as np
+
+from . import diagnose, encoders, evaluate, metrics, worth
 
 FOLDER = "pilot"
 
@@ -22,16 +25,42 @@ class Change:
     what: str
     budget: float = 1.0  # times the round's training steps
     white_references: bool = False  # another photo's background whitened by its mask, in training and reading
+    subject_loss_weight: float = 1.0  # the trainer's --subject-loss-weight
 
 
 CHANGES = {
     "white_references": Change("trained and read on masked references (round 2's pilot)", white_references=True),
     "double_budget": Change("trained for twice the round's steps, same data, seed and schedule shape", budget=2.0),
+    "subject_loss": Change(
+        "the loss weighs a latent inside the product's mask 5 times one outside (products cover 14.6% of a "
+        "training render, so they take about half the loss instead of a seventh; study/round6.md)",
+        subject_loss_weight=5.0,
+    ),
 }
 
 
+def product_error(run_dir: str, heldout, adapter, cfg: worth.WorthConfig) -> dict:
+    """Nested's worth as evaluated, the round's adapter and the changed one, on the same products and draws: the
+    product error's change against no subject (percent; negative helps), and changed minus round per product."""
+    reader = worth.Reader(run_dir)
+    rounds = np.array(worth.as_evaluated(reader, heldout, cfg, "nested"))
+    reader.use("nested", adapter)
+    changed = np.array(worth.as_evaluated(reader, heldout, cfg, "nested"))
+    return {"products": len(rounds)} | {
+        name: {"mean": round(float(x.mean()), 2), "ci95": [round(float(v), 2) for v in metrics.mean_interval(x)]}
+        for name, x in (("round", rounds), ("changed", changed), ("changed_minus_round", changed - rounds))
+    }
+
+
 def pilot(
-    run_dir: str, heldout, cases: int, cfg: evaluate.EvalConfig, enc: encoders.EncoderConfig, name: str, log=print
+    run_dir: str,
+    heldout,
+    cases: int,
+    cfg: evaluate.EvalConfig,
+    enc: encoders.EncoderConfig,
+    name: str,
+    worth_cfg: worth.WorthConfig,
+    log=print,
 ) -> str:
     from na_engine.formats import load_adapter
 
@@ -48,7 +77,14 @@ def pilot(
         log(f"pilot: training nested, {change.what}")
         budget = replace(enc, steps=int(round(enc.steps * change.budget)))
         trained = encoders.train_method(
-            "nested", base, vision, data, out, budget, white_references=change.white_references
+            "nested",
+            base,
+            vision,
+            data,
+            out,
+            budget,
+            white_references=change.white_references,
+            subject_loss_weight=change.subject_loss_weight,
         )
         with open(record, "w") as f:
             json.dump(trained, f)
@@ -72,6 +108,7 @@ def pilot(
         "token_retrieval_changed": {
             v: row["nested"] for v, row in diagnose.token_retrieval(ev, heldout, cfg.seed + 7)["top1"].items()
         },
+        "product_error_change_pct": product_error(run_dir, heldout, load_adapter(out), worth_cfg),
     }
     path = os.path.join(run_dir, f"pilot_{name}.json")
     with open(path, "w") as f:

@@ -10,6 +10,7 @@ import os
 
 from PIL import Image, ImageDraw
 
+from . import metrics
 from .evaluate import multi_cases, reference_photo, single_cases
 from .methods import MULTI_METRICS, SINGLE_METRICS, TRAINED, in_table
 
@@ -358,9 +359,8 @@ def training_losses(run_dir: str, last: int = 1000) -> list[str]:
         if m == "nested":
             lines.append(f"| {m} | {c.mean():.4f} | |")
             continue
-        d = c.mean() - ref.mean()
-        half = 1.96 * (c - ref).std(ddof=1) / np.sqrt(len(c)) if len(c) > 1 else 0.0
-        lines.append(f"| {m} | {c.mean():.4f} | {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] |")
+        low, high = metrics.mean_interval(c - ref)
+        lines.append(f"| {m} | {c.mean():.4f} | {c.mean() - ref.mean():+.4f} [{low:+.4f}, {high:+.4f}] |")
     return [f"Training loss of the encoders over their last {len(ref)} steps:", "", *lines, ""]
 
 

@@ -175,13 +175,15 @@ def _diagnose(run: Run, readings) -> int:
 
 
 def _pilot(run: Run, cases: int, change: str) -> int:
-    from . import encoders, evaluate, pilot
+    from . import encoders, evaluate, pilot, worth
 
     if "evaluation" not in run.stages:
         raise SystemExit(f"{run.out} has no finished evaluation stage; run the study first.")
     quick = run.scale.quick
     cfg, enc = (evaluate.QUICK, encoders.QUICK) if quick else (evaluate.EvalConfig(), encoders.EncoderConfig())
-    run.log(f"pilot: wrote {pilot.pilot(run.out, run.identities()[1], cases, cfg, enc, change, run.log)}")
+    reading = worth.QUICK if quick else worth.WorthConfig()
+    path = pilot.pilot(run.out, run.identities()[1], cases, cfg, enc, change, reading, run.log)
+    run.log(f"pilot: wrote {path}")
     return 0
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import diagnose, evaluate, world
+from . import diagnose, evaluate, metrics, world
 from .methods import TRAINED
 
 
@@ -82,6 +82,11 @@ class Reader:
         if self._denoiser is None or self._denoiser[0] != method:
             self._denoiser = (method, NestedDenoiser(self.adapters[method], self.base.unet, "", TRAINED[method].mode))
         return self._denoiser[1]
+
+    def use(self, method: str, adapter) -> None:
+        """Read ``method`` with another adapter (a pilot's) from now on."""
+        self.adapters[method] = adapter.eval().requires_grad_(False)
+        self._denoiser = None
 
     def tokens(self, method: str, photo) -> torch.Tensor:
         """(M, D) subject tokens of one reference photo."""
@@ -191,6 +196,11 @@ def _draws(cfg: WorthConfig, rng, size: int) -> tuple:
     return times, torch.from_numpy(rng.standard_normal((len(times), 4, size, size)).astype(np.float32))
 
 
+def product_draws(cfg: WorthConfig, name: str, k: int):
+    """The generator of the k-th product of set ``name``: a product's draws depend on it alone."""
+    return np.random.default_rng([cfg.seed, len(name), k])
+
+
 def first_draws(reader: Reader, ident, cfg: WorthConfig, rng) -> tuple:
     """A product's first draws, which every condition reads: its target scene, (B,) timesteps, (B, 4, h, w) noise."""
     return world.random_scene(rng, ident), *_draws(cfg, rng, reader.latent)
@@ -246,6 +256,21 @@ def read_product(reader: Reader, ident, others, cfg: WorthConfig, rng, fit: bool
     return out
 
 
+def as_evaluated(reader: Reader, idents, cfg: WorthConfig, method: str) -> list[float]:
+    """Per held-out product, its product error's change against none in percent under ``method`` with the
+    evaluation's reference: read_product's draws, so the round's own adapter gives worth.json's figures."""
+    out = []
+    for k, ident in enumerate(idents[: cfg.products]):
+        rng = product_draws(cfg, "heldout", k)
+        target = reader.target(*first_draws(reader, ident, cfg, rng))
+        photo = evaluate.reference_photo(world.random_scene(rng, ident), reader.resolution)
+        with torch.no_grad():
+            none = regions(reader.error(target), target["mask"])["product"]
+            mine = regions(reader.error(target, method, reader.tokens(method, photo)), target["mask"])["product"]
+        out.append(100 * (mine - none) / none)
+    return out
+
+
 def summarise(rows: list[dict]) -> dict:
     """Per condition: mean product and elsewhere error, and the product error's change against none in percent
     with a 95% interval over products; per method, identity = wrong - masked (points of that change)."""
@@ -256,12 +281,11 @@ def summarise(rows: list[dict]) -> dict:
         prod = np.array([r[cond]["product"] for r in have])
         base = np.array([r["none"]["product"] for r in have])
         change = 100 * (prod - base) / base
-        half = 1.96 * change.std(ddof=1) / np.sqrt(len(change)) if len(change) > 1 else 0.0
         out[cond] = {
             "product": round(float(prod.mean()), 5),
             "elsewhere": round(float(np.mean([r[cond]["elsewhere"] for r in have])), 5),
             "product_change_pct": round(float(change.mean()), 2),
-            "product_change_pct_ci95": [round(float(change.mean() - half), 2), round(float(change.mean() + half), 2)],
+            "product_change_pct_ci95": [round(v, 2) for v in metrics.mean_interval(change)],
             "n": len(have),
         }
         for key in ("fit_before", "fit_after"):  # the optimised conditions' product error on their own fits
@@ -287,7 +311,7 @@ def worth(run_dir: str, train, heldout, cfg: WorthConfig, log=print) -> str:
         cache = os.path.join(folder, f"{name}.json")
         rows = json.load(open(cache)) if os.path.isfile(cache) else []  # a product's rows, cached as read
         for k, ident in enumerate(idents[: cfg.products]):
-            draws = np.random.default_rng([cfg.seed, len(name), k])  # a product's draws depend on it alone
+            draws = product_draws(cfg, name, k)
             if k < len(rows):  # cached: text/described is read again if its words are not today's (or absent)
                 shown, times, noise = first_draws(reader, ident, cfg, draws)
                 if rows[k].get("text/described", {}).get("caption") == world.caption(world.told(shown)):

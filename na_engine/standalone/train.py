@@ -72,6 +72,7 @@ class TrainConfig:
     timestep_bias_portion: float = 0.4  # of the schedule's timesteps, at its noisy end ("later") or clean end
     other_photo: float = 1.0  # chance that a subject's reference is another photo of it (where prepare grouped some)
     white_references: bool = False  # whiten another photo's background by its mask, as a masked reference at inference
+    subject_loss_weight: float = 1.0  # a latent inside a subject's mask counts this many times another; 1 = plain mean
     checkpoint_every: int = 500
     resume: Optional[str] = None  # a checkpoint folder, or "latest"
     validate_every: int = 0  # 0 = off
@@ -232,6 +233,7 @@ LIMITS = {  # option -> (lowest, highest) allowed; None: unbounded
     "other_photo": (0, 1),
     "ema": (0, 0.999999),
     "timestep_bias_portion": (1e-6, 1),
+    "subject_loss_weight": (1, None),
 }
 
 
@@ -270,8 +272,12 @@ def check_data(cfg: TrainConfig, record: dict) -> None:
 
     from ..tokens import has_word
 
-    broken, unbound = [], []
+    broken, unbound, unmasked = [], [], []
     for name, subjects in zip(record["items"], item_subjects(record)):
+        if cfg.subject_loss_weight != 1 and not all(
+            s.get("mask") and os.path.isfile(os.path.join(cfg.data, s["mask"])) for s in subjects
+        ):
+            unmasked.append(name)
         try:
             with Image.open(os.path.join(cfg.data, name + ".png")) as im:
                 im.load()
@@ -289,6 +295,12 @@ def check_data(cfg: TrainConfig, record: dict) -> None:
         raise NestedAttentionError(
             f"{len(broken)} training images in {cfg.data} cannot be read: {'; '.join(broken[:5])}"
             f"{' ...' if len(broken) > 5 else ''}. Run prepare again, or remove them from {DATASET_FILE}."
+        )
+    if unmasked:
+        raise NestedAttentionError(
+            f"--subject-loss-weight {cfg.subject_loss_weight} weighs the loss inside each subject's mask, but "
+            f"{len(unmasked)} of {len(record['items'])} items in {cfg.data} have no mask file (e.g. {unmasked[0]}). "
+            "Run prepare again with --masks, or train with --subject-loss-weight 1."
         )
     if len(unbound) == len(record["items"]):
         words = sorted({s["trigger"] for subjects in item_subjects(record) for s in subjects})
@@ -468,7 +480,8 @@ def setup(cfg: TrainConfig) -> Session:
         accelerator.register_for_checkpointing(ema)
     start = _resume(accelerator, cfg) if cfg.resume else 0
     resolution = cfg.resolution or int(record["resolution"])
-    data = TrainSet(cfg.data, resolution, vision.processor, cfg.seed, cfg.other_photo, cfg.white_references)
+    masks = cfg.subject_loss_weight != 1
+    data = TrainSet(cfg.data, resolution, vision.processor, cfg.seed, cfg.other_photo, cfg.white_references, masks)
     rank, world = accelerator.process_index, accelerator.num_processes
     micro_steps = (start * cfg.grad_accum, cfg.steps * cfg.grad_accum)
     batches = step_batches(len(data), cfg.batch_size, *micro_steps, cfg.seed, rank, world, cfg.fixed_batch)
@@ -511,9 +524,25 @@ def micro_step(run: Session, micro: int, batch: dict) -> Tensor:
                 where.to(device),
                 subject_rows.to(device),
             )
-        loss = F.mse_loss(pred.float(), step.target.float())
+        if cfg.subject_loss_weight == 1:
+            loss = F.mse_loss(pred.float(), step.target.float())
+        else:
+            weights = subject_weights(batch["mask"].to(device), posterior.mean.shape, cfg.subject_loss_weight)
+            loss = weighted_mse(pred.float(), step.target.float(), step.layout(weights))
         run.accelerator.backward(loss / cfg.grad_accum)
     return loss.detach().float()
+
+
+def subject_weights(mask: Tensor, latent: torch.Size, weight: float) -> Tensor:
+    """mask (B, 1, R, R) in [0, 1], the row's subjects -> (B, C, h, w) loss weights at the latent grid: 1 outside
+    every subject, ``weight`` inside, and between them by the share of a latent's pixels a subject covers."""
+    share = F.interpolate(mask.float(), size=tuple(latent[-2:]), mode="area")  # (B, 1, h, w)
+    return (1 + (weight - 1) * share).expand(-1, latent[1], -1, -1)
+
+
+def weighted_mse(pred: Tensor, target: Tensor, weights: Tensor) -> Tensor:
+    """The squared error's mean under ``weights`` (as pred's shape): the plain mean where they are all equal."""
+    return ((pred - target).pow(2) * weights).sum() / weights.sum()
 
 
 @dataclass
@@ -526,6 +555,7 @@ class StepInputs:
     added: Optional[dict]
     target: Tensor
     where: Callable  # (base, subject captions, triggers) -> (S, T) bool: each subject's trigger positions
+    layout: Callable  # (B, C, h, w) latent-shaped -> the target's shape (its loss weights)
 
 
 def unet_inputs(run: Session, posterior, r: RowDraws, captions: List[str]) -> StepInputs:
@@ -539,7 +569,7 @@ def unet_inputs(run: Session, posterior, r: RowDraws, captions: List[str]) -> St
     noisy = schedule.add_noise(latents, noise, timesteps).to(run.frozen_dtype)
     target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(latents, noise, timesteps)
     where = functools.partial(trigger_where, required=False)
-    return StepInputs(noisy, timesteps, context, added, target, where)
+    return StepInputs(noisy, timesteps, context, added, target, where, lambda latents: latents)
 
 
 def optimizer_step(run: Session, step: int) -> int:
@@ -625,6 +655,7 @@ RESUME_SAME = (  # recorded in trainer.json; a resume must match them
     "timestep_bias",
     "other_photo",
     "white_references",
+    "subject_loss_weight",
     "trigger_weight",
 )
 
@@ -736,6 +767,8 @@ HELP = {  # the options of python -m na_engine train; their defaults are TrainCo
     "white-backed crop of the training image itself",
     "white_references": "whiten the background of another photo's reference by its mask (prepare --masks), for an "
     "adapter users will give masked references; default: kept, as a user's uncut photo",
+    "subject_loss_weight": "a latent inside a subject's mask (prepare --masks) counts this many times one outside in "
+    "the loss, so that the subject is not one small part of a whole-image mean; 1 = the plain mean",
     "checkpoint_every": "steps between checkpoints (resumable with --resume)",
     "resume": "checkpoint folder, or 'latest'",
     "validate_every": "steps between validation images; 0 = off",

@@ -28,7 +28,14 @@ class TrainSet(torch.utils.data.Dataset):
     generator seeded by them: a resumed run sees exactly the batches it would have."""
 
     def __init__(
-        self, folder: str, resolution: int, processor, seed: int, other_photo: float = 1.0, white: bool = False
+        self,
+        folder: str,
+        resolution: int,
+        processor,
+        seed: int,
+        other_photo: float = 1.0,
+        white: bool = False,
+        masks: bool = False,
     ):
         with open(os.path.join(folder, DATASET_FILE)) as f:
             record = json.load(f)
@@ -36,6 +43,7 @@ class TrainSet(torch.utils.data.Dataset):
         self.subjects = item_subjects(record)  # per item: [{"trigger", "group", "mask"}]
         self.resolution, self.processor, self.seed, self.other_photo = resolution, processor, seed, other_photo
         self.white = white  # another photo's background whitened by its mask too
+        self.masks = masks  # items carry their subjects' mask (for --subject-loss-weight)
         self.photos: Dict[str, List[int]] = {}  # group -> the items that show that subject alone
         for index, subjects in enumerate(self.subjects):
             if len(subjects) == 1:
@@ -52,7 +60,16 @@ class TrainSet(torch.utils.data.Dataset):
         references = [augment(self.reference(index, image, s, rng), rng) for s in self.subjects[index]]
         pixels = self.processor(images=references, return_tensors="pt").pixel_values  # (S, 3, P, P)
         triggers = [s["trigger"] for s in self.subjects[index]]
-        return {"target": target, "references": pixels, "caption": self.caption(index), "triggers": triggers}
+        item = {"target": target, "references": pixels, "caption": self.caption(index), "triggers": triggers}
+        if self.masks:
+            item["mask"] = self.subjects_mask(index)
+        return item
+
+    def subjects_mask(self, index: int) -> Tensor:
+        """(1, R, R) in [0, 1]: the union of the item's subject masks at the training resolution."""
+        side = (self.resolution,) * 2
+        masks = [np.asarray(self.mask(index, s).resize(side), np.float32) / 255 for s in self.subjects[index]]
+        return torch.from_numpy(np.maximum.reduce(masks))[None]
 
     def reference(self, index: int, image, subject: dict, rng: random.Random):
         """Another photo of the subject, background kept (whitened with ``white``); else the target's own subject
@@ -152,8 +169,10 @@ def timestep_weights(cfg: TrainConfig, timesteps: int) -> Optional[Tensor]:
 
 
 def collate(items: Sequence[dict]) -> dict:
-    """Rows, and their subjects flattened: references (S, 3, P, P), each subject's row and trigger."""
-    return {
+    """Rows, and their subjects flattened: references (S, 3, P, P), each subject's row and trigger; the rows'
+    subject masks (B, 1, R, R) where the items carry them."""
+    masks = {"mask": torch.stack([i["mask"] for i in items])} if "mask" in items[0] else {}
+    return masks | {
         "target": torch.stack([i["target"] for i in items]),
         "references": torch.cat([i["references"] for i in items]),
         "subject_rows": torch.tensor([row for row, i in enumerate(items) for _ in i["triggers"]]),

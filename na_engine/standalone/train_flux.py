@@ -107,4 +107,4 @@ def step_inputs(run, posterior, r, captions: List[str]) -> StepInputs:
     added = {"pooled_projections": pooled, "txt_ids": text_ids, "img_ids": image_ids(h, w, device)}
     if base.unet.config.guidance_embeds:
         added["guidance"] = torch.full((len(captions),), GUIDANCE, device=device)
-    return StepInputs(noisy, sigmas.to(run.frozen_dtype), context, added, noise - x0, trigger_rows)
+    return StepInputs(noisy, sigmas.to(run.frozen_dtype), context, added, noise - x0, trigger_rows, pack)

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from study import worth
+from study.run import QUICK, Run
 from study.world import PATTERN_WORDS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -185,11 +187,18 @@ def test_worth_reads_every_condition_on_held_out_and_seen_products(quick_run):
 
 
 @pytest.mark.parametrize(
-    "change, steps, photos, white",
-    [("white_references", 4, "masked", True), ("double_budget", 8, "as_evaluated", False)],
+    "change, steps, photos, white, weight",
+    [
+        ("white_references", 4, "masked", True, 1.0),
+        ("double_budget", 8, "as_evaluated", False, 1.0),
+        ("subject_loss", 4, "as_evaluated", False, 5.0),
+    ],
 )
-def test_pilot_trains_nested_with_one_change_and_reads_it_beside_the_round(quick_run, change, steps, photos, white):
-    """`python -m study pilot --change`: nested trained with the change, read on the same cases as the round's."""
+def test_pilot_trains_nested_with_one_change_and_reads_it_beside_the_round(
+    quick_run, change, steps, photos, white, weight
+):
+    """`python -m study pilot --change`: nested trained with the change, read on the same cases as the round's,
+    and its product error read beside the round's on worth's draws (which give worth's own figures)."""
     out, _, _ = quick_run
     cmd = [sys.executable, "-m", "study", "pilot", "--quick", "--out", str(out), "--cases", "2", "--change", change]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -207,7 +216,22 @@ def test_pilot_trains_nested_with_one_change_and_reads_it_beside_the_round(quick
     assert paired["a_higher"] + paired["b_higher"] <= 2 and 0 <= paired["sign_test_p"] <= 1
     assert set(pilot["token_retrieval_changed"]) == {"as_evaluated", "masked", "same_attributes"}
     trainer = json.loads(next((out / "pilot").glob(f"nested_{change}_run/checkpoint-*/trainer.json")).read_text())
-    assert trainer["white_references"] is white
+    assert trainer["white_references"] is white and trainer["subject_loss_weight"] == weight
+    error = pilot["product_error_change_pct"]
+    assert error["products"] == worth.QUICK.products
+    assert error["changed_minus_round"]["mean"] == pytest.approx(
+        error["changed"]["mean"] - error["round"]["mean"], abs=0.02
+    )
+    if change == "subject_loss":  # the round's figure is worth's nested/as_evaluated, read by read_product
+        reader, heldout = worth.Reader(str(out)), Run(str(out), QUICK).identities()[1]
+        rows = []
+        for k, ident in enumerate(heldout[: worth.QUICK.products]):
+            others = [i for i in heldout if i.kind == ident.kind and i.index != ident.index]
+            draws = worth.product_draws(worth.QUICK, "heldout", k)
+            rows.append(worth.read_product(reader, ident, others, worth.QUICK, draws, fit=False))
+        summary = worth.summarise(rows)["nested/as_evaluated"]
+        assert error["round"]["mean"] == pytest.approx(summary["product_change_pct"], abs=0.01)
+        assert error["round"]["ci95"] == pytest.approx(summary["product_change_pct_ci95"], abs=0.01)
 
 
 def test_compare_pairs_two_runs_case_by_case(quick_run, tmp_path):

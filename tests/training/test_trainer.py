@@ -225,6 +225,35 @@ def test_trigger_weight_changes_training_and_is_checked(world, tmp_path):
         train(config(world, "w0.safetensors", steps=1, trigger_weight=0.0))
 
 
+def test_subject_loss_weight_reaches_the_step_and_needs_masks(world, tmp_path):
+    """--subject-loss-weight changes what trains on a set prepared with masks, and is recorded for a resume; a set
+    without masks is refused before any model loads, naming the fix."""
+    from PIL import Image
+
+    from na_engine.standalone.prepare import prepare
+
+    photos, masks = world["root"] / "photos", tmp_path / "masks"
+    masks.mkdir()
+    for path in sorted(photos.glob("photo_*.png")):
+        with Image.open(path) as im:
+            mask = Image.new("L", im.size, 0)
+        mask.paste(255, (12, 12, 36, 36))  # make_photos' square
+        mask.save(masks / path.name)
+    masked = {**world, "data": str(tmp_path / "masked")}
+    prepare(str(photos), masked["data"], "dog", resolution=32, masks=str(masks))
+    plain = config(masked, "m1.safetensors", steps=2, subject_dropout=0.0)
+    heavy = config(masked, "m5.safetensors", steps=2, subject_dropout=0.0, subject_loss_weight=5.0)
+    train(plain), train(heavy)
+    assert read_loss(plain) != read_loss(heavy)
+    assert not torch.equal(load_adapter(plain.out).to_v[0].weight, load_adapter(heavy.out).to_v[0].weight)
+    with open(os.path.join(heavy.run_dir, "checkpoint-0000002", "trainer.json")) as f:
+        assert json.load(f)["subject_loss_weight"] == 5.0
+    with pytest.raises(NestedAttentionError, match=r"have no mask file .*prepare again with --masks"):
+        train(config(world, "nomask.safetensors", steps=1, subject_loss_weight=5.0))
+    with pytest.raises(NestedAttentionError, match=r"--subject-loss-weight 0.5 \(expected 1 to any\)"):
+        train(config(masked, "half.safetensors", steps=1, subject_loss_weight=0.5))
+
+
 def test_validation_writes_images_and_maps(world):
     cfg = config(
         world,

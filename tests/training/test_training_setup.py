@@ -269,3 +269,46 @@ def test_a_set_prepared_before_grouping_trains_without_masks(tmp_path):
     assert data.mask(0, data.subjects[0][0]) is None
     reference = data.reference(0, data.image(0), data.subjects[0][0], random.Random(0))
     assert reference.size == data.image(0).size  # no mask: the whole photo is the subject
+
+
+# -- the loss inside the subjects --------------------------------------------------------------
+
+
+def test_subject_weights_count_a_subjects_latents_more():
+    """A mask over the left half of a 32 px row, weight 3: its latents weigh 3, the others 1, a latent half
+    covered 2; an error only inside the subject gives 3 n_in / (3 n_in + n_out) of the loss."""
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[0, :, :, :16] = 1  # row 0: the left half; row 1: no subject
+    mask[1, :, :, :4] = 1  # row 1: half of the first latent column (8 px latents)
+    weights = trainer.subject_weights(mask, torch.Size((2, 4, 4, 4)), 3.0)
+    assert weights.shape == (2, 4, 4, 4)
+    assert torch.equal(weights[0, :, :, :2], torch.full((4, 4, 2), 3.0))
+    assert torch.equal(weights[0, :, :, 2:], torch.ones(4, 4, 2))
+    assert torch.equal(weights[1, :, :, 0], torch.full((4, 4), 2.0)) and torch.equal(
+        weights[1, :, :, 1:], torch.ones(4, 4, 3)
+    )
+    pred, target = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    plain = trainer.subject_weights(mask, torch.Size((2, 4, 4, 4)), 1.0)
+    torch.testing.assert_close(trainer.weighted_mse(pred, target, plain), torch.nn.functional.mse_loss(pred, target))
+    error = torch.zeros(2, 4, 4, 4)
+    error[0, :, :, :2] = 1  # wrong inside row 0's subject only
+    assert float(trainer.weighted_mse(error, torch.zeros_like(error), weights)) == pytest.approx(
+        3 * 32 / float(weights.sum())
+    )
+
+
+def test_a_row_carries_the_union_of_its_subjects_masks(grouped):
+    out, _ = grouped
+
+    class Processor:
+        def __call__(self, images, return_tensors):
+            return type("P", (), {"pixel_values": torch.zeros(len(images), 3, 8, 8)})
+
+    data = train_data.TrainSet(str(out), 32, Processor(), seed=0, masks=True)
+    pair = data[(0, 0, data.items.index("pair"))]["mask"]  # the dog at columns 0..13, the cat at 18..31
+    assert pair.shape == (1, 32, 32)
+    assert float(pair[0, 16, 6]) == 1.0 and float(pair[0, 16, 25]) == 1.0 and float(pair[0, 16, 16]) == 0.0
+    assert float(pair[0, 2, 6]) == 0.0  # above both
+    batch = train_data.collate([data[(0, 0, 0)], data[(0, 1, data.items.index("pair"))]])
+    assert batch["mask"].shape == (2, 1, 32, 32)
+    assert "mask" not in train_data.TrainSet(str(out), 32, Processor(), seed=0)[(0, 0, 0)]
