@@ -186,6 +186,19 @@ def make_photos(folder: str, count: int = 4, size: int = 48, seed: int = 0) -> s
     return folder
 
 
+def make_photo_masks(photos: str, folder: str, size: int = 48) -> str:
+    """The masks of make_photos' squares (white = subject), named like the photos, for prepare --masks."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for name in sorted(os.listdir(photos)):
+        with Image.open(os.path.join(photos, name)) as im:
+            mask = Image.new("L", im.size, 0)
+        mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+        mask.save(os.path.join(folder, name))
+    return folder
+
+
 def tiny_flux_transformer(seed: int = 0):
     """A diffusers FluxTransformer2DModel at tiny widths: 2 heads of 16 (RoPE axes 4+6+6), 1 double and 1 single
     block, text width 32; random weights, its q/k RMSNorm scales random too (so the text key norm counts)."""

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from tiny_diffusers import make_clip_vision, make_flux_base, make_photos
+from tiny_diffusers import make_clip_vision, make_flux_base, make_photo_masks, make_photos
 
 from na_engine.formats import load_adapter
 from na_engine.standalone import train_flux
@@ -64,6 +64,24 @@ def test_loss_goes_down_on_a_fixed_batch_and_the_export_loads(world):
     assert len(loss) == 30 and thirds[0] > thirds[1] > thirds[2] and loss[-1] < 0.99 * loss[0], loss
     adapter = load_adapter(cfg.out)
     assert [layer.comfy for layer in adapter.layers] == [("double_block", 0, 0), ("single_block", 0, 0)]
+
+
+def test_subject_loss_weight_is_packed_as_the_latents_are(world, tmp_path):
+    """--subject-loss-weight on Flux: the latent-grid weights go through the same 2x2 packing as the target."""
+    from na_engine.standalone.prepare import prepare
+    from na_engine.standalone.train import subject_weights
+
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :16, :] = 1  # the top half of the image: the top half of the packed tokens
+    packed = train_flux.pack(subject_weights(mask, torch.Size((1, 4, 4, 4)), 3.0))
+    assert packed.shape == (1, 4, 16) and packed[0, :2].eq(3).all() and packed[0, 2:].eq(1).all()
+    photos = str(world["root"] / "photos")
+    masked = {**world, "data": str(tmp_path / "masked")}
+    prepare(photos, masked["data"], "bottle", resolution=32, masks=make_photo_masks(photos, str(tmp_path / "masks")))
+    plain = config(masked, "m1.safetensors", steps=2, subject_dropout=0.0)
+    heavy = config(masked, "m5.safetensors", steps=2, subject_dropout=0.0, subject_loss_weight=5.0)
+    train(plain), train(heavy)
+    assert read_loss(plain) != read_loss(heavy)
 
 
 def test_nested_kv_start_at_the_text_projections_move_in_both_blocks_and_resume_exactly(world):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from tiny_diffusers import make_base, make_clip_vision, make_photos
+from tiny_diffusers import make_base, make_clip_vision, make_photo_masks, make_photos
 
 from na_engine.attention import NestedBinding, nested_attention
 from na_engine.errors import NestedAttentionError
@@ -228,19 +228,11 @@ def test_trigger_weight_changes_training_and_is_checked(world, tmp_path):
 def test_subject_loss_weight_reaches_the_step_and_needs_masks(world, tmp_path):
     """--subject-loss-weight changes what trains on a set prepared with masks, and is recorded for a resume; a set
     without masks is refused before any model loads, naming the fix."""
-    from PIL import Image
-
     from na_engine.standalone.prepare import prepare
 
-    photos, masks = world["root"] / "photos", tmp_path / "masks"
-    masks.mkdir()
-    for path in sorted(photos.glob("photo_*.png")):
-        with Image.open(path) as im:
-            mask = Image.new("L", im.size, 0)
-        mask.paste(255, (12, 12, 36, 36))  # make_photos' square
-        mask.save(masks / path.name)
+    photos = str(world["root"] / "photos")
     masked = {**world, "data": str(tmp_path / "masked")}
-    prepare(str(photos), masked["data"], "dog", resolution=32, masks=str(masks))
+    prepare(photos, masked["data"], "dog", resolution=32, masks=make_photo_masks(photos, str(tmp_path / "masks")))
     plain = config(masked, "m1.safetensors", steps=2, subject_dropout=0.0)
     heavy = config(masked, "m5.safetensors", steps=2, subject_dropout=0.0, subject_loss_weight=5.0)
     train(plain), train(heavy)
