@@ -18,6 +18,8 @@ posterior's mean, which `python -m na_engine train` then follows.
 The base never sees a product of the study: it learns to draw products in general from its own
 (BaseConfig.products), as a real base has seen many objects but not the user's, and half of its captions
 describe their look (world.appearance), so that its class word's state carries what a product looks like.
+Since round 6 it draws some of its own products far more often than the rest (BaseConfig.familiar_share): the
+encoders train on those beside new ones, to test whether nested needs a base that knows its training products.
 """
 
 from __future__ import annotations
@@ -63,7 +65,17 @@ class BaseConfig:
     share_cases: int = 48  # held-out prompts on which the class words' attention shares are measured
     described: float = 0.5  # share of the products whose caption names their look (round 2: 0)
     max_tokens: int = 48  # the captions' token length (round 2: 32, which cut some two-product captions)
+    familiar_per_kind: int = 40  # the first of its own products of each kind, which it draws more often
+    familiar_share: float = 0.6  # of the renders, the share whose first product is a familiar one (round 5: 0)
     seed: int = 0
+
+    @classmethod
+    def from_record(cls, record: dict) -> "BaseConfig":
+        """The configuration a stage record holds; a field added since means what the record's run did without it."""
+        return cls(**{**BEFORE, **record})
+
+
+BEFORE = {"familiar_share": 0.0}  # fields added after a committed run, at the value that run had in effect
 
 
 QUICK = BaseConfig(
@@ -75,6 +87,7 @@ QUICK = BaseConfig(
     unet_widths=(16, 32, 32),
     batch=8,
     share_cases=2,
+    familiar_per_kind=4,
 )
 
 
@@ -146,13 +159,18 @@ class RenderSet:
     kinds: list  # per image, its products' class words in order
 
 
-def training_scenes(identities, count: int, seed: int, described: float = 0.0) -> list[world.Scene]:
-    """The scenes of ``count`` training renders: one product, or two of different kinds (1 in 4); each product's
-    caption names its appearance with probability ``described`` (drawn apart: the scenes stay)."""
+def training_scenes(
+    identities, count: int, seed: int, described: float = 0.0, familiar=(), familiar_share: float = 0.0
+) -> list[world.Scene]:
+    """The scenes of ``count`` training renders: one product, or two of different kinds (1 in 4); the first product
+    is one of ``familiar`` in ``familiar_share`` of them, else any; each product's caption names its appearance
+    with probability ``described`` (drawn apart: the scenes stay). Share 0 draws exactly what it drew before."""
     rng, words = np.random.default_rng(seed), np.random.default_rng([seed, 1])
+    favour = np.random.default_rng([seed, 2])  # its own stream, so that share 0 leaves the scenes as they were
     scenes = []
     for _ in range(count):
-        first = identities[int(rng.integers(len(identities)))]
+        pool = familiar if familiar_share and favour.random() < familiar_share else identities
+        first = pool[int(rng.integers(len(pool)))]
         second = None
         if rng.random() < 0.25:
             others = [x for x in identities if x.kind != first.kind]
@@ -165,14 +183,13 @@ def training_scenes(identities, count: int, seed: int, described: float = 0.0) -
     return scenes
 
 
-def render_set(
-    identities, count: int, resolution: int, seed: int, latent: int | None = None, described: float = 0.0
-) -> RenderSet:
-    """The renders of training_scenes with captions and per-product masks."""
+def render_set(scenes: list, resolution: int, latent: int | None = None) -> RenderSet:
+    """The renders of ``scenes`` (training_scenes) with captions and per-product masks."""
     latent = latent or resolution // 4
+    count = len(scenes)
     images, captions, kinds = np.empty((count, resolution, resolution, 3), np.uint8), [], []
     masks = np.zeros((count, 2, latent, latent), np.float32)
-    for i, scene in enumerate(training_scenes(identities, count, seed, described)):
+    for i, scene in enumerate(scenes):
         images[i] = np.asarray(world.render(scene, resolution)[0])
         captions.append(world.caption(scene))
         kinds.append([p.identity.kind for p in scene.products])
@@ -187,11 +204,24 @@ def own_products(cfg: BaseConfig, train_ids) -> list:
     return world.sample_identities(PRODUCTS_SEED, cfg.products) if cfg.products else list(train_ids)
 
 
+def familiar_products(cfg: BaseConfig, train_ids) -> list:
+    """The own products the base draws more often (none where it draws the train identities, as in round 3)."""
+    own = own_products(cfg, train_ids) if cfg.products else []
+    return [i for kind in world.KINDS for i in [p for p in own if p.kind == kind][: cfg.familiar_per_kind]]
+
+
+def base_scenes(cfg: BaseConfig, train_ids) -> list[world.Scene]:
+    """The scenes of the base's training renders."""
+    familiar = familiar_products(cfg, train_ids)
+    return training_scenes(
+        own_products(cfg, train_ids), cfg.images, cfg.seed, cfg.described, familiar, cfg.familiar_share
+    )
+
+
 def renders_per_product(cfg: BaseConfig, train_ids) -> dict:
     """{index in own_products: how many of the base's training renders show it}; products never drawn are absent."""
-    products = own_products(cfg, train_ids)
     counts: dict = {}
-    for scene in training_scenes(products, cfg.images, cfg.seed, cfg.described):
+    for scene in base_scenes(cfg, train_ids):
         for p in scene.products:
             counts[p.identity.index] = counts.get(p.identity.index, 0) + 1
     return counts
@@ -519,7 +549,7 @@ def build_base(folder: str, train_ids, heldout, cfg: BaseConfig, log=print) -> d
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
-    renders = render_set(own_products(cfg, train_ids), cfg.images, cfg.resolution, cfg.seed, described=cfg.described)
+    renders = render_set(base_scenes(cfg, train_ids), cfg.resolution)
     log(f"rendered {len(renders.images)} training images in {time.time() - t0:.0f} s")
     vae, latents, psnr = train_vae(cfg, renders.images, log)
     log(f"vae: reconstruction PSNR {psnr:.1f} dB, latents {tuple(latents.shape[1:])}")

@@ -75,7 +75,7 @@ def drawn_products(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, lo
     with open(os.path.join(run_dir, "stages.json")) as f:
         stages = json.load(f)
     share = stages["encoders"]["config"].get("base_share", 0.0)
-    drawn = drawn_by_base(training_products(train, BaseConfig(**stages["base"]["config"]), share))
+    drawn = drawn_by_base(training_products(train, BaseConfig.from_record(stages["base"]["config"]), share))
     if len(drawn) < count:
         return {"what": f"none: the encoders trained on {len(drawn)} products the base drew, fewer than {count}"}
     turns = [x for trio in zip(*([i for i in drawn if i.kind == k] for k in world.KINDS)) for x in trio]

@@ -40,15 +40,28 @@ CHANGES = {
 
 
 def product_error(run_dir: str, heldout, adapter, cfg: worth.WorthConfig) -> dict:
-    """Nested's worth as evaluated, the round's adapter and the changed one, on the same products and draws: the
-    product error's change against no subject (percent; negative helps), and changed minus round per product."""
+    """Nested's worth, the round's adapter and the changed one, on the same products, draws and references
+    (worth.reference_rows): each's summary as worth.json gives it, and per reference, changed minus round in
+    points of the product error's change against no subject (negative: the change helps more)."""
     reader = worth.Reader(run_dir)
-    rounds = np.array(worth.as_evaluated(reader, heldout, cfg, "nested"))
+    rounds = worth.reference_rows(reader, heldout, cfg, "nested")
     reader.use("nested", adapter)
-    changed = np.array(worth.as_evaluated(reader, heldout, cfg, "nested"))
-    return {"products": len(rounds)} | {
-        name: {"mean": round(float(x.mean()), 2), "ci95": [round(float(v), 2) for v in metrics.mean_interval(x)]}
-        for name, x in (("round", rounds), ("changed", changed), ("changed_minus_round", changed - rounds))
+    changed = worth.reference_rows(reader, heldout, cfg, "nested")
+
+    def change(rows, cond):  # (products,) percent
+        return np.array([100 * (r[cond]["product"] - r["none"]["product"]) / r["none"]["product"] for r in rows])
+
+    def identity(rows):  # (products,) points: another product's reference against this one's, both masked
+        return change(rows, "nested/wrong") - change(rows, "nested/masked")
+
+    paired = {c: change(changed, c) - change(rounds, c) for c in rounds[0] if c != "none"}
+    paired["nested/identity_pct"] = identity(changed) - identity(rounds)
+    differences = {
+        c: {"mean": round(float(d.mean()), 2), "ci95": [round(v, 2) for v in metrics.mean_interval(d)]}
+        for c, d in paired.items()
+    }
+    return {"products": len(rounds), "round": worth.summarise(rounds), "changed": worth.summarise(changed)} | {
+        "changed_minus_round": differences
     }
 
 
@@ -108,7 +121,7 @@ def pilot(
         "token_retrieval_changed": {
             v: row["nested"] for v, row in diagnose.token_retrieval(ev, heldout, cfg.seed + 7)["top1"].items()
         },
-        "product_error_change_pct": product_error(run_dir, heldout, load_adapter(out), worth_cfg),
+        "product_error": product_error(run_dir, heldout, load_adapter(out), worth_cfg),
     }
     path = os.path.join(run_dir, f"pilot_{name}.json")
     with open(path, "w") as f:

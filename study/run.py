@@ -102,7 +102,7 @@ def stage_encoders(run: Run) -> dict:
     from .base import BaseConfig
 
     cfg = encoders.QUICK if run.scale.quick else encoders.EncoderConfig()
-    base_cfg = BaseConfig(**run.stages["base"]["config"])
+    base_cfg = BaseConfig.from_record(run.stages["base"]["config"])
     products = encoders.training_products(run.identities()[0], base_cfg, cfg.base_share)
     return encoders.build_encoders(run.path("encoders"), run.path("base"), products, base_cfg.resolution, cfg, run.log)
 

@@ -213,20 +213,27 @@ def described(reader: Reader, scene: world.Scene, times: torch.Tensor, noise: to
     return {"text/described": regions(reader.error(t), t["mask"]) | {"caption": world.caption(said)}}
 
 
+def references(reader: Reader, ident, others, rng) -> dict:
+    """The product's references, drawn after its target: another scene of it as evaluated and masked, and a
+    masked scene of another product of its kind (one of ``others``)."""
+    scene = world.random_scene(rng, ident)
+    wrong = world.random_scene(rng, others[int(rng.integers(len(others)))])
+    return {
+        "as_evaluated": evaluate.reference_photo(scene, reader.resolution),
+        "masked": diagnose.masked_photo(scene, reader.resolution),
+        "wrong": diagnose.masked_photo(wrong, reader.resolution),
+    }
+
+
 def read_product(reader: Reader, ident, others, cfg: WorthConfig, rng, fit: bool) -> dict:
     """Every condition's product and elsewhere error for one product (and ``others``: its kind's other products)."""
     from na_engine.standalone.references import subject_box
 
     shown, times, noise = first_draws(reader, ident, cfg, rng)
     target = reader.target(shown, times, noise)
-    scene = world.random_scene(rng, ident)
-    wrong = world.random_scene(rng, others[int(rng.integers(len(others)))])
-    photos = {
-        "as_evaluated": evaluate.reference_photo(scene, reader.resolution),
-        "masked": diagnose.masked_photo(scene, reader.resolution),
-        "own": subject_box(target["image"], target["product_mask"], white=True),
-        "wrong": diagnose.masked_photo(wrong, reader.resolution),
-    }
+    drawn = references(reader, ident, others, rng)
+    own = subject_box(target["image"], target["product_mask"], white=True)  # the crop round 1 trained on
+    photos = {"as_evaluated": drawn["as_evaluated"], "masked": drawn["masked"], "own": own, "wrong": drawn["wrong"]}
     out = {"none": regions(reader.error(target), target["mask"])} | described(reader, shown, times, noise)
     for method in TRAINED:
         for name, photo in photos.items():
@@ -256,24 +263,27 @@ def read_product(reader: Reader, ident, others, cfg: WorthConfig, rng, fit: bool
     return out
 
 
-def as_evaluated(reader: Reader, idents, cfg: WorthConfig, method: str) -> list[float]:
-    """Per held-out product, its product error's change against none in percent under ``method`` with the
-    evaluation's reference: read_product's draws, so the round's own adapter gives worth.json's figures."""
-    out = []
+def reference_rows(reader: Reader, idents, cfg: WorthConfig, method: str) -> list[dict]:
+    """Per held-out product, none's and ``method``'s product and elsewhere error with each of its references:
+    read_product's draws, so the round's own adapter gives worth.json's figures."""
+    rows = []
     for k, ident in enumerate(idents[: cfg.products]):
         rng = product_draws(cfg, "heldout", k)
         target = reader.target(*first_draws(reader, ident, cfg, rng))
-        photo = evaluate.reference_photo(world.random_scene(rng, ident), reader.resolution)
+        others = [i for i in idents if i.kind == ident.kind and i.index != ident.index]
         with torch.no_grad():
-            none = regions(reader.error(target), target["mask"])["product"]
-            mine = regions(reader.error(target, method, reader.tokens(method, photo)), target["mask"])["product"]
-        out.append(100 * (mine - none) / none)
-    return out
+            row = {"none": regions(reader.error(target), target["mask"])}
+            for name, photo in references(reader, ident, others, rng).items():
+                tokens = reader.tokens(method, photo)
+                row[f"{method}/{name}"] = regions(reader.error(target, method, tokens), target["mask"])
+        rows.append(row)
+    return rows
 
 
 def summarise(rows: list[dict]) -> dict:
     """Per condition: mean product and elsewhere error, and the product error's change against none in percent
-    with a 95% interval over products; per method, identity = wrong - masked (points of that change)."""
+    with a 95% interval over products; per method read with both, identity = wrong - masked (points of that
+    change)."""
     out = {}
     none = np.array([r["none"]["product"] for r in rows])
     for cond in rows[0]:
@@ -291,7 +301,7 @@ def summarise(rows: list[dict]) -> dict:
         for key in ("fit_before", "fit_after"):  # the optimised conditions' product error on their own fits
             if key in have[0][cond]:
                 out[cond][key] = round(float(np.mean([r[cond][key] for r in have])), 5)
-    for method in TRAINED:
+    for method in [m for m in TRAINED if f"{m}/wrong" in rows[0]]:
         gap = 100 * np.array([r[f"{method}/wrong"]["product"] - r[f"{method}/masked"]["product"] for r in rows]) / none
         out[f"{method}/identity_pct"] = round(float(gap.mean()), 2)
     return out

@@ -217,21 +217,25 @@ def test_pilot_trains_nested_with_one_change_and_reads_it_beside_the_round(
     assert set(pilot["token_retrieval_changed"]) == {"as_evaluated", "masked", "same_attributes"}
     trainer = json.loads(next((out / "pilot").glob(f"nested_{change}_run/checkpoint-*/trainer.json")).read_text())
     assert trainer["white_references"] is white and trainer["subject_loss_weight"] == weight
-    error = pilot["product_error_change_pct"]
+    error = pilot["product_error"]
     assert error["products"] == worth.QUICK.products
-    assert error["changed_minus_round"]["mean"] == pytest.approx(
-        error["changed"]["mean"] - error["round"]["mean"], abs=0.02
-    )
-    if change == "subject_loss":  # the round's figure is worth's nested/as_evaluated, read by read_product
+    for cond in ("nested/as_evaluated", "nested/masked", "nested/wrong"):
+        was, now = error["round"][cond]["product_change_pct"], error["changed"][cond]["product_change_pct"]
+        assert error["changed_minus_round"][cond]["mean"] == pytest.approx(now - was, abs=0.02)
+    was, now = error["round"]["nested/identity_pct"], error["changed"]["nested/identity_pct"]
+    assert error["changed_minus_round"]["nested/identity_pct"]["mean"] == pytest.approx(now - was, abs=0.02)
+    if change == "subject_loss":  # the round's figures are worth's own, read by read_product on the same draws
         reader, heldout = worth.Reader(str(out)), Run(str(out), QUICK).identities()[1]
         rows = []
         for k, ident in enumerate(heldout[: worth.QUICK.products]):
             others = [i for i in heldout if i.kind == ident.kind and i.index != ident.index]
             draws = worth.product_draws(worth.QUICK, "heldout", k)
             rows.append(worth.read_product(reader, ident, others, worth.QUICK, draws, fit=False))
-        summary = worth.summarise(rows)["nested/as_evaluated"]
-        assert error["round"]["mean"] == pytest.approx(summary["product_change_pct"], abs=0.01)
-        assert error["round"]["ci95"] == pytest.approx(summary["product_change_pct_ci95"], abs=0.01)
+        summary = worth.summarise(rows)
+        assert error["round"]["nested/identity_pct"] == pytest.approx(summary["nested/identity_pct"], abs=0.01)
+        for cond in ("nested/as_evaluated", "nested/masked", "nested/wrong"):
+            for key in ("product", "elsewhere", "product_change_pct", "product_change_pct_ci95"):
+                assert error["round"][cond][key] == pytest.approx(summary[cond][key], abs=0.01), (cond, key)
 
 
 def test_compare_pairs_two_runs_case_by_case(quick_run, tmp_path):

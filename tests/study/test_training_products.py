@@ -2,6 +2,7 @@
 
 import json
 import os
+from dataclasses import replace
 
 from study import base, encoders, world
 
@@ -15,11 +16,32 @@ def _train_ids():
 def test_the_scenes_drawn_are_the_scenes_rendered():
     own = base.own_products(QUICK, _train_ids())
     scenes = base.training_scenes(own, 12, seed=3, described=0.5)
-    renders = base.render_set(own, 12, 32, seed=3, described=0.5)
+    renders = base.render_set(scenes, 32)
     assert renders.captions == [world.caption(s) for s in scenes]
     assert renders.kinds == [[p.identity.kind for p in s.products] for s in scenes]
     counts = base.renders_per_product(QUICK, _train_ids())
-    assert sum(counts.values()) == sum(len(s.products) for s in base.training_scenes(own, 96, 0, 0.5))
+    assert sum(counts.values()) == sum(len(s.products) for s in base.base_scenes(QUICK, _train_ids()))
+
+
+def test_the_base_draws_its_familiar_products_more_and_share_zero_draws_as_before():
+    """Round 6: the first familiar_per_kind own products of each kind lead familiar_share of the renders; share 0
+    (what a record from before the field means) draws the scenes the round-5 code drew."""
+    cfg = replace(QUICK, images=600)  # scenes only, never rendered: enough to part the two groups
+    train, own = _train_ids(), base.own_products(cfg, _train_ids())
+    familiar = base.familiar_products(cfg, train)
+    assert [sum(i.kind == k for i in familiar) for k in world.KINDS] == [4] * len(world.KINDS)
+    assert all(i in own for i in familiar)
+    counts = base.renders_per_product(cfg, train)
+    mine = [counts.get(i.index, 0) for i in familiar]
+    others = [n for i, n in counts.items() if own[i] not in familiar]
+    assert min(mine) > max(others)  # 60% of the renders lead with one of 12 products of 40
+    products = encoders.training_products(train, cfg, 0.5)
+    assert sorted(encoders.drawn_by_base(products), key=lambda i: i.index) == sorted(familiar, key=lambda i: i.index)
+    off = base.BaseConfig.from_record({**base.asdict(QUICK), "familiar_share": 0.0})
+    record = {k: v for k, v in base.asdict(QUICK).items() if k != "familiar_share"}
+    assert base.BaseConfig.from_record(record) == off
+    plain = base.training_scenes(own, 96, QUICK.seed, QUICK.described)
+    assert base.base_scenes(off, train) == plain != base.base_scenes(QUICK, train)
 
 
 def test_half_the_products_are_ones_the_base_drew_and_half_are_train_identities():
