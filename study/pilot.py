@@ -3,7 +3,7 @@ full round is planned around it.
 
 It is not a stage and not a claim: one method (nested), the round's data and seed, trained with the change
 (CHANGES), then read on the main table's first cases beside the round's own nested adapter on the very same
-cases and references, and on worth's held-out products (the product error, worth.as_evaluated) beside it too.
+cases and references, and on worth's held-out products (the product error, worth.reference_rows) beside it too.
 Writes DIR/pilot/ (the adapter, its loss.csv, the cells) and DIR/pilot_<NAME>.json.
 """
 
