@@ -169,7 +169,7 @@ def training_scenes(
     favour = np.random.default_rng([seed, 2])  # its own stream, so that share 0 leaves the scenes as they were
     scenes = []
     for _ in range(count):
-        pool = familiar if familiar_share and favour.random() < familiar_share else identities
+        pool = familiar if len(familiar) and familiar_share and favour.random() < familiar_share else identities
         first = pool[int(rng.integers(len(pool)))]
         second = None
         if rng.random() < 0.25:

@@ -67,6 +67,7 @@ def test_share_zero_is_round_four_and_a_base_of_train_identities_is_round_three(
     assert list(encoders.training_products(train, QUICK, 0.0).values()) == train
     round3 = base.BaseConfig(products=0, images=96)
     assert list(encoders.training_products(train, round3, 0.5).values()) == train
+    assert base.familiar_products(round3, train) == [] and len(base.base_scenes(round3, train)) == 96
 
 
 def test_two_product_rows_name_each_product_by_its_subject(tmp_path):
