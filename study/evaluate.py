@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -147,6 +148,7 @@ class Evaluator:
         from na_engine.standalone.models import load_base, load_vision
 
         self.dir, self.cfg, self.log, self.heldout = os.path.join(run_dir, folder), cfg, log, heldout
+        self.reused_seconds = 0.0  # what the cells taken from the cache took to compute (a resumed stage's time)
         os.makedirs(os.path.join(self.dir, "samples"), exist_ok=True)
         base = load_base(os.path.join(run_dir, "base"))
         vision = load_vision(os.path.join(run_dir, "encoders", "vision"))
@@ -205,16 +207,20 @@ class Evaluator:
 
     def cell(self, name: str, fn, inputs: str = "") -> dict:
         """fn's result, cached in eval/<name>.json under these settings and ``inputs`` (a text that changes with
-        what the cell reads beyond the settings; other settings or inputs: computed again)."""
+        what the cell reads beyond the settings; other settings or inputs: computed again), with the seconds it
+        took to compute."""
         path = os.path.join(self.dir, name + ".json")
         settings = self.settings + (":" + hashlib.sha256(inputs.encode()).hexdigest()[:12] if inputs else "")
         if os.path.isfile(path):
             with open(path) as f:
                 cached = json.load(f)
             if cached.get("settings") == settings:
+                self.reused_seconds += cached.get("seconds", 0.0)  # cells from before timing count nothing
                 return cached
         self.log(f"evaluate: {name}")
+        t0 = time.time()
         result = {**fn(), "settings": settings}
+        result["seconds"] = round(time.time() - t0, 1)
         with open(path + ".tmp", "w") as f:
             json.dump(result, f)
         os.replace(path + ".tmp", path)
@@ -299,8 +305,8 @@ def tradeoff_point(strength: float, rows: list[dict]) -> dict:
     return {"strength": strength, **summarise(merged, [Metric("identity_top1", ""), Metric("attribute_acc", "")])}
 
 
-def evaluate(run_dir: str, heldout, cfg: EvalConfig, log=print) -> dict:
-    """Every cell, then results.json's dictionary."""
+def evaluate(run_dir: str, heldout, cfg: EvalConfig, log=print) -> tuple[dict, float]:
+    """Every cell, then results.json's dictionary, and the seconds the cells found cached had taken."""
     ev = Evaluator(run_dir, heldout, cfg, log)
     cases = single_cases(heldout, cfg.cases, cfg.seed)
     pairs = multi_cases(heldout, cfg.multi_cases, cfg.seed)
@@ -335,9 +341,9 @@ def evaluate(run_dir: str, heldout, cfg: EvalConfig, log=print) -> dict:
         name: summary_of(ev.cell(f"ceiling_{name}", lambda v=v: ev.ceiling(cases, v)))
         for name, v in (("render", False), ("vae", True))
     }
-    return results
+    return results, ev.reused_seconds
 
 
 def summary_of(cell: dict) -> dict:
-    """A cell without its per-case rows and settings hash: what results.json keeps."""
-    return {k: v for k, v in cell.items() if k not in ("rows", "settings")}
+    """A cell without its per-case rows, settings hash and time: what results.json keeps."""
+    return {k: v for k, v in cell.items() if k not in ("rows", "settings", "seconds")}

@@ -130,7 +130,7 @@ def stage_evaluation(run: Run) -> dict:
     from . import evaluate
 
     cfg = evaluate.QUICK if run.scale.quick else evaluate.EvalConfig()
-    results = evaluate.evaluate(run.out, run.identities()[1], cfg, run.log)
+    results, reused = evaluate.evaluate(run.out, run.identities()[1], cfg, run.log)
     results["probe_render_top1"] = run.stages["probe"]["heldout_render_top1"]
     results["base"] = {"trigger_share": run.stages["base"]["trigger_share"]}
     if os.path.isfile(ROUND1_SHARE) and not run.scale.quick:
@@ -138,7 +138,7 @@ def stage_evaluation(run: Run) -> dict:
             results["base"]["trigger_share_round1"] = json.load(f)
     with open(run.path("results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    return {"results": "results.json"}
+    return {"results": "results.json", "seconds_before_resume": reused}  # a resumed stage counts its cached cells
 
 
 def stage_report(run: Run) -> dict:

@@ -289,3 +289,25 @@ def test_fitting_nested_maps_moves_the_fit_and_puts_the_maps_back(quick_run):
     assert tokens_only["fit_before"] == reading["fit_before"] and tokens_only["fit_after"] != reading["fit_after"]
     after = [*adapter.to_k.parameters(), *adapter.to_v.parameters()]
     assert all(torch.equal(a, b) and not b.requires_grad for a, b in zip(before, after))
+
+
+def test_a_resumed_evaluation_counts_the_time_its_cached_cells_took(quick_run):
+    """Each cell records what it took; an evaluation stage that finds its cells cached (a run stopped inside the
+    stage and started again) counts their seconds, so run_seconds is a whole run's."""
+    out, _, _ = quick_run
+    cells = [json.loads(p.read_text()) for p in (out / "eval").glob("*.json")]
+    took = sum(c["seconds"] for c in cells)
+    assert cells and took > 0 and all(c["seconds"] >= 0 for c in cells)
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages["evaluation"]["seconds_before_resume"] == 0.0  # the first run computed every cell
+    report = stages.pop("report")
+    del stages["evaluation"]
+    (out / "stages.json").write_text(json.dumps(stages))
+    cmd = [sys.executable, "-m", "study", "run", "--quick", "--out", str(out), "--until", "evaluation"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "evaluate: main_" not in done.stdout  # nothing computed again
+    again = json.loads((out / "stages.json").read_text())["evaluation"]
+    assert again["seconds_before_resume"] == pytest.approx(took, abs=0.05)
+    assert again["stage_seconds"] >= took
+    (out / "stages.json").write_text(json.dumps({**json.loads((out / "stages.json").read_text()), "report": report}))
