@@ -35,6 +35,11 @@ probe's gallery is those identities, so chance is the same.
 drawn products: the same, on the encoders' training products that the base drew in its own training too (round
 5's mixture; none before). Against seen products (which the base never drew), it says how much the adapters lean
 on a product the base already draws.
+
+described drawn (round 6, read after its evaluation): `described` on drawn products' cases, so beside their
+base row.  Whether the base draws the products it trained on most often when it is told their look: if it does
+and the adapters do not, the reference path is what fails on them; if it does not either, the base itself cannot
+draw a particular product however often it saw it.
 """
 
 from __future__ import annotations
@@ -67,8 +72,12 @@ def seen_products(
     }
 
 
-def drawn_products(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, log=print) -> dict:
-    """seen_products on the encoders' training products that the base drew too (round 5 on), kinds in turn."""
+DRAWN = "of the encoders' products that the base drew"
+
+
+def drawn_identities(run_dir: str, train, count: int) -> list:
+    """The first ``count`` of the encoders' training products that the base drew too (round 5 on), kinds in
+    turn; none where there are fewer."""
     from .base import BaseConfig
     from .encoders import drawn_by_base, training_products
 
@@ -76,22 +85,40 @@ def drawn_products(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, lo
         stages = json.load(f)
     share = stages["encoders"]["config"].get("base_share", 0.0)
     drawn = drawn_by_base(training_products(train, BaseConfig.from_record(stages["base"]["config"]), share))
-    if len(drawn) < count:
-        return {"what": f"none: the encoders trained on {len(drawn)} products the base drew, fewer than {count}"}
     turns = [x for trio in zip(*([i for i in drawn if i.kind == k] for k in world.KINDS)) for x in trio]
-    return seen_products(run_dir, turns, count, cfg, log, "drawn", "of the encoders' products that the base drew")
+    return turns[:count] if len(turns) >= count else []
 
 
-def described_base(ev: evaluate.Evaluator, cases) -> dict:
-    """The main table's readings of the base drawing ``cases`` with their product described in the prompt."""
+def drawn_products(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, log=print) -> dict:
+    """seen_products on the encoders' training products that the base drew too."""
+    drawn = drawn_identities(run_dir, train, count)
+    if not drawn:
+        return {"what": f"none: the encoders trained on fewer than {count} products the base drew"}
+    return seen_products(run_dir, drawn, count, cfg, log, "drawn", DRAWN)
+
+
+def described_base(ev: evaluate.Evaluator, cases, name: str = "described", what: str = "") -> dict:
+    """The main table's readings of the base drawing ``cases`` (the main table's unless ``what`` says otherwise)
+    with their product described in the prompt."""
     told = [replace(c, prompt=world.told(c.prompt)) for c in cases]
     prompts = [world.caption(c.prompt) for c in told]
-    cell = ev.cell("described_base", lambda: ev.single("base", told), inputs="\n".join(prompts))
+    cell = ev.cell(f"{name}_base", lambda: ev.single("base", told), inputs="\n".join(prompts))
     return {
-        "what": f"the base on the main table's {len(cases)} cases, told the product's look",
+        "what": what or f"the base on the main table's {len(cases)} cases, told the product's look",
         "example_prompt": prompts[0],
         "reading": evaluate.summary_of(cell),
     }
+
+
+def described_drawn(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, log=print) -> dict:
+    """described_base on drawn_products' cases: whether the base draws the products it drew most when told."""
+    drawn = drawn_identities(run_dir, train, count)
+    if not drawn:
+        return {"what": f"none: the encoders trained on fewer than {count} products the base drew"}
+    ev = evaluate.Evaluator(run_dir, drawn, cfg, log, folder=FOLDER)
+    cases = evaluate.single_cases(drawn, count * 2, cfg.seed)  # drawn_products' cases
+    what = f"the base on drawn_products' {len(cases)} cases ({count} {DRAWN}), told the product's look"
+    return described_base(ev, cases, "described_drawn", what)
 
 
 def lookalikes(ev: evaluate.Evaluator, cases, pool: int, seed: int = 3) -> dict:
@@ -197,7 +224,15 @@ def attribute_drift(run_dir: str, cfg: evaluate.EvalConfig) -> dict:
     return {"what": f"the first {cfg.tradeoff_cases} main-table cases at each strength (eval/ cells)", "methods": out}
 
 
-READINGS = ("token_retrieval", "attribute_drift", "seen_products", "drawn_products", "described", "lookalikes")
+READINGS = (
+    "token_retrieval",
+    "attribute_drift",
+    "seen_products",
+    "drawn_products",
+    "described",
+    "described_drawn",
+    "lookalikes",
+)
 
 
 def diagnose(run_dir: str, train, heldout, cfg: evaluate.EvalConfig, log=print, readings=READINGS) -> str:
@@ -210,6 +245,7 @@ def diagnose(run_dir: str, train, heldout, cfg: evaluate.EvalConfig, log=print, 
         "seen_products": lambda: seen_products(run_dir, train, len(heldout), cfg, log),
         "drawn_products": lambda: drawn_products(run_dir, train, len(heldout), cfg, log),
         "described": lambda: described_base(ev(), cases),
+        "described_drawn": lambda: described_drawn(run_dir, train, len(heldout), cfg, log),
         "lookalikes": lambda: lookalikes(ev(), cases, pool=200 * len(heldout)),  # full scale: all 60 have one
     }
     path = os.path.join(run_dir, "diagnosis.json")

@@ -138,6 +138,11 @@ def test_diagnose_reads_seen_products(quick_run):
     told = diagnosis["described"]
     assert METHOD_KEYS <= set(told["reading"]) and told["reading"]["n"] == 4
     assert any(w in told["example_prompt"].split() for w in PATTERN_WORDS.values())
+    told_drawn = diagnosis["described_drawn"]  # drawn_products' cases, told: its own cell, beside drawn_base
+    assert "the base drew" in told_drawn["what"] and told_drawn["reading"]["n"] == drawn["methods"]["base"]["n"]
+    assert any(w in told_drawn["example_prompt"].split() for w in PATTERN_WORDS.values())
+    assert told_drawn["reading"] != drawn["methods"]["base"]  # the same cases, told
+    assert (out / "diagnosis" / "described_drawn_base.json").is_file()
     alike = diagnosis["lookalikes"]
     assert alike["render"]["n"] == alike["vae"]["n"] >= 1 and METHOD_KEYS <= set(alike["vae"])
     # one reading taken again is written beside the others, which are kept
