@@ -73,6 +73,7 @@ def seen_products(
 
 
 DRAWN = "of the encoders' products that the base drew"
+NONE_DRAWN = "none: the encoders trained on fewer than {} products the base drew"
 
 
 def drawn_identities(run_dir: str, train, count: int) -> list:
@@ -93,7 +94,7 @@ def drawn_products(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, lo
     """seen_products on the encoders' training products that the base drew too."""
     drawn = drawn_identities(run_dir, train, count)
     if not drawn:
-        return {"what": f"none: the encoders trained on fewer than {count} products the base drew"}
+        return {"what": NONE_DRAWN.format(count)}
     return seen_products(run_dir, drawn, count, cfg, log, "drawn", DRAWN)
 
 
@@ -114,7 +115,7 @@ def described_drawn(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, l
     """described_base on drawn_products' cases: whether the base draws the products it drew most when told."""
     drawn = drawn_identities(run_dir, train, count)
     if not drawn:
-        return {"what": f"none: the encoders trained on fewer than {count} products the base drew"}
+        return {"what": NONE_DRAWN.format(count)}
     ev = evaluate.Evaluator(run_dir, drawn, cfg, log, folder=FOLDER)
     cases = evaluate.single_cases(drawn, count * 2, cfg.seed)  # drawn_products' cases
     what = f"the base on drawn_products' {len(cases)} cases ({count} {DRAWN}), told the product's look"
