@@ -58,12 +58,17 @@ from .methods import ATTRIBUTE_METRICS, TRAINED, in_table
 FOLDER = "diagnosis"
 
 
+def gallery(run_dir: str, products, cfg: evaluate.EvalConfig, log=print) -> tuple:
+    """An evaluator whose probe gallery is ``products``, and two main-table cases a product among them."""
+    ev = evaluate.Evaluator(run_dir, products, cfg, log, folder=FOLDER)
+    return ev, evaluate.single_cases(products, len(products) * 2, cfg.seed)
+
+
 def seen_products(
     run_dir: str, products, count: int, cfg: evaluate.EvalConfig, log=print, name: str = "seen", what="train identities"
 ) -> dict:
     """Identity top-1 (and every other main-table reading) of each main-table method on ``count`` of ``products``."""
-    ev = evaluate.Evaluator(run_dir, products[:count], cfg, log, folder=FOLDER)
-    cases = evaluate.single_cases(products[:count], count * 2, cfg.seed)
+    ev, cases = gallery(run_dir, products[:count], cfg, log)
     cells = {m: ev.cell(f"{name}_{m}", lambda m=m: ev.single(m, cases)) for m in in_table("main")}
     return {
         "what": f"{len(cases)} cases of {count} {what} (chance {1 / count:.4f}), read as the main table",
@@ -116,8 +121,7 @@ def described_drawn(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, l
     drawn = drawn_identities(run_dir, train, count)
     if not drawn:
         return {"what": NONE_DRAWN.format(count)}
-    ev = evaluate.Evaluator(run_dir, drawn, cfg, log, folder=FOLDER)
-    cases = evaluate.single_cases(drawn, count * 2, cfg.seed)  # drawn_products' cases
+    ev, cases = gallery(run_dir, drawn, cfg, log)  # drawn_products' cases
     what = f"the base on drawn_products' {len(cases)} cases ({count} {DRAWN}), told the product's look"
     return described_base(ev, cases, "described_drawn", what)
 
