@@ -78,12 +78,11 @@ def seen_products(
 
 
 DRAWN = "of the encoders' products that the base drew"
-NONE_DRAWN = "none: the encoders trained on fewer than {} products the base drew"
+NONE_DRAWN = "none: the encoders trained on {} products the base drew, fewer than {}"
 
 
-def drawn_identities(run_dir: str, train, count: int) -> list:
-    """The first ``count`` of the encoders' training products that the base drew too (round 5 on), kinds in
-    turn; none where there are fewer."""
+def drawn_identities(run_dir: str, train) -> list:
+    """The encoders' training products that the base drew too (round 5 on), kinds in turn."""
     from .base import BaseConfig
     from .encoders import drawn_by_base, training_products
 
@@ -92,14 +91,14 @@ def drawn_identities(run_dir: str, train, count: int) -> list:
     share = stages["encoders"]["config"].get("base_share", 0.0)
     drawn = drawn_by_base(training_products(train, BaseConfig.from_record(stages["base"]["config"]), share))
     turns = [x for trio in zip(*([i for i in drawn if i.kind == k] for k in world.KINDS)) for x in trio]
-    return turns[:count] if len(turns) >= count else []
+    return turns
 
 
 def drawn_products(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, log=print) -> dict:
     """seen_products on the encoders' training products that the base drew too."""
-    drawn = drawn_identities(run_dir, train, count)
-    if not drawn:
-        return {"what": NONE_DRAWN.format(count)}
+    drawn = drawn_identities(run_dir, train)
+    if len(drawn) < count:
+        return {"what": NONE_DRAWN.format(len(drawn), count)}
     return seen_products(run_dir, drawn, count, cfg, log, "drawn", DRAWN)
 
 
@@ -118,10 +117,10 @@ def described_base(ev: evaluate.Evaluator, cases, name: str = "described", what:
 
 def described_drawn(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, log=print) -> dict:
     """described_base on drawn_products' cases: whether the base draws the products it drew most when told."""
-    drawn = drawn_identities(run_dir, train, count)
-    if not drawn:
-        return {"what": NONE_DRAWN.format(count)}
-    ev, cases = gallery(run_dir, drawn, cfg, log)  # drawn_products' cases
+    drawn = drawn_identities(run_dir, train)
+    if len(drawn) < count:
+        return {"what": NONE_DRAWN.format(len(drawn), count)}
+    ev, cases = gallery(run_dir, drawn[:count], cfg, log)  # drawn_products' cases
     what = f"the base on drawn_products' {len(cases)} cases ({count} {DRAWN}), told the product's look"
     return described_base(ev, cases, "described_drawn", what)
 
