@@ -58,9 +58,10 @@ from .methods import ATTRIBUTE_METRICS, TRAINED, in_table
 FOLDER = "diagnosis"
 
 
-def gallery(run_dir: str, products, cfg: evaluate.EvalConfig, log=print) -> tuple:
-    """An evaluator whose probe gallery is ``products``, and two main-table cases a product among them."""
-    ev = evaluate.Evaluator(run_dir, products, cfg, log, folder=FOLDER)
+def gallery(run_dir: str, products, cfg: evaluate.EvalConfig, log=print, **evaluator) -> tuple:
+    """An evaluator whose probe gallery is ``products`` (``evaluator``: its other arguments; default: cells in
+    diagnosis/), and two main-table cases a product among them."""
+    ev = evaluate.Evaluator(run_dir, products, cfg, log, **{"folder": FOLDER, **evaluator})
     return ev, evaluate.single_cases(products, len(products) * 2, cfg.seed)
 
 
@@ -102,27 +103,30 @@ def drawn_products(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, lo
     return seen_products(run_dir, drawn, count, cfg, log, "drawn", DRAWN)
 
 
-def described_base(ev: evaluate.Evaluator, cases, name: str = "described", what: str = "") -> dict:
+def described_base(ev: evaluate.Evaluator, cases, name: str = "described", what: str = "", rows=False) -> dict:
     """The main table's readings of the base drawing ``cases`` (the main table's unless ``what`` says otherwise)
-    with their product described in the prompt."""
+    with their product described in the prompt (``rows``: the reading keeps its per-case rows)."""
     told = [replace(c, prompt=world.told(c.prompt)) for c in cases]
     prompts = [world.caption(c.prompt) for c in told]
     cell = ev.cell(f"{name}_base", lambda: ev.single("base", told), inputs="\n".join(prompts))
     return {
         "what": what or f"the base on the main table's {len(cases)} cases, told the product's look",
         "example_prompt": prompts[0],
-        "reading": evaluate.summary_of(cell),
+        "reading": cell if rows else evaluate.summary_of(cell),
     }
 
 
-def described_drawn(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, log=print) -> dict:
-    """described_base on drawn_products' cases: whether the base draws the products it drew most when told."""
+def described_drawn(
+    run_dir: str, train, count: int, cfg: evaluate.EvalConfig, log=print, rows=False, **evaluator
+) -> dict:
+    """described_base on drawn_products' cases: whether the base draws the products it drew most when told
+    (``rows``: described_base's; ``evaluator``: gallery's)."""
     drawn = drawn_identities(run_dir, train)
     if len(drawn) < count:
         return {"what": NONE_DRAWN.format(len(drawn), count)}
-    ev, cases = gallery(run_dir, drawn[:count], cfg, log)  # drawn_products' cases
+    ev, cases = gallery(run_dir, drawn[:count], cfg, log, **evaluator)  # drawn_products' cases
     what = f"the base on drawn_products' {len(cases)} cases ({count} {DRAWN}), told the product's look"
-    return described_base(ev, cases, "described_drawn", what)
+    return described_base(ev, cases, "described_drawn", what, rows)
 
 
 def lookalikes(ev: evaluate.Evaluator, cases, pool: int, seed: int = 3) -> dict:

@@ -140,9 +140,21 @@ def paired_sign(a: list[dict], b: list[dict], key: str) -> dict:
 
 
 class Evaluator:
-    def __init__(self, run_dir: str, heldout, cfg: EvalConfig, log=print, folder: str = "eval", photo=None):
+    def __init__(
+        self,
+        run_dir: str,
+        heldout,
+        cfg: EvalConfig,
+        log=print,
+        folder: str = "eval",
+        photo=None,
+        base: str = "",
+        adapters=tuple(TRAINED),
+    ):
         """``heldout``: the identities cases are drawn from, and the probe's gallery; cells go to run_dir/folder;
-        ``photo(scene, resolution)``: the reference a user would give (default reference_photo, background kept)."""
+        ``photo(scene, resolution)``: the reference a user would give (default reference_photo, background kept);
+        ``base``: another base folder than the run's; ``adapters``: the TRAINED adapters loaded (none: the base
+        alone, drawn with diffusers' own attention, so that a base of other widths than the adapters' reads too)."""
         from na_engine.formats import load_adapter
         from na_engine.standalone.generate import NestedGenerator
         from na_engine.standalone.models import load_base, load_vision
@@ -150,15 +162,16 @@ class Evaluator:
         self.dir, self.cfg, self.log, self.heldout = os.path.join(run_dir, folder), cfg, log, heldout
         self.reused_seconds = 0.0  # what the cells taken from the cache took to compute (a resumed stage's time)
         os.makedirs(os.path.join(self.dir, "samples"), exist_ok=True)
-        base = load_base(os.path.join(run_dir, "base"))
+        self.base = load_base(base or os.path.join(run_dir, "base"))
         vision = load_vision(os.path.join(run_dir, "encoders", "vision"))
-        adapters = os.path.join(run_dir, "encoders", "adapters")
+        weights = os.path.join(run_dir, "encoders", "adapters")
         self.generators = {
-            name: NestedGenerator(base, vision, load_adapter(os.path.join(adapters, f"{name}.safetensors")), "cpu")
-            for name in TRAINED
+            name: NestedGenerator(self.base, vision, load_adapter(os.path.join(weights, f"{name}.safetensors")), "cpu")
+            for name in adapters
         }
-        any_pipe = next(iter(self.generators.values())).pipe
-        self.resolution = int(base.unet.config.sample_size) * any_pipe.vae_scale_factor
+        self.plain = None if self.generators else NestedGenerator(self.base, vision, None, "cpu")
+        any_pipe = (self.plain or next(iter(self.generators.values()))).pipe
+        self.resolution = int(self.base.unet.config.sample_size) * any_pipe.vae_scale_factor
         with open(os.path.join(run_dir, "probe", "probe.json")) as f:
             made = json.load(f)["config"]  # the gallery the probe stage measured its ceiling with
         model = probe.load_probe(os.path.join(run_dir, "probe"))
@@ -187,6 +200,11 @@ class Evaluator:
     def generate(self, method: str, prompt: world.Scene, refs, seed: int, strength: float = 1.0, maps=False):
         """One image of ``prompt`` with one subject per reference; ``strength`` multiplies the method's own."""
         m = METHODS[method]
+        if self.plain is not None:  # the base alone: only a method without subject draws
+            if m.strength * strength != 0:
+                raise ValueError(f"{method} needs its adapter; this evaluator loaded none (the base alone)")
+            caption = world.caption(prompt)
+            return self.plain(caption, [], seed, self.cfg.steps, self.cfg.cfg, self.resolution, maps=False)
         subjects = [self.subject(method, r) for r in refs]
         if m.masked:  # each subject limited to its product's true region in the prompt's scene
             regions = world.product_masks(prompt, self.resolution)
@@ -291,7 +309,7 @@ class Evaluator:
         base's VAE: what a method that drew the product exactly could score, before and after the VAE."""
         images = [world.render(case.prompt, self.resolution)[0] for case in cases]
         if through_vae:
-            images = probe.through_vae(self.generators["nested"].base.vae, images)
+            images = probe.through_vae(self.base.vae, images)
         return summarise([self.read_single(image, case) for image, case in zip(images, cases)], SINGLE_METRICS)
 
 

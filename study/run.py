@@ -187,6 +187,17 @@ def _pilot(run: Run, cases: int, change: str) -> int:
     return 0
 
 
+def _base_pilot(run: Run, change: str) -> int:
+    from . import base_pilot, evaluate
+
+    if "evaluation" not in run.stages:
+        raise SystemExit(f"{run.out} has no finished evaluation stage; run the study first.")
+    cfg = evaluate.QUICK if run.scale.quick else evaluate.EvalConfig()
+    train, heldout = run.identities()
+    run.log(f"base pilot: wrote {base_pilot.base_pilot(run.out, train, heldout, cfg, change, run.log)}")
+    return 0
+
+
 CACHES = {  # what --again deletes
     "base": ["base"],
     "encoders": ["encoders/adapters", "encoders/data"],
@@ -227,6 +238,7 @@ def _worth(run: Run) -> int:
 
 @command_line
 def main(argv=None) -> int:
+    from .base_pilot import CHANGES as BASE_CHANGES
     from .diagnose import READINGS
     from .pilot import CHANGES
 
@@ -254,6 +266,10 @@ def main(argv=None) -> int:
     pl.add_argument("--quick", action="store_true", help="a --quick run's folder")
     pl.add_argument("--cases", type=int, default=150, help="main-table cases read (default: all 150)")
     pl.add_argument("--change", required=True, choices=sorted(CHANGES), help="the change tried (study/pilot.py)")
+    bp = sub.add_parser("base-pilot", help="after the evaluation: one change to the base (study/base_pilot.py)")
+    bp.add_argument("--out", required=True, help="the run's folder")
+    bp.add_argument("--quick", action="store_true", help="a --quick run's folder")
+    bp.add_argument("--change", required=True, choices=sorted(BASE_CHANGES), help="the change (study/base_pilot.py)")
     w = sub.add_parser("worth", help="after the encoders: what the subject is worth to the denoiser (study/worth.py)")
     w.add_argument("--out", required=True, help="the run's folder")
     w.add_argument("--quick", action="store_true", help="a --quick run's folder")
@@ -274,6 +290,8 @@ def main(argv=None) -> int:
         return _diagnose(Run(args.out, QUICK if args.quick else FULL), args.readings)
     if args.command == "pilot":
         return _pilot(Run(args.out, QUICK if args.quick else FULL), args.cases, args.change)
+    if args.command == "base-pilot":
+        return _base_pilot(Run(args.out, QUICK if args.quick else FULL), args.change)
     if args.command == "compare":
         return _compare(Run(args.out, QUICK if args.quick else FULL), args.against)
     if args.command == "worth":
