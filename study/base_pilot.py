@@ -11,8 +11,10 @@ diffusers' own attention, so that a base of other widths than the adapters' read
 - plain: the main table's cases as the evaluation prompts them;
 beside the class word's attention shares (base.trigger_shares) and the training loss's last 100 steps.
 
-Writes DIR/base_pilot/<NAME>/ (the changed base and its cells), DIR/base_pilot/round/ (the round's cells) and
-DIR/base_pilot_<NAME>.json.  Not a stage and not a claim: one change, one seed.
+Writes DIR/base_pilot/<NAME>/ (the changed base, its training record and its cells), DIR/base_pilot/round/ (the
+round's cells) and DIR/base_pilot_<NAME>.json.  The changed base's weights are not committed (.gitignore): where
+they are missing, the command trains the base again and reads it afresh.  Not a stage and not a claim: one change,
+one seed.
 """
 
 from __future__ import annotations
@@ -113,8 +115,9 @@ def base_pilot(run_dir: str, train, heldout, cfg: evaluate.EvalConfig, name: str
     changed_cfg = changed_config(base.BaseConfig.from_record(round_record["config"]), change)
     folder = os.path.join(run_dir, FOLDER, name)
     record_path = os.path.join(folder, "training.json")
-    if not os.path.isfile(record_path):  # written once the base is
-        os.makedirs(folder, exist_ok=True)
+    if not os.path.isfile(record_path) or not os.path.isdir(os.path.join(folder, "base")):  # the record: once saved
+        shutil.rmtree(folder, ignore_errors=True)  # cells read from another training of the base go with it
+        os.makedirs(folder)
         log(f"base pilot: training the base with {change.what}")
         trained = train_changed(run_dir, os.path.join(folder, "base"), changed_cfg, train, heldout, log)
         with open(record_path, "w") as f:

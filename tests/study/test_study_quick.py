@@ -316,3 +316,40 @@ def test_a_resumed_evaluation_counts_the_time_its_cached_cells_took(quick_run):
     assert again["seconds_before_resume"] == pytest.approx(took, abs=0.05)
     assert again["stage_seconds"] >= took
     (out / "stages.json").write_text(json.dumps({**json.loads((out / "stages.json").read_text()), "report": report}))
+
+
+def test_base_pilot_trains_a_wider_base_and_reads_both_alone_on_the_same_cases(quick_run):
+    """`python -m study base-pilot --change wider`: the round's base trained again with a wider UNet, on the round's
+    renders and VAE, and both bases read alone on the same cases; the round's plain reading is the evaluation's
+    own base row, so the path without adapters draws what the evaluation drew."""
+    from safetensors.torch import load_file
+
+    from study import evaluate
+
+    out, _, _ = quick_run
+    cmd = [sys.executable, "-m", "study", "base-pilot", "--quick", "--out", str(out), "--change", "wider"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    pilot = json.loads((out / "base_pilot_wider.json").read_text())
+    assert pilot["round_plain_is_the_evaluations"] is True
+    folders = (out / "base_pilot/wider/base", out / "base")
+    wider, kept = (json.loads((d / "study_base.json").read_text()) for d in folders)
+    assert wider.pop("unet_widths") == [round(1.5 * w) for w in kept.pop("unet_widths")] and wider == kept
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    was, now = load_file(out / "base" / vae), load_file(out / "base_pilot/wider/base" / vae)
+    assert was.keys() == now.keys() and all(was[k].equal(now[k]) for k in was)  # the round's VAE, kept
+    training = pilot["training"]
+    assert training["changed"]["unet_parameters"] > 2 * training["round"]["unet_parameters"]
+    assert set(training["changed"]["trigger_share"]) == {"product", "elsewhere"}
+    for name, reading in pilot["readings"].items():
+        assert METHOD_KEYS <= set(reading["round"]) and reading["round"]["n"] == reading["changed"]["n"] > 0, name
+        paired = reading["identity_changed_vs_round"]
+        assert paired["a_higher"] + paired["b_higher"] <= reading["round"]["n"] and 0 <= paired["sign_test_p"] <= 1
+    assert set(pilot["readings"]) == {"described", "described_drawn", "plain"}
+    for who in ("round", "wider"):
+        assert (out / "base_pilot" / who / "described_drawn_base.json").is_file()
+    # the base alone draws only what needs no adapter
+    ev = evaluate.Evaluator(str(out), Run(str(out), QUICK).identities()[1], evaluate.QUICK, adapters=())
+    case = evaluate.single_cases(ev.heldout, 1, 0)[0]
+    with pytest.raises(ValueError, match="needs its adapter"):
+        ev.generate("nested", case.prompt, [case.reference], case.seed)
