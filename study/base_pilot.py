@@ -2,7 +2,7 @@
 
 Round 6 (study/analysis.md) found that the base, told a product's look in words, draws it no better than the
 adapters do, even a product it drew 42 times, and named the base's capacity as what to test next. This trains the
-round's UNet and text encoder again with one change (CHANGES), on the round's own renders, seed and schedule, with
+round's UNet and text encoder again with one change (CHANGES), on the round's own renders and schedule, with
 the round's VAE kept (so its latents are the round's, encoded by the saved weights), then reads the round's base and
 the changed one alone, on the same cases and noise, through the same path (evaluate.Evaluator with no adapter:
 diffusers' own attention, so that a base of other widths than the adapters' reads too):
@@ -13,12 +13,14 @@ beside the class word's attention shares (base.trigger_shares) and the training 
 
 Writes DIR/base_pilot/<NAME>/ (the changed base, its training record and its cells), DIR/base_pilot/round/ (the
 round's cells) and DIR/base_pilot_<NAME>.json.  The changed base's weights are not committed (.gitignore): where
-they are missing, the command trains the base again and reads it afresh.  Not a stage and not a claim: one change,
-one seed.
+they are missing, or were trained with another change or against another round base (its weights' fingerprint),
+the command trains the base again and reads it afresh; the round's cells are read again when the round's base has
+changed since.  Not a stage and not a claim: one change, one seed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -36,6 +38,7 @@ FOLDER = "base_pilot"
 class Change:
     what: str
     width: float = 1.0  # times the round's UNet widths
+    seed: int = 0  # added to the round's seed in training (initialisation, noise, batches); the renders stay
 
 
 CHANGES = {
@@ -44,26 +47,35 @@ CHANGES = {
         "times the parameters; the same steps, data, seed, text encoder and VAE",
         width=1.5,
     ),
+    "reseeded": Change(
+        "round 6's base trained again at its own widths with another seed (the UNet's and text encoder's "
+        "initialisation, noise and batch order), the same renders, steps and VAE: the run-to-run control for 'wider'",
+        seed=1,
+    ),
 }
 
 
 def changed_config(cfg: base.BaseConfig, change: Change) -> base.BaseConfig:
-    return replace(cfg, unet_widths=tuple(int(round(w * change.width)) for w in cfg.unet_widths))
+    widths = tuple(int(round(w * change.width)) for w in cfg.unet_widths)
+    return replace(cfg, unet_widths=widths, seed=cfg.seed + change.seed)
 
 
 def _parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def train_changed(run_dir: str, folder: str, cfg: base.BaseConfig, train_ids, heldout, log=print) -> dict:
-    """base.build_base with the round's VAE kept: renders, latents, then the UNet and text encoder; saves the folder
-    and measures the class words' shares. Returns the training's record."""
+def train_changed(
+    run_dir: str, folder: str, round_cfg: base.BaseConfig, cfg: base.BaseConfig, train_ids, heldout, log=print
+) -> dict:
+    """base.build_base with the round's VAE kept: the round's renders and latents, then the UNet and text encoder
+    trained under ``cfg``; saves the folder and measures the class words' shares on the round's cases. Returns the
+    training's record."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
-    renders = base.render_set(base.base_scenes(cfg, train_ids), cfg.resolution)
+    renders = base.render_set(base.base_scenes(round_cfg, train_ids), cfg.resolution)
     log(f"base pilot: rendered {len(renders.images)} training images in {time.time() - t0:.0f} s")
     round_base = os.path.join(run_dir, "base")
     vae = AutoencoderKL.from_pretrained(os.path.join(round_base, "vae"), torch_dtype=torch.float32)
@@ -76,7 +88,7 @@ def train_changed(run_dir: str, folder: str, cfg: base.BaseConfig, train_ids, he
     unet, text, scheduler, losses = base.train_unet(cfg, latents, renders, tokenizer, log)
     parameters = _parameters(unet)
     base.save_pipeline(folder, vae, text, unet, scheduler, cfg)
-    shares = base.trigger_shares(folder, heldout, cfg.share_cases, cfg.seed + 4)
+    shares = base.trigger_shares(folder, heldout, cfg.share_cases, round_cfg.seed + 4)
     return {
         "unet_parameters": parameters,
         "final_losses": losses,
@@ -102,6 +114,41 @@ def read(run_dir: str, train, heldout, cfg: evaluate.EvalConfig, who: str, folde
     }
 
 
+def fingerprint(folder: str) -> str:
+    """A base folder's weights, hashed: what the cells read from it depend on."""
+    digest = hashlib.sha256()
+    for part in ("unet", "text_encoder", "vae"):
+        for name in sorted(os.listdir(os.path.join(folder, part))):
+            if name.endswith(".safetensors"):
+                with open(os.path.join(folder, part, name), "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def _current(record_path: str, cfg: base.BaseConfig, round_base: str) -> bool:
+    """Whether the changed base and its cells were made with ``cfg`` against the round's base as it is now."""
+    if not os.path.isfile(record_path) or not os.path.isdir(os.path.join(os.path.dirname(record_path), "base")):
+        return False
+    with open(record_path) as f:
+        trained = json.load(f)
+    same_config = trained["config"] == json.loads(json.dumps(asdict(cfg)))  # tuples as JSON lists
+    return same_config and trained.get("round_base") == fingerprint(round_base)
+
+
+def _keep_round_cells(folder: str, round_fingerprint: str) -> None:
+    """The round's cells stay while the round's base is the one they were read from (its fingerprint in the
+    folder's round_base.txt); otherwise they go."""
+    mark = os.path.join(folder, "round_base.txt")
+    if os.path.isfile(mark):
+        with open(mark) as f:
+            if f.read() == round_fingerprint:
+                return
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    with open(mark, "w") as f:
+        f.write(round_fingerprint)
+
+
 def _shares(record: dict) -> dict:
     return {k: record["trigger_share"][k] for k in ("product", "elsewhere")}
 
@@ -112,22 +159,24 @@ def base_pilot(run_dir: str, train, heldout, cfg: evaluate.EvalConfig, name: str
     change = CHANGES[name]
     with open(os.path.join(run_dir, "stages.json")) as f:
         round_record = json.load(f)["base"]
-    changed_cfg = changed_config(base.BaseConfig.from_record(round_record["config"]), change)
-    folder = os.path.join(run_dir, FOLDER, name)
+    round_cfg = base.BaseConfig.from_record(round_record["config"])
+    changed_cfg = changed_config(round_cfg, change)
+    folder, round_base = os.path.join(run_dir, FOLDER, name), os.path.join(run_dir, "base")
+    _keep_round_cells(os.path.join(run_dir, FOLDER, "round"), fingerprint(round_base))
     record_path = os.path.join(folder, "training.json")
-    if not os.path.isfile(record_path) or not os.path.isdir(os.path.join(folder, "base")):  # the record: once saved
+    if not _current(record_path, changed_cfg, round_base):  # the record is written once the base is saved
         shutil.rmtree(folder, ignore_errors=True)  # cells read from another training of the base go with it
         os.makedirs(folder)
         log(f"base pilot: training the base with {change.what}")
-        trained = train_changed(run_dir, os.path.join(folder, "base"), changed_cfg, train, heldout, log)
+        trained = train_changed(run_dir, os.path.join(folder, "base"), round_cfg, changed_cfg, train, heldout, log)
         with open(record_path, "w") as f:
-            json.dump(trained, f, indent=1)
+            json.dump(trained | {"round_base": fingerprint(round_base)}, f, indent=1)
     with open(record_path) as f:
         trained = json.load(f)
-    round_parameters = _parameters(load_base(os.path.join(run_dir, "base")).unet)
+    round_parameters = _parameters(load_base(round_base).unet)
     readings = {
         who: read(run_dir, train, heldout, cfg, who, path, log)
-        for who, path in (("round", os.path.join(run_dir, "base")), (name, os.path.join(folder, "base")))
+        for who, path in (("round", round_base), (name, os.path.join(folder, "base")))
     }
     compared = {}
     for reading, was in readings["round"].items():
@@ -153,7 +202,7 @@ def base_pilot(run_dir: str, train, heldout, cfg: evaluate.EvalConfig, name: str
         "training": {
             "round": {"unet_parameters": round_parameters, "final_losses": round_record["final_losses"]}
             | {"trigger_share": _shares(round_record), "seconds": round_record["seconds"]},
-            "changed": {k: v for k, v in trained.items() if k not in ("trigger_share", "config")}
+            "changed": {k: v for k, v in trained.items() if k not in ("trigger_share", "config", "round_base")}
             | {"trigger_share": _shares(trained)},
         },
         "readings": compared,

@@ -324,7 +324,8 @@ def test_base_pilot_trains_a_wider_base_and_reads_both_alone_on_the_same_cases(q
     own base row, so the path without adapters draws what the evaluation drew."""
     from safetensors.torch import load_file
 
-    from study import evaluate
+    from study import base_pilot, evaluate
+    from study.base import BaseConfig
 
     out, _, _ = quick_run
     cmd = [sys.executable, "-m", "study", "base-pilot", "--quick", "--out", str(out), "--change", "wider"]
@@ -341,13 +342,28 @@ def test_base_pilot_trains_a_wider_base_and_reads_both_alone_on_the_same_cases(q
     training = pilot["training"]
     assert training["changed"]["unet_parameters"] > 2 * training["round"]["unet_parameters"]
     assert set(training["changed"]["trigger_share"]) == {"product", "elsewhere"}
+    assert set(pilot["readings"]) == {"described", "described_drawn", "plain"}
     for name, reading in pilot["readings"].items():
         assert METHOD_KEYS <= set(reading["round"]) and reading["round"]["n"] == reading["changed"]["n"] > 0, name
+        file = {"plain": "main_base.json"}.get(name, f"{name}_base.json")
+        cell = {who: json.loads((out / "base_pilot" / who / file).read_text()) for who in ("round", "wider")}
+        assert cell["round"]["settings"] == cell["wider"]["settings"]  # the same settings and prompts, case by case
+        assert cell["round"]["rows"] != cell["wider"]["rows"]  # drawn by another base
+        rows = [(a["identity_top1"], b["identity_top1"]) for a, b in zip(cell["wider"]["rows"], cell["round"]["rows"])]
         paired = reading["identity_changed_vs_round"]
-        assert paired["a_higher"] + paired["b_higher"] <= reading["round"]["n"] and 0 <= paired["sign_test_p"] <= 1
-    assert set(pilot["readings"]) == {"described", "described_drawn", "plain"}
-    for who in ("round", "wider"):
-        assert (out / "base_pilot" / who / "described_drawn_base.json").is_file()
+        assert (paired["a_higher"], paired["b_higher"]) == (sum(a > b for a, b in rows), sum(a < b for a, b in rows))
+    # the changed base is trained again when its change, or the round's base, is no longer what it was made with
+    record, round_base = str(out / "base_pilot/wider/training.json"), str(out / "base")
+    cfg = base_pilot.changed_config(BaseConfig.from_record(kept | {"unet_widths": [16]}), base_pilot.CHANGES["wider"])
+    assert not base_pilot._current(record, cfg, round_base)
+    stages = json.loads((out / "stages.json").read_text())
+    cfg = base_pilot.changed_config(BaseConfig.from_record(stages["base"]["config"]), base_pilot.CHANGES["wider"])
+    assert base_pilot._current(record, cfg, round_base) and not base_pilot._current(record, cfg, folders[0])
+    round_cells = out / "base_pilot" / "round"
+    base_pilot._keep_round_cells(str(round_cells), base_pilot.fingerprint(round_base))  # the same base: kept
+    assert (round_cells / "main_base.json").is_file()
+    base_pilot._keep_round_cells(str(round_cells), base_pilot.fingerprint(str(folders[0])))  # another: read again
+    assert not (round_cells / "main_base.json").exists()
     # the base alone draws only what needs no adapter
     ev = evaluate.Evaluator(str(out), Run(str(out), QUICK).identities()[1], evaluate.QUICK, adapters=())
     case = evaluate.single_cases(ev.heldout, 1, 0)[0]
