@@ -163,39 +163,45 @@ def stage_report(run: Run) -> dict:
     return record
 
 
-def _diagnose(run: Run, readings) -> int:
-    from . import diagnose, evaluate
+def _after_evaluation(run: Run, label: str, take) -> int:
+    """A reading beside a finished evaluation: ``take(train, heldout, cfg)`` returns the file it wrote."""
+    from . import evaluate
 
     if "evaluation" not in run.stages:
         raise SystemExit(f"{run.out} has no finished evaluation stage; run the study first.")
     cfg = evaluate.QUICK if run.scale.quick else evaluate.EvalConfig()
     train, heldout = run.identities()
-    run.log(f"diagnose: wrote {diagnose.diagnose(run.out, train, heldout, cfg, run.log, readings)}")
+    run.log(f"{label}: wrote {take(train, heldout, cfg)}")
     return 0
+
+
+def _diagnose(run: Run, readings) -> int:
+    from . import diagnose
+
+    def take(train, heldout, cfg):
+        return diagnose.diagnose(run.out, train, heldout, cfg, run.log, readings)
+
+    return _after_evaluation(run, "diagnose", take)
 
 
 def _pilot(run: Run, cases: int, change: str) -> int:
-    from . import encoders, evaluate, pilot, worth
+    from . import encoders, pilot, worth
 
-    if "evaluation" not in run.stages:
-        raise SystemExit(f"{run.out} has no finished evaluation stage; run the study first.")
-    quick = run.scale.quick
-    cfg, enc = (evaluate.QUICK, encoders.QUICK) if quick else (evaluate.EvalConfig(), encoders.EncoderConfig())
-    reading = worth.QUICK if quick else worth.WorthConfig()
-    path = pilot.pilot(run.out, run.identities()[1], cases, cfg, enc, change, reading, run.log)
-    run.log(f"pilot: wrote {path}")
-    return 0
+    enc, reading = (encoders.QUICK, worth.QUICK) if run.scale.quick else (encoders.EncoderConfig(), worth.WorthConfig())
+
+    def take(_, heldout, cfg):
+        return pilot.pilot(run.out, heldout, cases, cfg, enc, change, reading, run.log)
+
+    return _after_evaluation(run, "pilot", take)
 
 
 def _base_pilot(run: Run, change: str) -> int:
-    from . import base_pilot, evaluate
+    from . import base_pilot
 
-    if "evaluation" not in run.stages:
-        raise SystemExit(f"{run.out} has no finished evaluation stage; run the study first.")
-    cfg = evaluate.QUICK if run.scale.quick else evaluate.EvalConfig()
-    train, heldout = run.identities()
-    run.log(f"base pilot: wrote {base_pilot.base_pilot(run.out, train, heldout, cfg, change, run.log)}")
-    return 0
+    def take(train, heldout, cfg):
+        return base_pilot.base_pilot(run.out, train, heldout, cfg, change, run.log)
+
+    return _after_evaluation(run, "base pilot", take)
 
 
 CACHES = {  # what --again deletes
