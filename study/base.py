@@ -382,6 +382,12 @@ def _lr(step: int, steps: int, lr: float, warmup: int = 200) -> float:
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
 
 
+@torch.no_grad()
+def latent_means(vae, images: torch.Tensor) -> torch.Tensor:
+    """(n, 3, R, R) in [-1, 1] -> (n, 4, r, r): the VAE posterior's means (unscaled), 256 images at a time."""
+    return torch.cat([vae.encode(part).latent_dist.mean for part in images.split(256)])
+
+
 def train_vae(cfg: BaseConfig, images: torch.Tensor, log) -> tuple:
     """Reconstruction (L1 + MSE) with a small KL term, on random half-size crops.
 
@@ -407,7 +413,7 @@ def train_vae(cfg: BaseConfig, images: torch.Tensor, log) -> tuple:
             log(f"vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+        latents = latent_means(vae, images)
         recon = vae.decode(latents[:256]).sample.clamp(-1, 1)
         mse = F.mse_loss((recon + 1) / 2, (images[:256] + 1) / 2).item()
     scale = float(1 / latents.std())

@@ -80,9 +80,7 @@ def train_changed(
     round_base = os.path.join(run_dir, "base")
     vae = AutoencoderKL.from_pretrained(os.path.join(round_base, "vae"), torch_dtype=torch.float32)
     vae.eval().requires_grad_(False)
-    with torch.no_grad():  # (n, 4, r, r): the posterior means, scaled as the round's base was trained on them
-        means = [vae.encode(renders.images[i : i + 256]).latent_dist.mean for i in range(0, len(renders.images), 256)]
-    latents = torch.cat(means) * vae.config.scaling_factor
+    latents = base.latent_means(vae, renders.images) * vae.config.scaling_factor  # as the round's base trained on
     shutil.copytree(os.path.join(round_base, "tokenizer"), os.path.join(folder, "tokenizer"), dirs_exist_ok=True)
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
     unet, text, scheduler, losses = base.train_unet(cfg, latents, renders, tokenizer, log)
@@ -125,14 +123,14 @@ def fingerprint(folder: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _current(record_path: str, cfg: base.BaseConfig, round_base: str) -> bool:
+def _current(record_path: str, cfg: base.BaseConfig, round_fingerprint: str) -> bool:
     """Whether the changed base and its cells were made with ``cfg`` against the round's base as it is now."""
     if not os.path.isfile(record_path) or not os.path.isdir(os.path.join(os.path.dirname(record_path), "base")):
         return False
     with open(record_path) as f:
         trained = json.load(f)
     same_config = trained["config"] == json.loads(json.dumps(asdict(cfg)))  # tuples as JSON lists
-    return same_config and trained.get("round_base") == fingerprint(round_base)
+    return same_config and trained.get("round_base") == round_fingerprint
 
 
 def _keep_round_cells(folder: str, round_fingerprint: str) -> None:
@@ -162,15 +160,16 @@ def base_pilot(run_dir: str, train, heldout, cfg: evaluate.EvalConfig, name: str
     round_cfg = base.BaseConfig.from_record(round_record["config"])
     changed_cfg = changed_config(round_cfg, change)
     folder, round_base = os.path.join(run_dir, FOLDER, name), os.path.join(run_dir, "base")
-    _keep_round_cells(os.path.join(run_dir, FOLDER, "round"), fingerprint(round_base))
+    round_fingerprint = fingerprint(round_base)
+    _keep_round_cells(os.path.join(run_dir, FOLDER, "round"), round_fingerprint)
     record_path = os.path.join(folder, "training.json")
-    if not _current(record_path, changed_cfg, round_base):  # the record is written once the base is saved
+    if not _current(record_path, changed_cfg, round_fingerprint):  # the record is written once the base is saved
         shutil.rmtree(folder, ignore_errors=True)  # cells read from another training of the base go with it
         os.makedirs(folder)
         log(f"base pilot: training the base with {change.what}")
         trained = train_changed(run_dir, os.path.join(folder, "base"), round_cfg, changed_cfg, train, heldout, log)
         with open(record_path, "w") as f:
-            json.dump(trained | {"round_base": fingerprint(round_base)}, f, indent=1)
+            json.dump(trained | {"round_base": round_fingerprint}, f, indent=1)
     with open(record_path) as f:
         trained = json.load(f)
     round_parameters = _parameters(load_base(round_base).unet)

@@ -91,8 +91,7 @@ def drawn_identities(run_dir: str, train) -> list:
         stages = json.load(f)
     share = stages["encoders"]["config"].get("base_share", 0.0)
     drawn = drawn_by_base(training_products(train, BaseConfig.from_record(stages["base"]["config"]), share))
-    turns = [x for trio in zip(*([i for i in drawn if i.kind == k] for k in world.KINDS)) for x in trio]
-    return turns
+    return [x for trio in zip(*([i for i in drawn if i.kind == k] for k in world.KINDS)) for x in trio]
 
 
 def drawn_products(run_dir: str, train, count: int, cfg: evaluate.EvalConfig, log=print) -> dict:

@@ -353,16 +353,17 @@ def test_base_pilot_trains_a_wider_base_and_reads_both_alone_on_the_same_cases(q
         paired = reading["identity_changed_vs_round"]
         assert (paired["a_higher"], paired["b_higher"]) == (sum(a > b for a, b in rows), sum(a < b for a, b in rows))
     # the changed base is trained again when its change, or the round's base, is no longer what it was made with
-    record, round_base = str(out / "base_pilot/wider/training.json"), str(out / "base")
+    record = str(out / "base_pilot/wider/training.json")
+    round_print, other_print = base_pilot.fingerprint(str(out / "base")), base_pilot.fingerprint(str(folders[0]))
     cfg = base_pilot.changed_config(BaseConfig.from_record(kept | {"unet_widths": [16]}), base_pilot.CHANGES["wider"])
-    assert not base_pilot._current(record, cfg, round_base)
+    assert not base_pilot._current(record, cfg, round_print)
     stages = json.loads((out / "stages.json").read_text())
     cfg = base_pilot.changed_config(BaseConfig.from_record(stages["base"]["config"]), base_pilot.CHANGES["wider"])
-    assert base_pilot._current(record, cfg, round_base) and not base_pilot._current(record, cfg, folders[0])
+    assert base_pilot._current(record, cfg, round_print) and not base_pilot._current(record, cfg, other_print)
     round_cells = out / "base_pilot" / "round"
-    base_pilot._keep_round_cells(str(round_cells), base_pilot.fingerprint(round_base))  # the same base: kept
+    base_pilot._keep_round_cells(str(round_cells), round_print)  # the same base: kept
     assert (round_cells / "main_base.json").is_file()
-    base_pilot._keep_round_cells(str(round_cells), base_pilot.fingerprint(str(folders[0])))  # another: read again
+    base_pilot._keep_round_cells(str(round_cells), other_print)  # another: read again
     assert not (round_cells / "main_base.json").exists()
     # the base alone draws only what needs no adapter
     ev = evaluate.Evaluator(str(out), Run(str(out), QUICK).identities()[1], evaluate.QUICK, adapters=())
