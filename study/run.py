@@ -204,6 +204,15 @@ def _base_pilot(run: Run, change: str) -> int:
     return _after_evaluation(run, "base pilot", take)
 
 
+def _guidance(run: Run) -> int:
+    from . import guidance
+
+    def take(_, heldout, cfg):
+        return guidance.guidance(run.out, heldout, cfg, run.log)
+
+    return _after_evaluation(run, "guidance", take)
+
+
 CACHES = {  # what --again deletes
     "base": ["base"],
     "encoders": ["encoders/adapters", "encoders/data"],
@@ -276,6 +285,9 @@ def main(argv=None) -> int:
     bp.add_argument("--out", required=True, help="the run's folder")
     bp.add_argument("--quick", action="store_true", help="a --quick run's folder")
     bp.add_argument("--change", required=True, choices=sorted(BASE_CHANGES), help="the change (study/base_pilot.py)")
+    gs = sub.add_parser("guidance", help="after the evaluation: the sampler's guidance scale (study/guidance.py)")
+    gs.add_argument("--out", required=True, help="the run's folder")
+    gs.add_argument("--quick", action="store_true", help="a --quick run's folder")
     w = sub.add_parser("worth", help="after the encoders: what the subject is worth to the denoiser (study/worth.py)")
     w.add_argument("--out", required=True, help="the run's folder")
     w.add_argument("--quick", action="store_true", help="a --quick run's folder")
@@ -298,6 +310,8 @@ def main(argv=None) -> int:
         return _pilot(Run(args.out, QUICK if args.quick else FULL), args.cases, args.change)
     if args.command == "base-pilot":
         return _base_pilot(Run(args.out, QUICK if args.quick else FULL), args.change)
+    if args.command == "guidance":
+        return _guidance(Run(args.out, QUICK if args.quick else FULL))
     if args.command == "compare":
         return _compare(Run(args.out, QUICK if args.quick else FULL), args.against)
     if args.command == "worth":

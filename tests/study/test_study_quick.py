@@ -370,3 +370,40 @@ def test_base_pilot_trains_a_wider_base_and_reads_both_alone_on_the_same_cases(q
     case = evaluate.single_cases(ev.heldout, 1, 0)[0]
     with pytest.raises(ValueError, match="needs its adapter"):
         ev.generate("nested", case.prompt, [case.reference], case.seed)
+
+
+def test_guidance_chooses_a_scale_on_fresh_cases_and_reads_it_beside_the_rounds_cells(quick_run):
+    """`python -m study guidance`: every reading at every scale on cases the main table never drew, the scale with
+    the most identity hits chosen, then the main table's cases at that scale beside the round's own cells."""
+    from study import guidance
+
+    out, _, _ = quick_run
+    cmd = [sys.executable, "-m", "study", "guidance", "--quick", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "guidance.json").read_text())
+    selection, confirmation = result["selection"], result["confirmation"]
+    cells = {  # scale -> reading -> the selection cell's rows
+        f"{s:g}": {
+            r: json.loads((out / "guidance" / f"{s:g}" / f"select_{r}{'_base' * (r == 'described')}.json").read_text())
+            for r in guidance.READINGS
+        }
+        for s in guidance.SCALES
+    }
+    hits = {s: sum(int(row["identity_top1"]) for c in by.values() for row in c["rows"]) for s, by in cells.items()}
+    assert selection["identity_hits"] == hits
+    assert selection["chosen_scale"] == guidance.chosen({float(s): h for s, h in hits.items()}, 4.0)
+    assert selection["seed"] != 1000 and set(selection["readings"]) == set(cells)
+    first, last = cells["2"]["nested"]["rows"], cells["12"]["nested"]["rows"]  # the same cases, another scale
+    assert [r["identity_cos"] for r in first] != [r["identity_cos"] for r in last]
+    for r in guidance.READINGS:  # the round's side is the evaluation's and diagnose's own cells
+        round_cell = out / ("diagnosis/described_base.json" if r == "described" else f"eval/main_{r}.json")
+        rows = json.loads(round_cell.read_text())["rows"]
+        assert confirmation["readings"][r]["round"]["identity_top1"] == sum(x["identity_top1"] for x in rows) / len(
+            rows
+        )
+        assert METHOD_KEYS <= set(confirmation["readings"][r]["chosen"])
+    # ties go to the round's scale, then to the lower scale
+    assert guidance.chosen({2.0: 3, 4.0: 3, 7.0: 1}, 4.0) == 4.0
+    assert guidance.chosen({2.0: 3, 7.0: 3, 4.0: 1}, 4.0) == 2.0
+    assert guidance.chosen({2.0: 1, 4.0: 2, 12.0: 5}, 4.0) == 12.0

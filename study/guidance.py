@@ -1,0 +1,98 @@
+"""python -m study guidance --out DIR: whether the sampler's guidance scale holds identity back.
+
+Every round sampled every method at one classifier-free guidance scale (EvalConfig.cfg, 4), set in feasibility
+from how samples looked and never measured on identity. Round 8 (study/round8.md) asks whether the sampler draws
+less of a product than its conditioning carries, in two steps, so that the main table's cases take no part in the
+choice:
+1. selection: fresh cases of the held-out products (another seed than the main table's), each READING at each
+   scale of SCALES. The chosen scale is the one with the most identity hits summed over the readings; a tie goes to
+   the round's scale, then to the lower one.
+2. confirmation: the main table's cases at the chosen scale, each reading beside the round's own cells (the
+   evaluation's and diagnose's: the same cases and noise at the round's scale), case by case.
+A reading is the base told the product's look (diagnose.described_base) or a trained main-table method.
+Writes DIR/guidance/<scale>/ (cells, rows kept) and DIR/guidance.json. Not a stage and not a claim.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+from . import diagnose, evaluate
+
+FOLDER = "guidance"
+SCALES = (2.0, 4.0, 7.0, 12.0)  # 4: every round's; 7: the standalone generator's default
+READINGS = ("described", "single_token", "decoupled", "nested")
+SELECTION_SEED = 50_000  # added to the evaluation's seed: cases the main table never drew
+
+
+def read(ev: evaluate.Evaluator, cases, prefix: str, described_ev: evaluate.Evaluator | None = None) -> dict:
+    """Each READING's cell (rows kept) on ``cases``: <prefix><method>, and the base told the look (from
+    ``described_ev``'s folder when given) as <prefix>described_base, or as diagnose names it on the main table's
+    cases (prefix main_: described_base)."""
+    name = "described" if prefix == "main_" else f"{prefix}described"
+    told = diagnose.described_base(described_ev or ev, cases, name, rows=True)["reading"]
+    methods = {m: ev.cell(f"{prefix}{m}", lambda m=m: ev.single(m, cases)) for m in READINGS if m != "described"}
+    return {"described": told} | methods
+
+
+def chosen(hits: dict, round_scale: float) -> float:
+    """The scale with the most hits; a tie goes to the round's scale, then to the lower scale."""
+    return max(hits, key=lambda s: (hits[s], s == round_scale, -s))
+
+
+def _at(run_dir: str, heldout, cfg: evaluate.EvalConfig, scale: float, log) -> evaluate.Evaluator:
+    return evaluate.Evaluator(run_dir, heldout, replace(cfg, cfg=scale), log, folder=os.path.join(FOLDER, f"{scale:g}"))
+
+
+def guidance(run_dir: str, heldout, cfg: evaluate.EvalConfig, log=print, scales=SCALES) -> str:
+    selection_cases = evaluate.single_cases(heldout, cfg.cases, cfg.seed + SELECTION_SEED)
+    selection, hits = {}, {}
+    for scale in scales:
+        cells = read(_at(run_dir, heldout, cfg, scale, log), selection_cases, "select_")
+        selection[f"{scale:g}"] = {r: evaluate.summary_of(c) for r, c in cells.items()}
+        hits[scale] = sum(int(row["identity_top1"]) for c in cells.values() for row in c["rows"])
+    best = chosen(hits, cfg.cfg)
+    cases = evaluate.single_cases(heldout, cfg.cases, cfg.seed)
+    # the round's own cells: the evaluation's main table and diagnose's described base, at the round's scale
+    round_cells = read(
+        evaluate.Evaluator(run_dir, heldout, cfg, log),
+        cases,
+        "main_",
+        evaluate.Evaluator(run_dir, heldout, cfg, log, folder=diagnose.FOLDER),
+    )
+    now = read(_at(run_dir, heldout, cfg, best, log), cases, "main_")
+    confirmation = {
+        r: {
+            "round": evaluate.summary_of(round_cells[r]),
+            "chosen": evaluate.summary_of(now[r]),
+            "identity_chosen_vs_round": evaluate.paired_sign(now[r]["rows"], round_cells[r]["rows"], "identity_top1"),
+        }
+        for r in READINGS
+    }
+    result = {
+        "what": "the readings at each guidance scale on fresh cases, then the main table's cases at the chosen "
+        "scale beside the round's; not a claim",
+        "command": f"python -m study guidance --out {run_dir}",
+        "round_scale": cfg.cfg,
+        "selection": {
+            "cases": len(selection_cases),
+            "seed": cfg.seed + SELECTION_SEED,
+            "identity_hits": {f"{s:g}": h for s, h in hits.items()},
+            "chosen_scale": best,
+            "readings": selection,
+        },
+        "confirmation": {
+            "cases": len(cases),
+            "scale": best,
+            "readings": confirmation,
+            "nested_vs_single_token_at_chosen": evaluate.paired_sign(
+                now["nested"]["rows"], now["single_token"]["rows"], "identity_top1"
+            ),
+        },
+    }
+    path = os.path.join(run_dir, f"{FOLDER}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    return path
