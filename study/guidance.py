@@ -46,13 +46,11 @@ def _at(run_dir: str, heldout, cfg: evaluate.EvalConfig, scale: float, log) -> e
     return evaluate.Evaluator(run_dir, heldout, replace(cfg, cfg=scale), log, folder=os.path.join(FOLDER, f"{scale:g}"))
 
 
-def guidance(run_dir: str, heldout, cfg: evaluate.EvalConfig, log=print, scales=SCALES) -> str:
+def guidance(run_dir: str, heldout, cfg: evaluate.EvalConfig, log=print) -> str:
     selection_cases = evaluate.single_cases(heldout, cfg.cases, cfg.seed + SELECTION_SEED)
-    selection, hits = {}, {}
-    for scale in scales:
-        cells = read(_at(run_dir, heldout, cfg, scale, log), selection_cases, "select_")
-        selection[f"{scale:g}"] = {r: evaluate.summary_of(c) for r, c in cells.items()}
-        hits[scale] = sum(int(row["identity_top1"]) for c in cells.values() for row in c["rows"])
+    cells = {s: read(_at(run_dir, heldout, cfg, s, log), selection_cases, "select_") for s in SCALES}
+    rows = {s: [row for r in READINGS for row in cells[s][r]["rows"]] for s in SCALES}  # the readings pooled
+    hits = {s: sum(int(row["identity_top1"]) for row in rows[s]) for s in SCALES}
     best = chosen(hits, cfg.cfg)
     cases = evaluate.single_cases(heldout, cfg.cases, cfg.seed)
     # the round's own cells: the evaluation's main table and diagnose's described base, at the round's scale
@@ -81,7 +79,11 @@ def guidance(run_dir: str, heldout, cfg: evaluate.EvalConfig, log=print, scales=
             "seed": cfg.seed + SELECTION_SEED,
             "identity_hits": {f"{s:g}": h for s, h in hits.items()},
             "chosen_scale": best,
-            "readings": selection,
+            "readings": {f"{s:g}": {r: evaluate.summary_of(c) for r, c in cells[s].items()} for s in SCALES},
+            # each scale against the round's on the same cases (not part of the choice)
+            "identity_vs_round_pooled": {
+                f"{s:g}": evaluate.paired_sign(rows[s], rows[cfg.cfg], "identity_top1") for s in SCALES
+            },
         },
         "confirmation": {
             "cases": len(cases),

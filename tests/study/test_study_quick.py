@@ -394,6 +394,10 @@ def test_guidance_chooses_a_scale_on_fresh_cases_and_reads_it_beside_the_rounds_
     assert selection["identity_hits"] == hits
     assert selection["chosen_scale"] == guidance.chosen({float(s): h for s, h in hits.items()}, 4.0)
     assert selection["seed"] != 1000 and set(selection["readings"]) == set(cells)
+    pooled = {s: [row for r in guidance.READINGS for row in by[r]["rows"]] for s, by in cells.items()}
+    above = sum(a["identity_top1"] > b["identity_top1"] for a, b in zip(pooled["12"], pooled["4"]))
+    assert selection["identity_vs_round_pooled"]["12"]["a_higher"] == above
+    assert selection["identity_vs_round_pooled"]["4"] == {"a_higher": 0, "b_higher": 0, "sign_test_p": 1.0}
     first, last = cells["2"]["nested"]["rows"], cells["12"]["nested"]["rows"]  # the same cases, another scale
     assert [r["identity_cos"] for r in first] != [r["identity_cos"] for r in last]
     for r in guidance.READINGS:  # the round's side is the evaluation's and diagnose's own cells
