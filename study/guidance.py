@@ -42,6 +42,11 @@ def chosen(hits: dict, round_scale: float) -> float:
     return max(hits, key=lambda s: (hits[s], s == round_scale, -s))
 
 
+def _by_case(cells: dict) -> zip:
+    """Each case's identity hits, one per READING."""
+    return zip(*([row["identity_top1"] for row in cells[r]["rows"]] for r in READINGS))
+
+
 def _at(run_dir: str, heldout, cfg: evaluate.EvalConfig, scale: float, log) -> evaluate.Evaluator:
     return evaluate.Evaluator(run_dir, heldout, replace(cfg, cfg=scale), log, folder=os.path.join(FOLDER, f"{scale:g}"))
 
@@ -49,8 +54,9 @@ def _at(run_dir: str, heldout, cfg: evaluate.EvalConfig, scale: float, log) -> e
 def guidance(run_dir: str, heldout, cfg: evaluate.EvalConfig, log=print) -> str:
     selection_cases = evaluate.single_cases(heldout, cfg.cases, cfg.seed + SELECTION_SEED)
     cells = {s: read(_at(run_dir, heldout, cfg, s, log), selection_cases, "select_") for s in SCALES}
-    rows = {s: [row for r in READINGS for row in cells[s][r]["rows"]] for s in SCALES}  # the readings pooled
-    hits = {s: sum(int(row["identity_top1"]) for row in rows[s]) for s in SCALES}
+    # per case, the readings' identity hits summed: the readings share a case's scene, reference and noise
+    rows = {s: [{"identity_top1": sum(map(int, k))} for k in _by_case(cells[s])] for s in SCALES}
+    hits = {s: sum(row["identity_top1"] for row in rows[s]) for s in SCALES}
     best = chosen(hits, cfg.cfg)
     cases = evaluate.single_cases(heldout, cfg.cases, cfg.seed)
     # the round's own cells: the evaluation's main table and diagnose's described base, at the round's scale
@@ -80,8 +86,8 @@ def guidance(run_dir: str, heldout, cfg: evaluate.EvalConfig, log=print) -> str:
             "identity_hits": {f"{s:g}": h for s, h in hits.items()},
             "chosen_scale": best,
             "readings": {f"{s:g}": {r: evaluate.summary_of(c) for r, c in cells[s].items()} for s in SCALES},
-            # each scale against the round's on the same cases (not part of the choice)
-            "identity_vs_round_pooled": {
+            # each scale against the round's, case by case on the readings' summed hits (not part of the choice)
+            "identity_vs_round_by_case": {
                 f"{s:g}": evaluate.paired_sign(rows[s], rows[cfg.cfg], "identity_top1") for s in SCALES
             },
         },

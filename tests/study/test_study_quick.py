@@ -394,18 +394,22 @@ def test_guidance_chooses_a_scale_on_fresh_cases_and_reads_it_beside_the_rounds_
     assert selection["identity_hits"] == hits
     assert selection["chosen_scale"] == guidance.chosen({float(s): h for s, h in hits.items()}, 4.0)
     assert selection["seed"] != 1000 and set(selection["readings"]) == set(cells)
-    pooled = {s: [row for r in guidance.READINGS for row in by[r]["rows"]] for s, by in cells.items()}
-    above = sum(a["identity_top1"] > b["identity_top1"] for a, b in zip(pooled["12"], pooled["4"]))
-    assert selection["identity_vs_round_pooled"]["12"]["a_higher"] == above
-    assert selection["identity_vs_round_pooled"]["4"] == {"a_higher": 0, "b_higher": 0, "sign_test_p": 1.0}
+    cases = selection["cases"]
+    by_case = {  # scale -> each case's hits summed over the readings
+        s: [sum(int(by[r]["rows"][k]["identity_top1"]) for r in guidance.READINGS) for k in range(cases)]
+        for s, by in cells.items()
+    }
+    compared = selection["identity_vs_round_by_case"]
+    assert compared["12"]["a_higher"] == sum(a > b for a, b in zip(by_case["12"], by_case["4"]))
+    assert compared["12"]["b_higher"] == sum(a < b for a, b in zip(by_case["12"], by_case["4"]))
+    assert compared["4"] == {"a_higher": 0, "b_higher": 0, "sign_test_p": 1.0}
     first, last = cells["2"]["nested"]["rows"], cells["12"]["nested"]["rows"]  # the same cases, another scale
     assert [r["identity_cos"] for r in first] != [r["identity_cos"] for r in last]
     for r in guidance.READINGS:  # the round's side is the evaluation's and diagnose's own cells
         round_cell = out / ("diagnosis/described_base.json" if r == "described" else f"eval/main_{r}.json")
         rows = json.loads(round_cell.read_text())["rows"]
-        assert confirmation["readings"][r]["round"]["identity_top1"] == sum(x["identity_top1"] for x in rows) / len(
-            rows
-        )
+        mean = round(sum(x["identity_top1"] for x in rows) / len(rows), 4)
+        assert confirmation["readings"][r]["round"]["identity_top1"] == mean
         assert METHOD_KEYS <= set(confirmation["readings"][r]["chosen"])
     # ties go to the round's scale, then to the lower scale
     assert guidance.chosen({2.0: 3, 4.0: 3, 7.0: 1}, 4.0) == 4.0
