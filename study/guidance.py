@@ -47,16 +47,25 @@ def _by_case(cells: dict) -> zip:
     return zip(*([row["identity_top1"] for row in cells[r]["rows"]] for r in READINGS))
 
 
+def _named(scales, form: str, sep: str) -> str:
+    """'' for SCALES, else ``form`` holding the scales joined by ``sep``."""
+    return "" if tuple(scales) == SCALES else form.format(sep.join(f"{s:g}" for s in scales))
+
+
 def _at(run_dir: str, heldout, cfg: evaluate.EvalConfig, scale: float, log) -> evaluate.Evaluator:
     return evaluate.Evaluator(run_dir, heldout, replace(cfg, cfg=scale), log, folder=os.path.join(FOLDER, f"{scale:g}"))
 
 
-def guidance(run_dir: str, heldout, cfg: evaluate.EvalConfig, log=print) -> str:
+def guidance(run_dir: str, heldout, cfg: evaluate.EvalConfig, log=print, scales=SCALES) -> str:
+    """Writes DIR/guidance.json for SCALES, else DIR/guidance_<scales>.json (``scales`` must hold the round's)."""
+    if cfg.cfg not in scales:
+        listed = " ".join(f"{s:g}" for s in scales)
+        raise SystemExit(f"--scales {listed}: add the round's scale, {cfg.cfg:g}, for the readings to compare against.")
     selection_cases = evaluate.single_cases(heldout, cfg.cases, cfg.seed + SELECTION_SEED)
-    cells = {s: read(_at(run_dir, heldout, cfg, s, log), selection_cases, "select_") for s in SCALES}
+    cells = {s: read(_at(run_dir, heldout, cfg, s, log), selection_cases, "select_") for s in scales}
     # per case, the readings' identity hits summed: the readings share a case's scene, reference and noise
-    rows = {s: [{"identity_top1": sum(map(int, k))} for k in _by_case(cells[s])] for s in SCALES}
-    hits = {s: sum(row["identity_top1"] for row in rows[s]) for s in SCALES}
+    rows = {s: [{"identity_top1": sum(map(int, k))} for k in _by_case(cells[s])] for s in scales}
+    hits = {s: sum(row["identity_top1"] for row in rows[s]) for s in scales}
     best = chosen(hits, cfg.cfg)
     cases = evaluate.single_cases(heldout, cfg.cases, cfg.seed)
     # the round's own cells: the evaluation's main table and diagnose's described base, at the round's scale
@@ -78,17 +87,17 @@ def guidance(run_dir: str, heldout, cfg: evaluate.EvalConfig, log=print) -> str:
     result = {
         "what": "the readings at each guidance scale on fresh cases, then the main table's cases at the chosen "
         "scale beside the round's; not a claim",
-        "command": f"python -m study guidance --out {run_dir}",
+        "command": f"python -m study guidance --out {run_dir}" + _named(scales, " --scales {}", " "),
         "round_scale": cfg.cfg,
         "selection": {
             "cases": len(selection_cases),
             "seed": cfg.seed + SELECTION_SEED,
             "identity_hits": {f"{s:g}": h for s, h in hits.items()},
             "chosen_scale": best,
-            "readings": {f"{s:g}": {r: evaluate.summary_of(c) for r, c in cells[s].items()} for s in SCALES},
+            "readings": {f"{s:g}": {r: evaluate.summary_of(c) for r, c in cells[s].items()} for s in scales},
             # each scale against the round's, case by case on the readings' summed hits (not part of the choice)
             "identity_vs_round_by_case": {
-                f"{s:g}": evaluate.paired_sign(rows[s], rows[cfg.cfg], "identity_top1") for s in SCALES
+                f"{s:g}": evaluate.paired_sign(rows[s], rows[cfg.cfg], "identity_top1") for s in scales
             },
         },
         "confirmation": {
@@ -100,7 +109,7 @@ def guidance(run_dir: str, heldout, cfg: evaluate.EvalConfig, log=print) -> str:
             ),
         },
     }
-    path = os.path.join(run_dir, f"{FOLDER}.json")
+    path = os.path.join(run_dir, f"{FOLDER}{_named(scales, '_{}', '_')}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     return path

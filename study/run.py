@@ -204,11 +204,11 @@ def _base_pilot(run: Run, change: str) -> int:
     return _after_evaluation(run, "base pilot", take)
 
 
-def _guidance(run: Run) -> int:
+def _guidance(run: Run, scales: tuple) -> int:
     from . import guidance
 
     def take(_, heldout, cfg):
-        return guidance.guidance(run.out, heldout, cfg, run.log)
+        return guidance.guidance(run.out, heldout, cfg, run.log, scales)
 
     return _after_evaluation(run, "guidance", take)
 
@@ -255,6 +255,7 @@ def _worth(run: Run) -> int:
 def main(argv=None) -> int:
     from .base_pilot import CHANGES as BASE_CHANGES
     from .diagnose import READINGS
+    from .guidance import SCALES
     from .pilot import CHANGES
 
     p = argparse.ArgumentParser(prog="python -m study", description=__doc__.split("\n")[0])
@@ -288,6 +289,9 @@ def main(argv=None) -> int:
     gs = sub.add_parser("guidance", help="after the evaluation: the sampler's guidance scale (study/guidance.py)")
     gs.add_argument("--out", required=True, help="the run's folder")
     gs.add_argument("--quick", action="store_true", help="a --quick run's folder")
+    gs.add_argument(
+        "--scales", nargs="+", type=float, help="the scales read, the round's among them (default: round 8's 2 4 7 12)"
+    )
     w = sub.add_parser("worth", help="after the encoders: what the subject is worth to the denoiser (study/worth.py)")
     w.add_argument("--out", required=True, help="the run's folder")
     w.add_argument("--quick", action="store_true", help="a --quick run's folder")
@@ -311,7 +315,7 @@ def main(argv=None) -> int:
     if args.command == "base-pilot":
         return _base_pilot(Run(args.out, QUICK if args.quick else FULL), args.change)
     if args.command == "guidance":
-        return _guidance(Run(args.out, QUICK if args.quick else FULL))
+        return _guidance(Run(args.out, QUICK if args.quick else FULL), tuple(args.scales or SCALES))
     if args.command == "compare":
         return _compare(Run(args.out, QUICK if args.quick else FULL), args.against)
     if args.command == "worth":
