@@ -411,6 +411,16 @@ def test_guidance_chooses_a_scale_on_fresh_cases_and_reads_it_beside_the_rounds_
         mean = round(sum(x["identity_top1"] for x in rows) / len(rows), 4)
         assert confirmation["readings"][r]["round"]["identity_top1"] == mean
         assert METHOD_KEYS <= set(confirmation["readings"][r]["chosen"])
+    # other scales under the same rule, into their own file; the round's scale must be among them
+    cmd += ["--scales", "4", "12"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    other = json.loads((out / "guidance_4_12.json").read_text())
+    assert other["selection"]["identity_hits"] == {s: hits[s] for s in ("4", "12")}
+    assert other["command"].endswith("--scales 4 12") and result["command"].endswith(str(out))
+    cmd[-2:] = ["2", "7"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "add the round's scale, 4," in done.stderr and "Traceback" not in done.stderr
     # ties go to the round's scale, then to the lower scale
     assert guidance.chosen({2.0: 3, 4.0: 3, 7.0: 1}, 4.0) == 4.0
     assert guidance.chosen({2.0: 3, 7.0: 3, 4.0: 1}, 4.0) == 2.0
