@@ -3,6 +3,8 @@
 It checks the pipeline and the formats, not the numbers (toy models learn nothing in a few steps).
 """
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -11,7 +13,7 @@ import sys
 import pytest
 
 from study import worth
-from study.run import QUICK, Run
+from study.run import QUICK, Run, main
 from study.world import PATTERN_WORDS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,6 +29,20 @@ METHOD_KEYS = {
     "background_leak",
     "n",
 }
+
+
+def study_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m study ARGS` in this process (torch and diffusers are imported once for the file, not per call):
+    its exit code, as the command line's would be, and its output. The fixture runs the real command once."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # as Python exits on it: a message goes to stderr with status 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = 1 if isinstance(e.code, str) else e.code or 0
+    return subprocess.CompletedProcess(["python", "-m", "study", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +118,7 @@ def test_files_have_the_formats_users_load(quick_run):
 
 def test_a_finished_run_resumes_without_redoing_stages(quick_run):
     out, _, _ = quick_run
-    done = subprocess.run(
-        [sys.executable, "-m", "study", "run", "--quick", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = study_cli("run", "--quick", "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     for stage in ("world", "base", "encoders", "probe", "evaluation", "report"):
         assert f"{stage}: done before, kept" in done.stdout
@@ -117,8 +127,8 @@ def test_a_finished_run_resumes_without_redoing_stages(quick_run):
 def test_diagnose_reads_seen_products(quick_run):
     """`python -m study diagnose` after a run: every main-table method on as many train identities as held out."""
     out, _, _ = quick_run
-    cmd = [sys.executable, "-m", "study", "diagnose", "--quick", "--out", str(out)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    cmd = ["diagnose", "--quick", "--out", str(out)]
+    done = study_cli(*cmd)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     diagnosis = json.loads((out / "diagnosis.json").read_text())
     retrieval = diagnosis["token_retrieval"]["top1"]
@@ -147,7 +157,7 @@ def test_diagnose_reads_seen_products(quick_run):
     assert alike["render"]["n"] == alike["vae"]["n"] >= 1 and METHOD_KEYS <= set(alike["vae"])
     # one reading taken again is written beside the others, which are kept
     (out / "diagnosis" / "described_base.json").unlink()
-    again = subprocess.run(cmd + ["--readings", "described"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = study_cli(*cmd, "--readings", "described")
     assert again.returncode == 0 and "evaluate: described_base" in again.stdout
     assert json.loads((out / "diagnosis.json").read_text()).keys() == diagnosis.keys()
 
@@ -155,8 +165,8 @@ def test_diagnose_reads_seen_products(quick_run):
 def test_worth_reads_every_condition_on_held_out_and_seen_products(quick_run):
     """`python -m study worth`: the subject's worth to the denoiser, per condition, product by product."""
     out, _, _ = quick_run
-    cmd = [sys.executable, "-m", "study", "worth", "--quick", "--out", str(out)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    cmd = ["worth", "--quick", "--out", str(out)]
+    done = study_cli(*cmd)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     worth = json.loads((out / "worth.json").read_text())
     conditions = {"none", "text/optimised", "text/described", "nested/optimised", "decoupled/optimised"}
@@ -171,7 +181,7 @@ def test_worth_reads_every_condition_on_held_out_and_seen_products(quick_run):
         for fitted in ("text/optimised", "nested/maps_optimised"):
             assert {"fit_before", "fit_after"} <= set(rows[fitted])
     cached = json.loads((out / "worth" / "heldout.json").read_text())
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = study_cli(*cmd)
     assert again.returncode == 0 and "worth: heldout" not in again.stdout  # every product read from its cache
     assert json.loads((out / "worth" / "heldout.json").read_text()) == cached
     # a product cached without text/described (the first), or with other words (the second), reads it again from
@@ -180,7 +190,7 @@ def test_worth_reads_every_condition_on_held_out_and_seen_products(quick_run):
     del stale[0]["text/described"]
     stale[1]["text/described"] = {**cached[1]["text/described"], "caption": "a striped amber box", "product": 9.0}
     (out / "worth" / "heldout.json").write_text(json.dumps(stale))
-    filled = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    filled = study_cli(*cmd)
     assert filled.returncode == 0, filled.stderr[-2000:]
     read = [line for line in filled.stdout.splitlines() if "worth: heldout" in line]
     assert [line.split()[-1] for line in read] == ["1/3", "2/3"]
@@ -205,8 +215,8 @@ def test_pilot_trains_nested_with_one_change_and_reads_it_beside_the_round(
     """`python -m study pilot --change`: nested trained with the change, read on the same cases as the round's,
     and its product error read beside the round's on worth's draws (which give worth's own figures)."""
     out, _, _ = quick_run
-    cmd = [sys.executable, "-m", "study", "pilot", "--quick", "--out", str(out), "--cases", "2", "--change", change]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    cmd = ["pilot", "--quick", "--out", str(out), "--cases", "2", "--change", change]
+    done = study_cli(*cmd)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     pilot = json.loads((out / f"pilot_{change}.json").read_text())
     assert pilot["training"]["steps"] == steps and (out / "pilot" / f"nested_{change}.safetensors").is_file()
@@ -257,8 +267,8 @@ def test_compare_pairs_two_runs_case_by_case(quick_run, tmp_path):
     was = bool(cell["rows"][0]["identity_top1"])
     cell["rows"][0]["identity_top1"] = not was
     path.write_text(json.dumps(cell))
-    cmd = [sys.executable, "-m", "study", "compare", "--quick", "--out", str(out), "--against", str(other)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    cmd = ["compare", "--quick", "--out", str(out), "--against", str(other)]
+    done = study_cli(*cmd)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     pairs = json.loads((out / "compare.json").read_text())["methods"]
     assert set(pairs) == {"base", "single_token", "decoupled", "bridge", "nested"}
@@ -267,7 +277,7 @@ def test_compare_pairs_two_runs_case_by_case(quick_run, tmp_path):
     world = json.loads((other / "world.json").read_text())
     world["heldout"] = world["heldout"][::-1]
     (other / "world.json").write_text(json.dumps(world))
-    refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    refused = study_cli(*cmd)
     assert refused.returncode != 0 and "different worlds" in refused.stderr and "Traceback" not in refused.stderr
 
 
@@ -308,8 +318,8 @@ def test_a_resumed_evaluation_counts_the_time_its_cached_cells_took(quick_run):
     report = stages.pop("report")
     del stages["evaluation"]
     (out / "stages.json").write_text(json.dumps(stages))
-    cmd = [sys.executable, "-m", "study", "run", "--quick", "--out", str(out), "--until", "evaluation"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    cmd = ["run", "--quick", "--out", str(out), "--until", "evaluation"]
+    done = study_cli(*cmd)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "evaluate: main_" not in done.stdout  # nothing computed again
     again = json.loads((out / "stages.json").read_text())["evaluation"]
@@ -328,8 +338,8 @@ def test_base_pilot_trains_a_wider_base_and_reads_both_alone_on_the_same_cases(q
     from study.base import BaseConfig
 
     out, _, _ = quick_run
-    cmd = [sys.executable, "-m", "study", "base-pilot", "--quick", "--out", str(out), "--change", "wider"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    cmd = ["base-pilot", "--quick", "--out", str(out), "--change", "wider"]
+    done = study_cli(*cmd)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     pilot = json.loads((out / "base_pilot_wider.json").read_text())
     assert pilot["round_plain_is_the_evaluations"] is True
@@ -378,8 +388,8 @@ def test_guidance_chooses_a_scale_on_fresh_cases_and_reads_it_beside_the_rounds_
     from study import guidance
 
     out, _, _ = quick_run
-    cmd = [sys.executable, "-m", "study", "guidance", "--quick", "--out", str(out)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    cmd = ["guidance", "--quick", "--out", str(out)]
+    done = study_cli(*cmd)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "guidance.json").read_text())
     selection, confirmation = result["selection"], result["confirmation"]
@@ -413,13 +423,13 @@ def test_guidance_chooses_a_scale_on_fresh_cases_and_reads_it_beside_the_rounds_
         assert METHOD_KEYS <= set(confirmation["readings"][r]["chosen"])
     # other scales under the same rule, into their own file; the round's scale must be among them
     cmd += ["--scales", "4", "12"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = study_cli(*cmd)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     other = json.loads((out / "guidance_4_12.json").read_text())
     assert other["selection"]["identity_hits"] == {s: hits[s] for s in ("4", "12")}
     assert other["command"].endswith("--scales 4 12") and result["command"].endswith(str(out))
     cmd[-2:] = ["2", "7"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = study_cli(*cmd)
     assert done.returncode == 1 and "add the round's scale, 4," in done.stderr and "Traceback" not in done.stderr
     # ties go to the round's scale, then to the lower scale
     assert guidance.chosen({2.0: 3, 4.0: 3, 7.0: 1}, 4.0) == 4.0
