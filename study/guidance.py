@@ -27,12 +27,10 @@ READINGS = ("described", "single_token", "decoupled", "nested")
 SELECTION_SEED = 50_000  # added to the evaluation's seed: cases the main table never drew
 
 
-def read(ev: evaluate.Evaluator, cases, prefix: str, described_ev: evaluate.Evaluator | None = None) -> dict:
-    """Each READING's cell (rows kept) on ``cases``: <prefix><method>, and the base told the look (from
-    ``described_ev``'s folder when given) as <prefix>described_base, or as diagnose names it on the main table's
-    cases (prefix main_: described_base)."""
-    name = "described" if prefix == "main_" else f"{prefix}described"
-    told = diagnose.described_base(described_ev or ev, cases, name, rows=True)["reading"]
+def read(ev: evaluate.Evaluator, cases, prefix: str, described: str, described_ev=None) -> dict:
+    """Each READING's cell (rows kept) on ``cases``: <prefix><method>, and the base told the look as
+    <described>_base (from ``described_ev``'s folder when given)."""
+    told = diagnose.described_base(described_ev or ev, cases, described, rows=True)["reading"]
     methods = {m: ev.cell(f"{prefix}{m}", lambda m=m: ev.single(m, cases)) for m in READINGS if m != "described"}
     return {"described": told} | methods
 
@@ -62,20 +60,17 @@ def guidance(run_dir: str, heldout, cfg: evaluate.EvalConfig, log=print, scales=
         listed = " ".join(f"{s:g}" for s in scales)
         raise SystemExit(f"--scales {listed}: add the round's scale, {cfg.cfg:g}, for the readings to compare against.")
     selection_cases = evaluate.single_cases(heldout, cfg.cases, cfg.seed + SELECTION_SEED)
-    cells = {s: read(_at(run_dir, heldout, cfg, s, log), selection_cases, "select_") for s in scales}
+    selection = {s: _at(run_dir, heldout, cfg, s, log) for s in scales}
+    cells = {s: read(ev, selection_cases, "select_", "select_described") for s, ev in selection.items()}
     # per case, the readings' identity hits summed: the readings share a case's scene, reference and noise
     rows = {s: [{"identity_top1": sum(map(int, k))} for k in _by_case(cells[s])] for s in scales}
     hits = {s: sum(row["identity_top1"] for row in rows[s]) for s in scales}
     best = chosen(hits, cfg.cfg)
     cases = evaluate.single_cases(heldout, cfg.cases, cfg.seed)
-    # the round's own cells: the evaluation's main table and diagnose's described base, at the round's scale
-    round_cells = read(
-        evaluate.Evaluator(run_dir, heldout, cfg, log),
-        cases,
-        "main_",
-        evaluate.Evaluator(run_dir, heldout, cfg, log, folder=diagnose.FOLDER),
-    )
-    now = read(_at(run_dir, heldout, cfg, best, log), cases, "main_")
+    # the round's own cells, named as the evaluation and diagnose name them on the main table's cases
+    diagnosis = evaluate.Evaluator(run_dir, heldout, cfg, log, folder=diagnose.FOLDER)
+    round_cells = read(evaluate.Evaluator(run_dir, heldout, cfg, log), cases, "main_", "described", diagnosis)
+    now = read(_at(run_dir, heldout, cfg, best, log), cases, "main_", "described")
     confirmation = {
         r: {
             "round": evaluate.summary_of(round_cells[r]),
