@@ -70,7 +70,7 @@ def guidance(run_dir: str, heldout, cfg: evaluate.EvalConfig, log=print, scales=
     # the round's own cells, named as the evaluation and diagnose name them on the main table's cases
     diagnosis = evaluate.Evaluator(run_dir, heldout, cfg, log, folder=diagnose.FOLDER)
     round_cells = read(evaluate.Evaluator(run_dir, heldout, cfg, log), cases, "main_", "described", diagnosis)
-    now = read(_at(run_dir, heldout, cfg, best, log), cases, "main_", "described")
+    now = read(selection[best], cases, "main_", "described")
     confirmation = {
         r: {
             "round": evaluate.summary_of(round_cells[r]),
