@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Writes the example graphs in workflows/ (ComfyUI's UI format, version 0.4) from the compact
+"""Writes the example graphs in example_workflows/ (ComfyUI's UI format, version 0.4) from the compact
 descriptions below, so node ids, link ids, slots and the layout always agree.
 
-    python scripts/build_workflows.py            # rewrite workflows/*.json
+    python scripts/build_workflows.py            # rewrite example_workflows/*.json
     python scripts/build_workflows.py --check    # exit 1 if a committed file differs
 
 Sockets and widgets per node type are listed in SPECS (INPUT_TYPES order: required, then
@@ -17,7 +17,7 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(REPO, "workflows")
+OUT = os.path.join(REPO, "example_workflows")
 
 # type -> (socket inputs [(name, type)], outputs [(name, type)])
 SPECS = {
