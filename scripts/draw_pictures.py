@@ -5,7 +5,7 @@
                                    ComfyUI's template browser asks for <name>.jpg beside a custom
                                    node's <name>.json)
     web/docs/<NodeType>.png        each node as the graph editor shows it, from its INPUT_TYPES (the
-                                   help pages' picture; needs ComfyUI: COMFYUI_PATH or setup_env.sh)
+                                   help pages' picture)
     docs/images/icon.png           registry icon, 400x400
     docs/images/banner.png         registry banner, 21:9 (1260x540)
 
@@ -13,7 +13,8 @@
     python scripts/draw_pictures.py --check    # exit 1 if a committed picture differs from a fresh drawing
 
 Colours are the graph editor's dark theme; this pack's nodes get a teal outline. A thumbnail is
-the whole graph scaled to fit, under the title line of its Note.
+the whole graph scaled to fit, under the title line of its Note. The pack is imported for its node
+schemas and names, so ComfyUI must be found (COMFYUI_PATH, or source scripts/setup_env.sh).
 """
 
 import glob
