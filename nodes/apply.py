@@ -44,8 +44,9 @@ class NestedAttentionApply:
                         "min": 0.0,
                         "max": 3.0,
                         "step": 0.05,
-                        "tooltip": "1.0 is the paper's formula; lower keeps more of the plain word, above 1 "
-                        "exaggerates the subject.",
+                        "tooltip": "How much of the subject the trigger word carries. 1.0 is the method as "
+                        "published; lower follows the prompt more and looks less like the subject; above 1 "
+                        "exaggerates the subject at the prompt's expense.",
                     },
                 ),
                 "start_at": (
@@ -55,7 +56,8 @@ class NestedAttentionApply:
                         "min": 0.0,
                         "max": 1.0,
                         "step": 0.01,
-                        "tooltip": "Fraction of sampling after which the subject is applied.",
+                        "tooltip": "When the subject starts to act, as a fraction of sampling (0 = first step). "
+                        "Start later to let the prompt set the composition and pose first.",
                     },
                 ),
                 "end_at": (
@@ -65,7 +67,8 @@ class NestedAttentionApply:
                         "min": 0.0,
                         "max": 1.0,
                         "step": 0.01,
-                        "tooltip": "Fraction of sampling after which the subject is no longer applied.",
+                        "tooltip": "When the subject stops acting (1 = last step). End earlier to leave the finest "
+                        "details to the prompt and the model.",
                     },
                 ),
             },
@@ -77,11 +80,11 @@ class NestedAttentionApply:
                         "min": 0.0,
                         "max": 10.0,
                         "step": 0.05,
-                        "tooltip": "Multiplies the attention the trigger word receives (the other words make room). "
-                        "1.0 is the paper's formula, right for adapters trained for nesting. IP-Adapter Plus files "
-                        "(the training-free bridge) were not: the study's first round found 8 raised their identity; "
-                        "its later rounds (docs/STUDY.md) found 8 also pulls the product's pose and cap toward the "
-                        "reference's. Lower it if the prompt loses ground.",
+                        "tooltip": "How much attention the trigger word gets against the other words of the prompt. "
+                        "Keep 1.0 with an adapter trained for Nested Attention. With an IP-Adapter Plus file, higher "
+                        "values make a faint subject louder but pull the picture toward the reference photo (its "
+                        "pose and details too); lower it if the prompt loses ground. The help page explains the "
+                        "trade-off.",
                     },
                 ),
             },

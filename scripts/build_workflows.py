@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Writes the example graphs in workflows/ (ComfyUI's UI format, version 0.4) from the compact
+"""Writes the example graphs in example_workflows/ (ComfyUI's UI format, version 0.4) from the compact
 descriptions below, so node ids, link ids, slots and the layout always agree.
 
-    python scripts/build_workflows.py            # rewrite workflows/*.json
+    python scripts/build_workflows.py            # rewrite example_workflows/*.json
     python scripts/build_workflows.py --check    # exit 1 if a committed file differs
+    python scripts/draw_pictures.py              # then: the thumbnails (<name>.jpg) the template browser shows
 
 Sockets and widgets per node type are listed in SPECS (INPUT_TYPES order: required, then
 optional; sockets are link inputs, widgets are the values in widgets_values). KSampler's seed is
@@ -17,7 +18,7 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(REPO, "workflows")
+OUT = os.path.join(REPO, "example_workflows")
 
 # type -> (socket inputs [(name, type)], outputs [(name, type)])
 SPECS = {
@@ -329,12 +330,9 @@ def wf03():
         "03 IP-Adapter Plus bridge (SD1.5) - EXPERIMENTAL, training-free\n\n"
         "No Nested Attention training needed: the IP-Adapter Plus Resampler gives the subject tokens and each "
         "layer's to_k_ip / to_v_ip become the nested keys / values. Identity is weaker than with a trained "
-        "adapter.\n\ntrigger_weight = 8: in the study's first round (a miniature world without product "
-        "attributes) it raised the bridge's identity over weight 1 on 200 fresh cases (sign test p = 0.016) and kept "
-        "the prompt. The later rounds (docs/STUDY.md), whose prompts also set the product's pose, light and cap, "
-        "found it pulls the product toward the reference's pose and cap: in round 6, pose 0.55 and cap 0.78 "
-        "against the base's 0.98 and 0.89, for identity no better than the base's (0.020 against 0.040). "
-        "Neither is measured on real SD1.5 weights: lower it toward 1 if the prompt loses ground."
+        "adapter.\n\ntrigger_weight = 8 makes the bridge's faint subject louder; it also pulls the picture toward "
+        "the reference photo (its pose and details too). Lower it toward 1 if the prompt loses ground. What has been "
+        "measured, and how: the help page of the Nested Attention Patch."
         "\n\nModels:\n"
         "- models/checkpoints/%s (any SD1.5 checkpoint)\n"
         "- models/ipadapter/%s (IP-Adapter Plus or Plus-Face for SD1.5)\n"

@@ -13,8 +13,8 @@ sys.path.insert(0, os.path.join(REPO, "tests", "support"))
 import fixtures_models as fm  # noqa: E402
 from comfy_server import ComfyServer, test_sized  # noqa: E402
 
-WF01 = os.path.join(REPO, "workflows", "01_single_subject_sdxl.json")
-WF05 = os.path.join(REPO, "workflows", "05_attention_map_preview.json")
+WF01 = os.path.join(REPO, "example_workflows", "01_single_subject_sdxl.json")
+WF05 = os.path.join(REPO, "example_workflows", "05_attention_map_preview.json")
 # placeholder mode: the workflows' model names -> the generated files' own names, so a real file of
 # the same name in the user's ComfyUI (found first by ComfyUI) can never be mixed with placeholders
 PLACEHOLDER = {fm.SDXL_CKPT: fm.SDXL_NAME, fm.VIT_H: fm.CLIP_VISION_NAMES["h"]}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Demo: run workflows/01 (single subject) and workflows/05 (attention map preview) headless on a real
+# Demo: run example_workflows/01 (single subject) and example_workflows/05 (attention map preview) headless on a real
 # ComfyUI with this pack installed, through comfy-cli, and copy the results to ./outputs.
 #
 #   bash scripts/demo.sh                         # the bundled 2024 ComfyUI (made by setup_env.sh)

