@@ -36,8 +36,6 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
-SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(SCRIPTS))  # the repository root, for na_engine
 # torch.cuda.is_available() by NVML, which leaves CUDA uninitialised in this process: the parts it forks use CUDA.
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 import torch  # noqa: E402

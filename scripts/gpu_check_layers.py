@@ -9,7 +9,9 @@ positive (second) row, as the pipelines batch [negative, positive]; Flux runs B 
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -19,8 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from na_engine.attention import METHODS, Case, NestedBinding, choose_method, nested_attention, sdpa_attention
-from na_engine.joint import joint_nested_attention
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _path in (REPO, os.path.join(REPO, "tests", "support")):  # na_engine; the tests' random-model builders
+    if _path not in sys.path:  # (under pytest both are there, the repository last: ComfyUI's nodes.py wins)
+        sys.path.insert(0, _path)
+from engine_builders import merge_heads, split_heads  # noqa: E402
+
+from na_engine.attention import METHODS, Case, NestedBinding, choose_method, nested_attention, sdpa_attention  # noqa: E402
+from na_engine.joint import joint_nested_attention  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -115,8 +123,8 @@ def reference(q: Tensor, k: Tensor, v: Tensor, heads: int, bind: NestedBinding, 
     queries from ``text`` on (a joint sequence's text queries stay plain).  Strength only (no query mask, trigger
     weight 1).  Queries go in chunks, so that a Flux layer's probabilities fit in memory."""
     assert bind.query_mask is None and bind.trigger_weight == 1
-    qh, kh, vh = (_heads(x.double(), heads) for x in (q, k, v))  # (B, H, L, d)
-    nk, nv = (_heads(x.double()[None], heads) for x in (bind.keys, bind.values))  # (1, H, M, d)
+    qh, kh, vh = (split_heads(x.double(), heads) for x in (q, k, v))  # (B, H, L, d)
+    nk, nv = (split_heads(x.double()[None], heads) for x in (bind.keys, bind.values))  # (1, H, M, d)
     where = F.pad(bind.where, (0, kh.shape[2] - bind.where.shape[1])).double()[:, None, None, :]  # (B, 1, 1, keys)
     scale = qh.shape[-1] ** -0.5
     step = max(1, 2**26 // (qh.shape[0] * heads * kh.shape[2]))
@@ -131,7 +139,7 @@ def reference(q: Tensor, k: Tensor, v: Tensor, heads: int, bind: NestedBinding, 
         plain.append(p @ vh)
         change.append(delta)
     plain_out = torch.cat(plain, 2)
-    return _merge(plain_out + torch.cat(change, 2)), _merge(plain_out)
+    return merge_heads(plain_out + torch.cat(change, 2)), merge_heads(plain_out)
 
 
 def relative_error(x: Tensor, ref: Tensor, scale: Optional[Tensor] = None) -> float:
@@ -320,13 +328,3 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _heads(x: Tensor, heads: int) -> Tensor:
-    """(B, L, H*d) -> (B, H, L, d)."""
-    b, n, c = x.shape
-    return x.view(b, n, heads, c // heads).transpose(1, 2)
-
-
-def _merge(x: Tensor) -> Tensor:
-    """(B, H, L, d) -> (B, L, H*d)."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)

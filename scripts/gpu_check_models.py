@@ -10,23 +10,19 @@ from __future__ import annotations
 import gc
 import os
 import resource
-import sys
 import time
 from typing import Callable, Dict, List
 
 import torch
-from gpu_check_layers import TRIGGER, median_times, peak_extra_bytes
+from bench_training import UNETS
+from gpu_check_layers import TRIGGER, median_times, peak_extra_bytes  # puts tests/support on the path, for:
+from tiny_diffusers import TINY_FLUX, TINY_XL_UNET
 
 from na_engine.adapter import random_adapter
 from na_engine.binding import ModelCall, Placement
 from na_engine.layers import diffusers_layers, dit_layers
 from na_engine.standalone.models import fresh_config
 from na_engine.subjects import Subject
-
-SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(SCRIPTS), "tests", "support"))  # the random-model builders
-from bench_training import UNETS  # noqa: E402
-from tiny_diffusers import TINY_FLUX, TINY_XL_UNET  # noqa: E402
 
 FLUX_DEV = dict(  # FLUX.1-dev's transformer: 19 double and 38 single blocks of 24 heads x 128
     patch_size=1,

@@ -82,16 +82,17 @@ def make_base_xl(
     if os.path.isfile(os.path.join(folder, "model_index.json")):
         return folder
     torch.manual_seed(seed)
-    dtype = dtype or torch.float32
-    UNet2DConditionModel(**unet).to(dtype).save_pretrained(os.path.join(folder, "unet"))
+
+    def save(model, sub):
+        (model if dtype is None else model.to(dtype)).save_pretrained(os.path.join(folder, sub))
+
+    save(UNet2DConditionModel(**unet), "unet")
     (tiny_vae() if vae is None else AutoencoderKL(**vae)).save_pretrained(os.path.join(folder, "vae"))
     for sub in ("tokenizer", "tokenizer_2"):
         write_tokenizer(os.path.join(folder, sub), WORDS, max_length=tokens)
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
-    first = CLIPTextModel(text_config(tokenizer, text[0]))
-    first.to(dtype).save_pretrained(os.path.join(folder, "text_encoder"))
-    second = CLIPTextModelWithProjection(text_config(tokenizer, text[1], projection_dim=text[1]))
-    second.to(dtype).save_pretrained(os.path.join(folder, "text_encoder_2"))
+    save(CLIPTextModel(text_config(tokenizer, text[0])), "text_encoder")
+    save(CLIPTextModelWithProjection(text_config(tokenizer, text[1], projection_dim=text[1])), "text_encoder_2")
     EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
         os.path.join(folder, "scheduler")
     )
