@@ -25,10 +25,13 @@ tests/core/test_gpu_check.py runs it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import platform
+import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -125,7 +128,8 @@ class Part:
 def _child(fn: Callable, ctx: Context, path: str, limit: float) -> None:
     part = Part(path, limit)
     try:
-        fn(ctx, part)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the summary's (the trainer prints too)
+            fn(ctx, part)
         part.status = "ok"
     except Exception as e:  # the part's failure is its result; the other parts go on
         traceback.print_exc()
@@ -136,7 +140,7 @@ def _child(fn: Callable, ctx: Context, path: str, limit: float) -> None:
 def run_part(name: str, fn: Callable, limit: float, ctx: Context) -> dict:
     """Run one part in a forked process for at most ``limit`` seconds (+ GRACE_S), and read what it left."""
     path = os.path.join(ctx.scratch, name + ".json")
-    start = time.monotonic()
+    start, cpu = time.monotonic(), _children_cpu_s()
     # fork: the parts share this process's imports; spawn where something here has initialised CUDA after all.
     method = "spawn" if torch.cuda.is_initialized() else "fork"
     child = multiprocessing.get_context(method).Process(target=_child, args=(fn, ctx, path, limit), name=name)
@@ -154,8 +158,14 @@ def run_part(name: str, fn: Callable, limit: float, ctx: Context) -> dict:
         record["status"] = f"killed at its time limit ({limit:.0f} s)"
     elif record["status"] == "running":
         record["status"] = f"the process died (exit code {child.exitcode})"
-    record.update(seconds=round(time.monotonic() - start, 1), limit_s=round(limit))
+    record.update(seconds=round(time.monotonic() - start, 1), cpu_s=round(_children_cpu_s() - cpu, 1))
+    record["limit_s"] = round(limit)
     return record
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def check(dry: bool, total_s: float = TOTAL_S, only: Optional[List[str]] = None) -> dict:
@@ -188,6 +198,7 @@ def check(dry: bool, total_s: float = TOTAL_S, only: Optional[List[str]] = None)
             report["parts"][name] = run_part(name, fn, limit, ctx)
         print(f"[gpu_check] {name}: {report['parts'][name]['status']}", file=sys.stderr, flush=True)
     report["seconds"] = round(total_s - (deadline - time.monotonic()), 1)
+    shutil.rmtree(scratch, ignore_errors=True)  # the training part's base: 6 GB at full size
     device_part = report["parts"]["device"]["items"]
     report["card"] = device_part[0]["card"] if device_part else None
     return report

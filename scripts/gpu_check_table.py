@@ -77,6 +77,8 @@ def _layers(items: List[dict]) -> List[str]:
 
 def _steps(items: List[dict]) -> List[str]:
     lines = [
+        "One whole model call (median), diffusers' attention against the nested processors; peak extra memory",
+        "",
         _row(["model", "px", "dtype", "batch", "stock ms", "nested processors, no subject", "with a subject", "peak"]),
         _row(["---"] * 8),
     ]
@@ -91,6 +93,8 @@ def _steps(items: List[dict]) -> List[str]:
 
 def _training(items: List[dict]) -> List[str]:
     lines = [
+        "Training throughput after the first step, random-weight base",
+        "",
         _row(["python -m na_engine train", "px", "batch", "precision", "steps/s", "samples/s", "peak memory"]),
         _row(["---"] * 7),
     ]
