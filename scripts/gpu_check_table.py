@@ -13,6 +13,7 @@ def summary(report: dict) -> str:
         "",
     ]
     for name, render in (
+        ("device", None),
         ("exactness", _exactness),
         ("layers", _layers),
         ("step_sdxl", _steps),
@@ -22,7 +23,7 @@ def summary(report: dict) -> str:
         part = parts.get(name)
         if part is None:
             continue
-        if part["items"]:
+        if part["items"] and render:
             lines += render(part["items"]) + [""]
         if part["status"] != "ok" or part["notes"]:
             lines += [f"- {name}: {part['status']}" + "".join(f"; {note}" for note in part["notes"]), ""]
