@@ -24,7 +24,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # the repository root, for na_engine (under pytest it is there already, last)
+    sys.path.insert(0, REPO)
 from na_engine.adapter import random_adapter  # noqa: E402
 from na_engine.layers import diffusers_layers  # noqa: E402
 from na_engine.standalone.models import fresh_config  # noqa: E402

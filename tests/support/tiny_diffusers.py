@@ -50,40 +50,49 @@ def make_base(folder: str, seed: int = 0) -> str:
     return folder
 
 
-def make_base_xl(folder: str, seed: int = 0) -> str:
-    """A tiny SDXL-shaped diffusers folder: two text encoders (16 + 16 = context 32), pooled text and time ids
-    through the added embedding, cross-attention at the second level only (2 transformer layers there)."""
+TINY_XL_UNET = dict(  # SDXL's layout at tiny widths: cross-attention at the second level only (2 layers there)
+    sample_size=8,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 16,  # six time ids x 8 + the pooled text (16)
+)
+
+
+def make_base_xl(
+    folder: str, seed: int = 0, unet: dict = TINY_XL_UNET, text=(16, 16), tokens: int = 16, vae=None, dtype=None
+) -> str:
+    """An SDXL-shaped diffusers folder: two 2-layer text encoders of widths ``text`` (context = their sum, pooled
+    text = the second's width) over ``tokens`` positions, pooled text and time ids through the added embedding.
+    Tiny by default; scripts/gpu_check.py passes SDXL's UNet and VAE configs (``vae``: AutoencoderKL's keyword
+    arguments, default tiny_vae's) and a ``dtype`` for the UNet and text encoders (default fp32).  Built on the
+    caller's default device: under ``with torch.device("cuda"):`` a full-size one takes seconds."""
     import torch
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if os.path.isfile(os.path.join(folder, "model_index.json")):
         return folder
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 16,  # six time ids x 8 + the pooled text (16)
-    )
-    vae = tiny_vae()
+
+    def save(model, sub):
+        (model if dtype is None else model.to(dtype)).save_pretrained(os.path.join(folder, sub))
+
+    save(UNet2DConditionModel(**unet), "unet")
+    (tiny_vae() if vae is None else AutoencoderKL(**vae)).save_pretrained(os.path.join(folder, "vae"))
     for sub in ("tokenizer", "tokenizer_2"):
-        write_tokenizer(os.path.join(folder, sub), WORDS, max_length=16)
+        write_tokenizer(os.path.join(folder, sub), WORDS, max_length=tokens)
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
-    CLIPTextModel(text_config(tokenizer, 16)).save_pretrained(os.path.join(folder, "text_encoder"))
-    second = CLIPTextModelWithProjection(text_config(tokenizer, 16, projection_dim=16))
-    second.save_pretrained(os.path.join(folder, "text_encoder_2"))
-    unet.save_pretrained(os.path.join(folder, "unet"))
-    vae.save_pretrained(os.path.join(folder, "vae"))
+    save(CLIPTextModel(text_config(tokenizer, text[0])), "text_encoder")
+    save(CLIPTextModelWithProjection(text_config(tokenizer, text[1], projection_dim=text[1])), "text_encoder_2")
     EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
         os.path.join(folder, "scheduler")
     )
@@ -113,7 +122,8 @@ def tiny_vae():
 
 
 def text_config(tokenizer, width: int, **more):
-    """A 2-layer CLIP text encoder's config of the given width, for this tokenizer."""
+    """A 2-layer CLIP text encoder's config of the given width (heads of 64 where it is that wide, else 2), for
+    this tokenizer and its length."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -121,8 +131,8 @@ def text_config(tokenizer, width: int, **more):
         hidden_size=width,
         intermediate_size=2 * width,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=16,
+        num_attention_heads=max(2, width // 64),
+        max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
@@ -148,8 +158,9 @@ def write_index(folder: str, pipeline: str, scheduler: str, **more) -> None:
         json.dump(index, f, indent=1)
 
 
-def make_clip_vision(folder: str, hidden: int = 32, seed: int = 0) -> str:
-    """A tiny CLIP vision tower (32 px images, 8 px patches -> 17 features) with its image processor."""
+def make_clip_vision(folder: str, hidden: int = 32, seed: int = 0, image: int = 32, patch: int = 8) -> str:
+    """A 2-layer CLIP vision tower with its image processor: tiny by default (32 px images, 8 px patches -> 17
+    features); ViT-H/14's width and length with hidden=1280, image=224, patch=14 (257 features)."""
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -161,14 +172,16 @@ def make_clip_vision(folder: str, hidden: int = 32, seed: int = 0) -> str:
             hidden_size=hidden,
             intermediate_size=2 * hidden,
             num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
+            num_attention_heads=max(2, hidden // 64),
+            image_size=image,
+            patch_size=patch,
             projection_dim=hidden,
         )
     )
     model.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": image}, crop_size={"height": image, "width": image}).save_pretrained(
+        folder
+    )
     return folder
 
 
@@ -199,24 +212,27 @@ def make_photo_masks(photos: str, folder: str, size: int = 48) -> str:
     return folder
 
 
+TINY_FLUX = dict(  # FluxTransformer2DModel's arguments: 2 heads of 16 (RoPE axes 4+6+6), 1 double, 1 single block
+    patch_size=1,
+    in_channels=8,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=16,
+    axes_dims_rope=(4, 6, 6),
+)
+
+
 def tiny_flux_transformer(seed: int = 0):
-    """A diffusers FluxTransformer2DModel at tiny widths: 2 heads of 16 (RoPE axes 4+6+6), 1 double and 1 single
-    block, text width 32; random weights, its q/k RMSNorm scales random too (so the text key norm counts)."""
+    """A diffusers FluxTransformer2DModel at tiny widths (TINY_FLUX), text width 32; random weights, its q/k
+    RMSNorm scales random too (so the text key norm counts)."""
     import torch
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    model = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=8,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=16,
-        axes_dims_rope=(4, 6, 6),
-    )
+    model = FluxTransformer2DModel(**TINY_FLUX)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm_q" in name or "norm_k" in name or "norm_added" in name:
