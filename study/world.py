@@ -21,6 +21,7 @@ connected components of the rest; kind, bands, pose, light, size and placement f
 
 from __future__ import annotations
 
+import collections
 import itertools
 from dataclasses import dataclass, field, replace
 
@@ -98,23 +99,22 @@ def all_products() -> list[Product]:
 def split(products: list[Product], heldout: int, seed: int = 0) -> tuple[list[Product], list[Product]]:
     """(train, held-out): held-out products are unseen combinations; every value of every part stays seen in
     training with every other part's values (each pair of parts' values), so only the combination is new."""
-    rng = np.random.default_rng(seed)
-    order = [products[i] for i in rng.permutation(len(products))]
+    pairs = list(itertools.combinations(PARTS, 2))
+
+    def keys(p: Product) -> list:
+        return [(a, getattr(p, a), b, getattr(p, b)) for a, b in pairs]
+
+    left = collections.Counter(k for p in products for k in keys(p))  # pair -> products still in training
     held: list[Product] = []
-    for p in order:
+    for i in np.random.default_rng(seed).permutation(len(products)):
         if len(held) == heldout:
             break
-        rest = [q for q in products if q not in held and q != p]
-        if all(_pair_seen(p, a, b, rest) for a, b in itertools.combinations(PARTS, 2)):
-            held.append(p)
+        if all(left[k] > 1 for k in keys(products[i])):  # another training product keeps each of its pairs
+            held.append(products[i])
+            left.subtract(keys(products[i]))
     if len(held) < heldout:
         raise ValueError(f"only {len(held)} products can be held out with every pair of values still seen")
-    train = [p for p in products if p not in held]
-    return train, held
-
-
-def _pair_seen(p: Product, a: str, b: str, rest: list[Product]) -> bool:
-    return any(getattr(q, a) == getattr(p, a) and getattr(q, b) == getattr(p, b) for q in rest)
+    return [p for p in products if p not in held], held
 
 
 def caption(scene: Scene, described: bool = False) -> str:
