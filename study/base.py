@@ -121,16 +121,11 @@ class Renders:
 
 
 def _masks(scene: world.Scene, image: np.ndarray) -> np.ndarray:
-    """(2, LATENT, LATENT) float: each product's coverage of the latent cells (the pixels not the background's,
-    split at the image's middle column when there are two products); the second is zero for one product."""
-    fore = (image != np.array(world.BACKGROUNDS[scene.background], np.uint8)).any(-1).astype(np.float32)
+    """(2, LATENT, LATENT) float: each product's coverage of the latent cells; the second is zero for one product."""
     out = np.zeros((2, LATENT, LATENT), np.float32)
-    halves = [fore] if len(scene.products) == 1 else [fore * (np.arange(fore.shape[1]) < fore.shape[1] // 2)]
-    if len(scene.products) == 2:
-        halves.append(fore - halves[0])
     pool = world.RESOLUTION // LATENT
-    for k, m in enumerate(halves):
-        out[k] = m.reshape(LATENT, pool, LATENT, pool).mean((1, 3))
+    for k, mask in enumerate(world.product_masks(scene, image)):
+        out[k] = mask.reshape(LATENT, pool, LATENT, pool).mean((1, 3))
     return out
 
 

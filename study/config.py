@@ -45,6 +45,17 @@ class Config:
     r1_cases: int = 270  # held-out products x random scenes (3 each)
     r1_identity: float = 0.8
     r1_scene: float = 0.9
+    # the encoders: trained by `python -m na_engine train` on photos of the train products
+    photos_per_product: int = 12
+    pair_share: float = 0.2  # two-product photos, as a share of the one-product ones
+    vision_width: int = 64
+    tokens: int = 16
+    encoder_steps: int = 2500
+    encoder_batch: int = 16
+    encoder_lr: float = 5e-4
+    # R2: nested brings back its own training products from another photo of them
+    r2_cases: int = 180
+    r2_identity: float = 0.8
     threads: int = 2
     seed: int = 0
     gated: bool = True  # stop at the first rung that does not hold (QUICK runs every stage: it checks the pipeline)
@@ -67,6 +78,12 @@ QUICK = replace(
     checkpoint_every=5,
     steps=4,
     r1_cases=6,
+    photos_per_product=2,
+    vision_width=32,
+    tokens=4,
+    encoder_steps=4,
+    encoder_batch=2,
+    r2_cases=4,
     gated=False,
 )
 

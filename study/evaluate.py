@@ -8,6 +8,7 @@ product's identity (exact: all four parts) and each part alone, the scene and th
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,3 +111,38 @@ def described(folder: str, products: list, count: int, seed: int, steps: int, gu
     prompts = [world.caption(c.scene, described=True) for c in chosen]
     images = draw_base(folder, prompts, [c.seed for c in chosen], steps, guidance)
     return summary([score(c.scene, im) for c, im in zip(chosen, images)]), chosen, images
+
+
+def with_references(products: list, count: int, seed: int) -> list[tuple[Case, world.Scene]]:
+    """One-product cases, each with its reference scene (world.reference: another photo that contradicts it)."""
+    rng = np.random.default_rng([seed, 1])
+    return [(case, world.reference(rng, case.scene.products[0])) for case in cases(products, count, seed)]
+
+
+@torch.no_grad()
+def personalised(run_dir: str, method: str, pairs: list, steps: int, guidance: float):
+    """``method`` (encoders.METHODS) draws each case's plain prompt with its product taken from the reference photo,
+    through na_engine's generator. Returns (summary, images)."""
+    from PIL import Image
+
+    from na_engine.formats import load_adapter
+    from na_engine.standalone.generate import NestedGenerator
+    from na_engine.standalone.models import load_base, load_vision
+
+    from .encoders import METHODS
+
+    m = METHODS[method]
+    base = load_base(os.path.join(run_dir, "base"))
+    vision = load_vision(os.path.join(run_dir, "encoders", "vision"))
+    adapter = load_adapter(os.path.join(run_dir, "encoders", "adapters", f"{m.adapter}.safetensors"))
+    generator = NestedGenerator(base, vision, adapter, "cpu")
+    images = []
+    for case, reference in pairs:
+        photo = Image.fromarray(world.render(reference))
+        subject = generator.encode([photo], case.scene.products[0].product.kind, mode=m.mode)
+        image, _ = generator(
+            world.caption(case.scene), subject, case.seed, steps, guidance, world.RESOLUTION, maps=False
+        )
+        images.append(np.asarray(image))
+    images = np.stack(images)
+    return summary([score(c.scene, im) for (c, _), im in zip(pairs, images)]), images

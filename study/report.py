@@ -12,7 +12,7 @@ from PIL import Image
 from . import world
 
 SCALE = 4  # grid pixels per world pixel
-GRIDS = ("described_heldout.png",)  # the run's figures, copied under DOCS/study
+GRIDS = ("described_heldout.png", "fit_nested.png")  # the run's figures, copied under DOCS/study
 RUNGS = {
     "r0": "R0 reader",
     "r1": "R1 the base draws what it is told",
@@ -22,15 +22,17 @@ RUNGS = {
 }
 
 
-def pairs_grid(cases: list, images: np.ndarray, path: str, count: int = 40, per_row: int = 8) -> None:
-    """Up to ``count`` cases as (what was asked, unjittered | what was drawn) pairs, ``per_row`` pairs a row."""
+def pairs_grid(cases: list, images: np.ndarray, path: str, references=None, count: int = 40, per_row: int = 8):
+    """Up to ``count`` cases as ([the reference photo |] what was asked, unjittered | what was drawn), ``per_row``
+    a row."""
     side = world.RESOLUTION
-    pairs = [np.concatenate([world.render(c.scene), im], 1) for c, im in zip(cases[:count], images[:count])]
+    refs = [[world.render(r)] for r in references] if references else [[]] * len(cases)
+    pairs = [np.concatenate([*r, world.render(c.scene), im], 1) for c, im, r in zip(cases[:count], images, refs)]
     rows = [pairs[i : i + per_row] for i in range(0, len(pairs), per_row)]
     gap = np.full((side, 4, 3), 255, np.uint8)
     lines = []
     for row in rows:
-        row = row + [np.full((side, 2 * side, 3), 255, np.uint8)] * (per_row - len(row))
+        row = row + [np.full_like(row[0], 255)] * (per_row - len(row))
         lines.append(np.concatenate([x for pair in row for x in (pair, gap)], 1))
         lines.append(np.full((4, lines[-1].shape[1], 3), 255, np.uint8))
     grid = np.concatenate(lines)

@@ -29,10 +29,13 @@ class Run:
         self.record_path = os.path.join(out, "stages.json")
         self.stages = json.load(open(self.record_path)) if os.path.isfile(self.record_path) else {}
         settings = dataclasses.asdict(cfg) | {"quick": quick}
-        before = self.stages.get("config")
-        if before is not None and before != json.loads(json.dumps(settings)):
-            changed = sorted(k for k in settings if before.get(k) != json.loads(json.dumps(settings[k])))
-            raise SystemExit(f"{out} holds a run with other settings ({', '.join(changed)}); use another --out.")
+        settings = json.loads(json.dumps(settings))  # as the record holds them (tuples as lists)
+        before = self.stages.get("config", {})  # a field added since the run started is taken at its value now
+        changed = sorted(k for k in before if before[k] != settings.get(k))
+        if changed:
+            raise NestedAttentionError(
+                f"{out} holds a run with other settings ({', '.join(changed)}); use another --out."
+            )
         self.stages["config"] = settings
 
     def path(self, *parts: str) -> str:
@@ -119,6 +122,24 @@ def stage_described(run: Run) -> dict:
     return {"heldout": held, "train": seen}
 
 
+def stage_encoders(run: Run) -> dict:
+    from . import encoders
+
+    train, _ = run.products()
+    return encoders.build(run.path("encoders"), run.path("base"), train, run.cfg, run.log)
+
+
+def stage_fit(run: Run) -> dict:
+    from . import evaluate, report
+
+    train, _ = run.products()
+    pairs = evaluate.with_references(train, run.cfg.r2_cases, run.cfg.seed + 21)
+    fit, images = evaluate.personalised(run.out, "nested", pairs, run.cfg.steps, run.cfg.guidance)
+    report.pairs_grid([c for c, _ in pairs], images, run.path("fit_nested.png"), references=[r for _, r in pairs])
+    run.log(f"R2 fit: nested brings back its training products at {fit['identity']['mean']:.3f}")
+    return {"nested": fit}
+
+
 def ladder(run: Run) -> dict:
     """Each rung's figures and whether it holds (None: not measured, because a lower rung failed or it is not
     built yet)."""
@@ -143,6 +164,9 @@ def ladder(run: Run) -> dict:
             "holds": held["identity"]["mean"] >= cfg.r1_identity
             and min(held["background"]["mean"], held["placement"]["mean"]) >= cfg.r1_scene,
         }
+    if "fit" in stages:
+        fit = stages["fit"]["nested"]["identity"]["mean"]
+        rungs["r2"] = {"identity": fit, "bar": f"identity >= {cfg.r2_identity}", "holds": fit >= cfg.r2_identity}
     for name in ("r0", "r1", "r2", "r3", "r4"):
         rungs.setdefault(name, {"holds": None})
     return rungs
@@ -154,6 +178,8 @@ STAGES = [
     ("autoencoder", stage_autoencoder, None),
     ("base", stage_base, "r0"),  # the base is built on a reader that holds
     ("described", stage_described, "r0"),
+    ("encoders", stage_encoders, "r1"),  # subjects are trained on a base that draws what it is told
+    ("fit", stage_fit, "r1"),
 ]
 
 

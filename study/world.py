@@ -195,6 +195,16 @@ def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
+def product_masks(scene: Scene, image: np.ndarray) -> list[np.ndarray]:
+    """(RESOLUTION, RESOLUTION) bool per product of ``scene``, from its render ``image``: the pixels that are not the
+    background's, split at the middle column when there are two (random_scene keeps a pair apart there)."""
+    fore = (np.asarray(image) != np.array(BACKGROUNDS[scene.background], np.uint8)).any(-1)
+    if len(scene.products) == 1:
+        return [fore]
+    left = fore & (np.arange(RESOLUTION) < RESOLUTION // 2)
+    return [left, fore & ~left]
+
+
 def random_placed(rng: np.random.Generator, product: Product, placement: str | None = None) -> Placed:
     return Placed(
         product,
@@ -203,6 +213,14 @@ def random_placed(rng: np.random.Generator, product: Product, placement: str | N
         str(rng.choice(POSES)),
         str(rng.choice(LIGHTS)),
     )
+
+
+def reference(rng: np.random.Generator, placed: Placed) -> Scene:
+    """Another photo of ``placed``'s product that contradicts it: a random scene, with pose and light at their other
+    values (Placed.flipped), so that a method that copies the reference loses the prompt's attributes."""
+    other = random_placed(rng, placed.product)
+    flipped = placed.flipped()
+    return Scene(str(rng.choice(list(BACKGROUNDS))), [replace(other, pose=flipped.pose, light=flipped.light)])
 
 
 def random_scene(rng: np.random.Generator, product: Product, second: Product | None = None) -> Scene:

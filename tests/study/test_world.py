@@ -75,7 +75,8 @@ def test_a_reference_shows_pose_and_light_at_their_other_value():
 def test_captions_name_the_look_before_the_class_word_only_when_described():
     scene = world.Scene("grey", [world.Placed(world.Product("bottle", "red", "blue", "green"), "left", "large")])
     assert world.caption(scene) == "upright lit left bottle on grey left large"
-    assert world.caption(scene, described=True) == "upright lit left red blue top green bottom bottle on grey left large"
+    described = "upright lit left red blue top green bottom bottle on grey left large"
+    assert world.caption(scene, described=True) == described
 
 
 def test_every_word_is_one_token_and_the_longest_caption_fits(tmp_path):
