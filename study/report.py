@@ -97,3 +97,53 @@ def write(run, results: dict) -> None:
     fill(os.path.join(run.docs, "STUDY.md"), text)
     if run.readme:
         fill(run.readme, text.replace("](study/", "](docs/study/"))
+
+
+DEMO_SCENES = [("white", "left", "large", "upright", "left"), ("black", "right", "small", "lying", "right")]
+
+
+def demo(weights: str, out: str, count: int = 6) -> str:
+    """Held-out products put into new scenes from one reference photo each, through the project's own command
+    (`python -m na_engine generate --batch`, a CSV catalogue), with the committed study weights; returns the grid's
+    path: reference | one image per DEMO_SCENES, a row per product."""
+    import csv
+
+    from na_engine.errors import NestedAttentionError
+    from na_engine.standalone.generate import main as generate
+
+    adapter = os.path.join(weights, "encoders", "adapters", "nested.safetensors")
+    if not os.path.isfile(adapter):
+        raise NestedAttentionError(f"{weights} holds no trained nested adapter yet: run python -m study run first")
+    _, heldout = world.split(world.all_products(), 90)
+    chosen = [heldout[k * len(heldout) // count] for k in range(count)]
+    refs = os.path.join(out, "references")
+    os.makedirs(refs, exist_ok=True)
+    rows, grid_rows = [], []
+    for product in chosen:
+        scene = world.Scene("grey", [world.Placed(product, "centre", "large", "lying", "right")])
+        Image.fromarray(world.render(scene)).save(os.path.join(refs, product.name + ".png"))
+        for background, *placed in DEMO_SCENES:
+            prompt = world.caption(world.Scene(background, [world.Placed(product, *placed)]))
+            rows.append([prompt, f"references/{product.name}.png", product.kind, 1])
+        grid_rows.append(world.render(scene))
+    jobs = os.path.join(out, "catalogue.csv")
+    with open(jobs, "w", newline="") as f:
+        csv.writer(f).writerows([["prompt", "subject", "trigger", "seed"], *rows])
+    images = os.path.join(out, "images")
+    shutil.rmtree(images, ignore_errors=True)  # the grid reads the images in catalogue order
+    args = ["--base", os.path.join(weights, "base"), "--clip-vision", os.path.join(weights, "encoders", "vision")]
+    args += ["--adapter", adapter, "--batch", jobs, "--steps", "25", "--cfg", "1", "--size", str(world.RESOLUTION)]
+    if generate([*args, "--out", images, "--no-maps"]) != 0:
+        raise NestedAttentionError("the study demo's generation failed (its error is above)")
+    drawn = sorted(f for f in os.listdir(images) if f.endswith(".png"))
+    per = len(DEMO_SCENES)
+    lines = [
+        np.concatenate(
+            [ref, *(np.asarray(Image.open(os.path.join(images, f))) for f in drawn[r * per : (r + 1) * per])], 1
+        )
+        for r, ref in enumerate(grid_rows)
+    ]
+    grid = np.concatenate(lines)
+    path = os.path.join(out, "grid.png")
+    Image.fromarray(grid).resize((grid.shape[1] * SCALE, grid.shape[0] * SCALE), Image.NEAREST).save(path)
+    return path

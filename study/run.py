@@ -1,4 +1,5 @@
 """python -m study run --out DIR [--quick] [--set FIELD=VALUE ...]: the study's ladder, stage by stage.
+python -m study demo --out DIR: held-out products put into new scenes from the committed weights (grid.png).
 
     world -> reader (R0) -> autoencoder (R0 through it) -> base -> described (R1) -> report
 
@@ -212,7 +213,15 @@ def main(argv=None) -> int:
     r.add_argument("--until", choices=[name for name, _, _ in STAGES], help="stop after this stage")
     r.add_argument("--docs", help="write STUDY.md's ladder block and the figures and results.json under DOCS/study")
     r.add_argument("--readme", help="fill this README's <!-- study:start --> ... <!-- study:end --> block")
+    d = sub.add_parser("demo", help="held-out products put into new scenes with the committed weights (a grid)")
+    d.add_argument("--weights", default=os.path.join(os.path.dirname(__file__), "weights"), help="a full run's folder")
+    d.add_argument("--out", required=True, help="folder for the references, the images and grid.png")
     args = p.parse_args(argv)
+    if args.command == "demo":
+        from . import report
+
+        print(f"[study] demo: {report.demo(args.weights, args.out)}")
+        return 0
     try:
         cfg = config.override(config.QUICK if args.quick else config.FULL, args.set)
     except ValueError as e:
