@@ -75,10 +75,7 @@ def reader_ceiling(products: list, scenes_each: int, seed: int, through=None) ->
     return summary([score(s, im) for s, im in zip(scenes, images)])
 
 
-@torch.no_grad()
-def draw_base(folder: str, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
-    """The base alone draws each prompt from its seed's noise: (n, R, R, 3) uint8. The pipeline is the one
-    na_engine's generator builds (DDIM from the base's scheduler), batched."""
+def _pipeline(folder: str):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from na_engine.standalone.models import load_base
@@ -89,11 +86,20 @@ def draw_base(folder: str, prompts: list[str], seeds: list[int], steps: int, gui
         DDIMScheduler.from_config(base.scheduler.config), None, None, requires_safety_checker=False,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def draw_base(folder: str, prompts, seeds: list[int], steps: int, guidance: float) -> np.ndarray:
+    """The base alone draws each prompt (a caption, or its (T, D) text states) from its seed's noise: (n, R, R, 3)
+    uint8. The pipeline is the one na_engine's generator builds (DDIM from the base's scheduler), batched."""
+    pipe = _pipeline(folder)
     out = []
     for start in range(0, len(prompts), 64):
         part = slice(start, start + 64)
+        given = {"prompt": prompts[part]} if isinstance(prompts[0], str) else {"prompt_embeds": prompts[part]}
         images = pipe(
-            prompts[part],
+            **given,
             num_inference_steps=steps,
             guidance_scale=guidance,
             height=world.RESOLUTION,
@@ -111,6 +117,27 @@ def described(folder: str, products: list, count: int, seed: int, steps: int, gu
     prompts = [world.caption(c.scene, described=True) for c in chosen]
     images = draw_base(folder, prompts, [c.seed for c in chosen], steps, guidance)
     return summary([score(c.scene, im) for c, im in zip(chosen, images)]), chosen, images
+
+
+@torch.no_grad()
+def class_word_alone(folder: str, products: list, count: int, seed: int, steps: int, guidance: float) -> dict:
+    """R2's diagnosis: the plain prompt with only its class word's text state taken from the described caption, where
+    the look words before it were folded in by the causal text encoder. Nested can only change the class word's
+    value, so if the base does not draw the look from that state alone, it has nothing to draw it from."""
+    pipe = _pipeline(folder)
+    chosen = cases(products, count, seed)
+
+    def states(described: bool):
+        captions = [world.caption(c.scene, described=described) for c in chosen]
+        ids = pipe.tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt").input_ids
+        return ids, pipe.text_encoder(ids)[0]  # (n, T), (n, T, D)
+
+    (plain_ids, plain), (told_ids, told) = states(False), states(True)
+    for i, c in enumerate(chosen):
+        word = pipe.tokenizer.convert_tokens_to_ids(c.scene.products[0].product.kind + "</w>")
+        plain[i, int((plain_ids[i] == word).nonzero()[0, 0])] = told[i, int((told_ids[i] == word).nonzero()[0, 0])]
+    images = draw_base(folder, plain, [c.seed for c in chosen], steps, guidance)
+    return summary([score(c.scene, im) for c, im in zip(chosen, images)])
 
 
 def with_references(products: list, count: int, seed: int) -> list[tuple[Case, world.Scene]]:

@@ -61,14 +61,16 @@ def block(results: dict, figures: str) -> str:
         f"Every figure comes from `python -m study run --out study/weights` ({results['run_seconds']:.0f} s of "
         "stages on a 2-core CPU); `docs/study/results.json` holds them all with their intervals.",
     ]
-    if os.path.isfile(os.path.join(figures, GRIDS[0])):
-        lines += [
-            "",
-            "Held-out products (combinations never trained on), each pair: what the prompt named | what the base "
-            "drew when told the product's look in words (R1):",
-            "",
-            f"![R1 held-out]({os.path.relpath(os.path.join(figures, GRIDS[0]), os.path.dirname(figures))})",
-        ]
+    captions = {
+        GRIDS[0]: "R1, held-out products (combinations never trained on), each pair: what the prompt named | what "
+        "the base drew when told the product's look in words:",
+        GRIDS[1]: "R2, training products, each triple: the reference photo (pose and light contradict the prompt) | "
+        "what the prompt named | what nested drew from the reference and the plain prompt:",
+    }
+    for name in GRIDS:
+        if os.path.isfile(os.path.join(figures, name)):
+            link = os.path.relpath(os.path.join(figures, name), os.path.dirname(figures))
+            lines += ["", captions[name], "", f"![{name}]({link})"]
     return "\n".join(lines) + "\n"
 
 

@@ -141,6 +141,16 @@ def stage_fit(run: Run) -> dict:
     return {"nested": fit}
 
 
+def stage_class_word(run: Run) -> dict:
+    from . import evaluate
+
+    _, heldout = run.products()
+    args = (run.cfg.r1_cases, run.cfg.seed + 11, run.cfg.steps, run.cfg.guidance)  # R1's held-out cases
+    alone = evaluate.class_word_alone(run.path("base"), heldout, *args)
+    run.log(f"R2 diagnosis: the look through the class word's state alone, identity {alone['identity']['mean']:.3f}")
+    return {"heldout": alone}
+
+
 def ladder(run: Run) -> dict:
     """Each rung's figures and whether it holds (None: not measured, because a lower rung failed or it is not
     built yet)."""
@@ -168,6 +178,8 @@ def ladder(run: Run) -> dict:
     if "fit" in stages:
         fit = stages["fit"]["nested"]["identity"]["mean"]
         rungs["r2"] = {"identity": fit, "bar": f"identity >= {cfg.r2_identity}", "holds": fit >= cfg.r2_identity}
+        if "class_word" in stages:  # its diagnosis: the base told the look through the class word's state alone
+            rungs["r2"]["base_look_through_class_word"] = stages["class_word"]["heldout"]["identity"]["mean"]
     for name in ("r0", "r1", "r2", "r3", "r4"):
         rungs.setdefault(name, {"holds": None})
     return rungs
@@ -181,6 +193,7 @@ STAGES = [
     ("described", stage_described, "r0"),
     ("encoders", stage_encoders, "r1"),  # subjects are trained on a base that draws what it is told
     ("fit", stage_fit, "r1"),
+    ("class_word", stage_class_word, "r1"),  # R2's diagnosis: can the class word's value carry the look at all?
 ]
 
 
