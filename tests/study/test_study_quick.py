@@ -53,7 +53,7 @@ def test_every_stage_is_recorded_and_the_ladder_has_every_rung(quick_run):
         assert isinstance(results["ladder"][rung]["holds"], bool), rung
     assert results["ladder"]["r3"]["holds"] is None and results["ladder"]["r4"]["holds"] is None
     stages = json.loads((out / "stages.json").read_text())
-    for name in ("world", "reader", "autoencoder", "base", "described", "encoders", "fit"):
+    for name in ("world", "reader", "autoencoder", "base", "described", "encoders", "fit", "class_word"):
         assert stages[name]["stage_seconds"] >= 0, name
     assert results["run_seconds"] == pytest.approx(sum(stages[k]["stage_seconds"] for k in stages if k != "config"))
     held = stages["described"]["heldout"]
@@ -103,7 +103,7 @@ def test_a_finished_run_resumes_without_redoing_stages(quick_run):
     out, _, _ = quick_run
     done = study_cli("run", "--quick", "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
-    for stage in ("world", "reader", "autoencoder", "base", "described", "encoders", "fit"):
+    for stage in ("world", "reader", "autoencoder", "base", "described", "encoders", "fit", "class_word"):
         assert f"{stage}: done before, kept" in done.stdout
 
 
