@@ -1,53 +1,43 @@
-"""python -m study run --out DIR [--quick]: the whole study, stage by stage, each cached and resumable.
-python -m study demo --out DIR: personalised images of held-out products from the committed weights.
+"""python -m study run --out DIR [--quick] [--set FIELD=VALUE ...]: the study's ladder, stage by stage.
+python -m study demo --out DIR: held-out products put into new scenes from the committed weights (grid.png).
 
-    world -> base -> encoders -> probe -> evaluation -> report
+    world -> reader (R0) -> autoencoder (R0 through it) -> base -> described (R1) -> report
 
-A stage that has finished is recorded in DIR/stages.json with what it measured, and is skipped
-when the run is started again; an interrupted stage starts over. Commit DIR after each stage
-to keep it (the full run's DIR is study/weights; its training sets are re-rendered, not kept).
+Each rung is measured and recorded before the next is attempted, and the run stops at the first rung that does
+not hold: later work goes into that rung (the world, the base or the budget), never past it. A finished stage is
+recorded in DIR/stages.json with what it measured and its time, and is kept when the run starts again; the base's
+training resumes from its last checkpoint. Commit DIR after each stage (the full run's is study/weights).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass
 
-from na_engine.errors import command_line
+from na_engine.errors import NestedAttentionError, command_line
 
-from . import world
-
-
-@dataclass(frozen=True)
-class Scale:
-    """Everything the two scales differ in."""
-
-    identities: int
-    heldout: int
-    quick: bool
-
-
-ANALYSIS = os.path.join(os.path.dirname(__file__), "analysis.md")  # by hand, on the committed full run, if any
-ROUND1_SHARE = os.path.join(os.path.dirname(__file__), "round1_trigger_share.json")  # the base before the loss
-FULL = Scale(identities=300, heldout=60, quick=False)
-QUICK = Scale(identities=30, heldout=6, quick=True)
-WORLD_SEED = 0
+from . import config, world
 
 
 class Run:
-    def __init__(self, out: str, scale: Scale, docs: str | None = None, readme: str | None = None):
-        self.out, self.scale, self.docs, self.readme = out, scale, docs, readme
+    def __init__(self, out: str, cfg: config.Config, quick: bool, docs: str | None = None, readme: str | None = None):
+        self.out, self.cfg, self.quick, self.docs, self.readme = out, cfg, quick, docs, readme
         os.makedirs(out, exist_ok=True)
         self.record_path = os.path.join(out, "stages.json")
         self.stages = json.load(open(self.record_path)) if os.path.isfile(self.record_path) else {}
-        if self.stages.get("scale", {}).get("quick", scale.quick) != scale.quick:
-            raise SystemExit(f"{out} holds a {'quick' if scale.quick else 'full'} run's stages; use another --out.")
-        self.stages["scale"] = scale.__dict__
+        settings = dataclasses.asdict(cfg) | {"quick": quick}
+        settings = json.loads(json.dumps(settings))  # as the record holds them (tuples as lists)
+        before = self.stages.get("config", {})  # a field added since the run started is taken at its value now
+        changed = sorted(k for k in before if before[k] != settings.get(k))
+        if changed:
+            raise NestedAttentionError(
+                f"{out} holds a run with other settings ({', '.join(changed)}); use another --out."
+            )
+        self.stages["config"] = settings
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
@@ -62,7 +52,7 @@ class Run:
         self.log(f"{name}: running")
         t0 = time.time()
         record = fn(self)
-        record["stage_seconds"] = round(time.time() - t0 + record.get("seconds_before_resume", 0.0), 1)
+        record["stage_seconds"] = round(time.time() - t0 + record.pop("seconds_before_resume", 0.0), 1)
         self.stages[name] = record
         with open(self.record_path + ".tmp", "w") as f:
             json.dump(self.stages, f, indent=1)
@@ -70,267 +60,189 @@ class Run:
         self.log(f"{name}: done in {record['stage_seconds']:.0f} s")
         return record
 
-    def identities(self):
-        ids = world.sample_identities(WORLD_SEED, self.scale.identities)
-        return world.split(ids, self.scale.heldout)
+    def products(self):
+        return world.split(world.all_products(), self.cfg.heldout, self.cfg.world_seed)
 
 
 def stage_world(run: Run) -> dict:
-    train, heldout = run.identities()
+    train, heldout = run.products()
     with open(run.path("world.json"), "w") as f:
-        json.dump(
-            {
-                "seed": WORLD_SEED,
-                "train": [i.to_json() for i in train],
-                "heldout": [i.to_json() for i in heldout],
-            },
-            f,
-            indent=1,
-        )
-    return {"train_identities": len(train), "heldout_identities": len(heldout)}
+        json.dump({"train": [p.name for p in train], "heldout": [p.name for p in heldout]}, f, indent=1)
+    return {"train_products": len(train), "heldout_products": len(heldout)}
+
+
+def stage_reader(run: Run) -> dict:
+    from . import evaluate
+
+    products = world.all_products()[:: max(1, len(world.all_products()) // run.cfg.reader_products)]
+    ceiling = evaluate.reader_ceiling(products, run.cfg.reader_scenes, run.cfg.seed)
+    run.log(f"R0 reader on true renders: identity {ceiling['identity']['mean']:.3f} (n {ceiling['n']})")
+    return {"true_renders": ceiling}
+
+
+def stage_autoencoder(run: Run) -> dict:
+    from . import base, evaluate
+
+    train, _ = run.products()
+    renders = base.Renders(train, run.cfg.base_renders_per_product, run.cfg.seed)
+    vae = base.train_autoencoder(run.cfg, renders.pixels, run.log)
+    vae.save_pretrained(run.path("autoencoder"))
+    products = world.all_products()[:: max(1, len(world.all_products()) // run.cfg.reader_products)]
+    through = evaluate.reader_ceiling(products, run.cfg.reader_scenes, run.cfg.seed, lambda x: base.round_trip(vae, x))
+    run.log(f"R0 reader through the autoencoder: identity {through['identity']['mean']:.3f}")
+    return {"through_autoencoder": through}
 
 
 def stage_base(run: Run) -> dict:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
     from . import base
 
-    cfg = base.QUICK if run.scale.quick else base.BaseConfig()
-    return base.build_base(run.path("base"), *run.identities(), cfg, run.log)
+    train, _ = run.products()
+    renders = base.Renders(train, run.cfg.base_renders_per_product, run.cfg.seed)
+    vae = AutoencoderKL.from_pretrained(run.path("autoencoder")).eval().requires_grad_(False)
+    latents = base.latent_means(vae, renders.pixels) * vae.config.scaling_factor
+    folder = run.path("base")
+    base.write_tokenizer(os.path.join(folder, "tokenizer"), world.words(), base.MAX_TOKENS)
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    trained = base.train_base(run.cfg, run.path("training"), latents, renders, tokenizer, run.log)
+    base.save_pipeline(folder, vae, trained["text"], trained["unet"])
+    return {"renders": len(renders), "final_losses": trained["losses"]}
+
+
+def stage_described(run: Run) -> dict:
+    from . import evaluate, report
+
+    train, heldout = run.products()
+    args = (run.cfg.steps, run.cfg.guidance)
+    held, cases, images = evaluate.described(run.path("base"), heldout, run.cfg.r1_cases, run.cfg.seed + 11, *args)
+    report.pairs_grid(cases, images, run.path("described_heldout.png"))
+    seen, _, _ = evaluate.described(run.path("base"), train, run.cfg.r1_cases, run.cfg.seed + 12, *args)
+    run.log(f"R1 described identity: held-out {held['identity']['mean']:.3f}, train {seen['identity']['mean']:.3f}")
+    return {"heldout": held, "train": seen}
 
 
 def stage_encoders(run: Run) -> dict:
     from . import encoders
-    from .base import BaseConfig
 
-    cfg = encoders.QUICK if run.scale.quick else encoders.EncoderConfig()
-    base_cfg = BaseConfig.from_record(run.stages["base"]["config"])
-    products = encoders.training_products(run.identities()[0], base_cfg, cfg.base_share)
-    return encoders.build_encoders(run.path("encoders"), run.path("base"), products, base_cfg.resolution, cfg, run.log)
+    train, _ = run.products()
+    return encoders.build(run.path("encoders"), run.path("base"), train, run.cfg, run.log)
 
 
-def stage_probe(run: Run) -> dict:
-    from diffusers import AutoencoderKL
+def stage_fit(run: Run) -> dict:
+    from . import evaluate, report
 
-    from . import probe
-
-    cfg = probe.QUICK if run.scale.quick else probe.ProbeConfig()
-    train, heldout = run.identities()
-    resolution = run.stages["base"]["config"]["resolution"]
-    vae = AutoencoderKL.from_pretrained(run.path("base", "vae")).eval()
-    model = probe.train_probe(train, resolution, cfg, run.log, vae)
-    probe.save_probe(model, run.path("probe"), cfg)
-    gallery = probe.Gallery(model, heldout, resolution, cfg.gallery_renders, cfg.seed)
-    ceiling = probe.render_accuracy(gallery, heldout, resolution, 4, cfg.seed)
-    through = probe.render_accuracy(gallery, heldout, resolution, 4, cfg.seed, vae)
-    chance = 1 / len(heldout)
-    run.log(f"probe: top-1 {ceiling:.3f} on fresh held-out renders, {through:.3f} through the VAE, chance {chance:.3f}")
-    return {"heldout_render_top1": ceiling, "heldout_vae_top1": through, "config": cfg.__dict__}
+    train, _ = run.products()
+    pairs = evaluate.with_references(train, run.cfg.r2_cases, run.cfg.seed + 21)
+    fit, images = evaluate.personalised(run.out, "nested", pairs, run.cfg.steps, run.cfg.guidance)
+    report.pairs_grid([c for c, _ in pairs], images, run.path("fit_nested.png"), references=[r for _, r in pairs])
+    run.log(f"R2 fit: nested brings back its training products at {fit['identity']['mean']:.3f}")
+    return {"nested": fit}
 
 
-def stage_evaluation(run: Run) -> dict:
+def stage_class_word(run: Run) -> dict:
     from . import evaluate
 
-    cfg = evaluate.QUICK if run.scale.quick else evaluate.EvalConfig()
-    results, reused = evaluate.evaluate(run.out, run.identities()[1], cfg, run.log)
-    results["probe_render_top1"] = run.stages["probe"]["heldout_render_top1"]
-    results["base"] = {"trigger_share": run.stages["base"]["trigger_share"]}
-    if os.path.isfile(ROUND1_SHARE) and not run.scale.quick:
-        with open(ROUND1_SHARE) as f:
-            results["base"]["trigger_share_round1"] = json.load(f)
-    with open(run.path("results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    return {"results": "results.json", "seconds_before_resume": reused}  # a resumed stage counts its cached cells
+    _, heldout = run.products()
+    args = (run.cfg.r1_cases, run.cfg.seed + 11, run.cfg.steps, run.cfg.guidance)  # R1's held-out cases
+    alone = evaluate.class_word_alone(run.path("base"), heldout, *args)
+    run.log(f"R2 diagnosis: the look through the class word's state alone, identity {alone['identity']['mean']:.3f}")
+    return {"heldout": alone}
 
 
-def stage_report(run: Run) -> dict:
-    from . import report
-
-    docs = run.docs or run.out
-    figures = os.path.join(docs, "study") if run.docs else run.path("report")
-    analysis = ""
-    if not run.scale.quick and os.path.isfile(ANALYSIS):  # written by hand for the full run's numbers
-        with open(ANALYSIS) as f:
-            analysis = f.read()
-    with open(run.path("results.json")) as f:
-        results = json.load(f)
-    stages = {k: v for k, v in run.stages.items() if isinstance(v, dict) and "stage_seconds" in v}
-    results["run_seconds"] = round(sum(v["stage_seconds"] for v in stages.values()), 1)  # every stage before this
-    with open(run.path("results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    md = os.path.join(docs, "STUDY.md")
-    record = report.write_report(run.out, run.identities()[1], figures, md, run.stages, analysis, run.readme)
-    if run.docs:
-        shutil.copyfile(run.path("results.json"), os.path.join(figures, "results.json"))
-    return record
-
-
-def _after_evaluation(run: Run, label: str, take) -> int:
-    """A reading beside a finished evaluation: ``take(train, heldout, cfg)`` returns the file it wrote."""
-    from . import evaluate
-
-    if "evaluation" not in run.stages:
-        raise SystemExit(f"{run.out} has no finished evaluation stage; run the study first.")
-    cfg = evaluate.QUICK if run.scale.quick else evaluate.EvalConfig()
-    train, heldout = run.identities()
-    run.log(f"{label}: wrote {take(train, heldout, cfg)}")
-    return 0
-
-
-def _diagnose(run: Run, readings) -> int:
-    from . import diagnose
-
-    def take(train, heldout, cfg):
-        return diagnose.diagnose(run.out, train, heldout, cfg, run.log, readings)
-
-    return _after_evaluation(run, "diagnose", take)
+def ladder(run: Run) -> dict:
+    """Each rung's figures and whether it holds (None: not measured, because a lower rung failed or it is not
+    built yet)."""
+    cfg, stages = run.cfg, run.stages
+    rungs: dict = {}
+    if "reader" in stages:
+        true = stages["reader"]["true_renders"]["identity"]["mean"]
+        through = stages["autoencoder"]["through_autoencoder"]["identity"]["mean"] if "autoencoder" in stages else None
+        rungs["r0"] = {
+            "true_renders": true,
+            "through_autoencoder": through,
+            "bar": "identity read right >= 0.97 on true renders, >= 0.95 through the autoencoder",
+            "holds": None if through is None else true >= 0.97 and through >= 0.95,
+        }
+    if "described" in stages:
+        held = stages["described"]["heldout"]
+        rungs["r1"] = {
+            "identity": held["identity"]["mean"],
+            "background": held["background"]["mean"],
+            "placement": held["placement"]["mean"],
+            "bar": f"identity >= {cfg.r1_identity}, background and placement >= {cfg.r1_scene}",
+            "holds": held["identity"]["mean"] >= cfg.r1_identity
+            and min(held["background"]["mean"], held["placement"]["mean"]) >= cfg.r1_scene,
+        }
+    if "fit" in stages:
+        fit = stages["fit"]["nested"]["identity"]["mean"]
+        rungs["r2"] = {"identity": fit, "bar": f"identity >= {cfg.r2_identity}", "holds": fit >= cfg.r2_identity}
+        if "class_word" in stages:  # its diagnosis: the base told the look through the class word's state alone
+            rungs["r2"]["base_look_through_class_word"] = stages["class_word"]["heldout"]["identity"]["mean"]
+    for name in ("r0", "r1", "r2", "r3", "r4"):
+        rungs.setdefault(name, {"holds": None})
+    return rungs
 
 
-def _pilot(run: Run, cases: int, change: str) -> int:
-    from . import encoders, pilot, worth
-
-    enc, reading = (encoders.QUICK, worth.QUICK) if run.scale.quick else (encoders.EncoderConfig(), worth.WorthConfig())
-
-    def take(_, heldout, cfg):
-        return pilot.pilot(run.out, heldout, cases, cfg, enc, change, reading, run.log)
-
-    return _after_evaluation(run, "pilot", take)
-
-
-def _base_pilot(run: Run, change: str) -> int:
-    from . import base_pilot
-
-    def take(train, heldout, cfg):
-        return base_pilot.base_pilot(run.out, train, heldout, cfg, change, run.log)
-
-    return _after_evaluation(run, "base pilot", take)
-
-
-def _guidance(run: Run, scales: tuple) -> int:
-    from . import guidance
-
-    def take(_, heldout, cfg):
-        return guidance.guidance(run.out, heldout, cfg, run.log, scales)
-
-    return _after_evaluation(run, "guidance", take)
-
-
-CACHES = {  # what --again deletes
-    "base": ["base"],
-    "encoders": ["encoders/adapters", "encoders/data"],
-    "probe": ["probe"],
-    "evaluation": ["eval"],
-}
 STAGES = [
-    ("world", stage_world),
-    ("base", stage_base),
-    ("encoders", stage_encoders),
-    ("probe", stage_probe),
-    ("evaluation", stage_evaluation),
-    ("report", stage_report),
+    ("world", stage_world, None),
+    ("reader", stage_reader, None),
+    ("autoencoder", stage_autoencoder, None),
+    ("base", stage_base, "r0"),  # the base is built on a reader that holds
+    ("described", stage_described, "r0"),
+    ("encoders", stage_encoders, "r1"),  # subjects are trained on a base that draws what it is told
+    ("fit", stage_fit, "r1"),
+    ("class_word", stage_class_word, "r1"),  # R2's diagnosis: can the class word's value carry the look at all?
 ]
 
 
-def _compare(run: Run, against: str) -> int:
-    from .compare import compare
+def run_study(run: Run, until: str | None = None) -> dict:
+    for name, fn, needs in STAGES:
+        if run.cfg.gated and needs is not None and ladder(run)[needs]["holds"] is not True:
+            run.log(f"{name}: not attempted, {needs.upper()} does not hold")
+            break
+        run.stage(name, fn)
+        if name == until:
+            break
+    results = {"ladder": ladder(run), "stages": {k: v for k, v in run.stages.items() if k != "config"}}
+    results["run_seconds"] = round(sum(v.get("stage_seconds", 0) for v in results["stages"].values()), 1)
+    with open(run.path("results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    from . import report
 
-    for folder in (run.out, against):
-        path = os.path.join(folder, "stages.json")
-        if not os.path.isfile(path) or "evaluation" not in json.load(open(path)):
-            raise SystemExit(f"{folder} has no finished evaluation stage; run the study first.")
-    run.log(f"compare: wrote {compare(run.out, against)}")
-    return 0
-
-
-def _worth(run: Run) -> int:
-    from . import worth
-
-    if "encoders" not in run.stages:
-        raise SystemExit(f"{run.out} has no finished encoders stage; run the study first.")
-    cfg = worth.QUICK if run.scale.quick else worth.WorthConfig()
-    train, heldout = run.identities()
-    run.log(f"worth: wrote {worth.worth(run.out, train, heldout, cfg, run.log)}")
-    return 0
+    report.write(run, results)
+    return results
 
 
 @command_line
 def main(argv=None) -> int:
-    from .base_pilot import CHANGES as BASE_CHANGES
-    from .diagnose import READINGS
-    from .guidance import SCALES
-    from .pilot import CHANGES
-
     p = argparse.ArgumentParser(prog="python -m study", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run (or continue) the study")
+    r = sub.add_parser("run", help="the ladder, stage by stage (each cached and resumable)")
     r.add_argument("--out", required=True, help="folder of the run's stages")
     r.add_argument("--quick", action="store_true", help="toy scale: checks the pipeline and formats, not the numbers")
-    r.add_argument("--until", choices=[name for name, _ in STAGES], help="stop after this stage")
-    r.add_argument("--docs", help="write STUDY.md here and its figures and results.json under DOCS/study")
+    r.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a study/config.py field")
+    r.add_argument("--until", choices=[name for name, _, _ in STAGES], help="stop after this stage")
+    r.add_argument("--docs", help="write STUDY.md's ladder block and the figures and results.json under DOCS/study")
     r.add_argument("--readme", help="fill this README's <!-- study:start --> ... <!-- study:end --> block")
-    r.add_argument(
-        "--again",
-        nargs="*",
-        default=[],
-        choices=[name for name, _ in STAGES],
-        help="run these finished stages again, and every later one (e.g. report)",
-    )
-    g = sub.add_parser("diagnose", help="after the evaluation: readings of where identity is lost (study/diagnose.py)")
-    g.add_argument("--out", required=True, help="the run's folder")
-    g.add_argument("--quick", action="store_true", help="a --quick run's folder")
-    g.add_argument("--readings", nargs="+", choices=READINGS, default=READINGS, help="take only these (default: all)")
-    pl = sub.add_parser("pilot", help="after the evaluation: one change to nested's training (study/pilot.py)")
-    pl.add_argument("--out", required=True, help="the run's folder")
-    pl.add_argument("--quick", action="store_true", help="a --quick run's folder")
-    pl.add_argument("--cases", type=int, default=150, help="main-table cases read (default: all 150)")
-    pl.add_argument("--change", required=True, choices=sorted(CHANGES), help="the change tried (study/pilot.py)")
-    bp = sub.add_parser("base-pilot", help="after the evaluation: one change to the base (study/base_pilot.py)")
-    bp.add_argument("--out", required=True, help="the run's folder")
-    bp.add_argument("--quick", action="store_true", help="a --quick run's folder")
-    bp.add_argument("--change", required=True, choices=sorted(BASE_CHANGES), help="the change (study/base_pilot.py)")
-    gs = sub.add_parser("guidance", help="after the evaluation: the sampler's guidance scale (study/guidance.py)")
-    gs.add_argument("--out", required=True, help="the run's folder")
-    gs.add_argument("--quick", action="store_true", help="a --quick run's folder")
-    gs.add_argument(
-        "--scales", nargs="+", type=float, help="the scales read, the round's among them (default: round 8's 2 4 7 12)"
-    )
-    w = sub.add_parser("worth", help="after the encoders: what the subject is worth to the denoiser (study/worth.py)")
-    w.add_argument("--out", required=True, help="the run's folder")
-    w.add_argument("--quick", action="store_true", help="a --quick run's folder")
-    c = sub.add_parser("compare", help="after two evaluations: one run's main cells against another's, case by case")
-    c.add_argument("--out", required=True, help="the run's folder")
-    c.add_argument("--against", required=True, help="the other run's folder (the same world and settings)")
-    c.add_argument("--quick", action="store_true", help="--quick runs' folders")
-    d = sub.add_parser("demo", help="personalised images of held-out products from trained weights")
-    d.add_argument("--weights", default=os.path.join(os.path.dirname(__file__), "weights"), help="a run's folder")
-    d.add_argument("--out", required=True, help="output folder")
+    d = sub.add_parser("demo", help="held-out products put into new scenes with the committed weights (a grid)")
+    d.add_argument("--weights", default=os.path.join(os.path.dirname(__file__), "weights"), help="a full run's folder")
+    d.add_argument("--out", required=True, help="folder for the references, the images and grid.png")
     args = p.parse_args(argv)
     if args.command == "demo":
-        from .demo import demo
+        from . import report
 
-        print(f"[study demo] {demo(args.weights, args.out)}")
+        print(f"[study] demo: {report.demo(args.weights, args.out)}")
         return 0
-    if args.command == "diagnose":
-        return _diagnose(Run(args.out, QUICK if args.quick else FULL), args.readings)
-    if args.command == "pilot":
-        return _pilot(Run(args.out, QUICK if args.quick else FULL), args.cases, args.change)
-    if args.command == "base-pilot":
-        return _base_pilot(Run(args.out, QUICK if args.quick else FULL), args.change)
-    if args.command == "guidance":
-        return _guidance(Run(args.out, QUICK if args.quick else FULL), tuple(args.scales or SCALES))
-    if args.command == "compare":
-        return _compare(Run(args.out, QUICK if args.quick else FULL), args.against)
-    if args.command == "worth":
-        return _worth(Run(args.out, QUICK if args.quick else FULL))
-    run = Run(args.out, QUICK if args.quick else FULL, args.docs, args.readme)
-    names = [name for name, _ in STAGES]
-    for name in args.again:  # a stage run again makes every later stage and its caches stale
-        for later in names[names.index(name) :]:
-            run.stages.pop(later, None)
-            for cache in CACHES.get(later, ()):
-                shutil.rmtree(run.path(cache), ignore_errors=True)
-    for name, fn in STAGES:
-        run.stage(name, fn)
-        if name == args.until:
-            break
+    try:
+        cfg = config.override(config.QUICK if args.quick else config.FULL, args.set)
+    except ValueError as e:
+        raise NestedAttentionError(str(e)) from None
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    run_study(Run(args.out, cfg, args.quick, args.docs, args.readme), args.until)
     return 0
 
 

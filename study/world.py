@@ -1,117 +1,83 @@
-"""The miniature product world: procedural products ("identities") rendered into named scenes.
+"""The miniature product world (round 9 on): discrete, compositional products read back by rules from pixels.
 
-    ids = sample_identities(seed=0, count=60)          # deterministic; ids[i].kind in KINDS
-    train, heldout = split(ids, heldout=20)
-    scene = Scene("teal", [Placed(ids[0], "left", "large")])
-    image, mask = render(scene)                        # PIL RGB (size x size), PIL L mask of the products
-    caption(scene)                                     # "a bottle on the left, large, on a teal background"
-    lying = Placed(ids[0], "left", "small", marked=frozenset({"pose", "cap"}))
-    caption(Scene("teal", [lying]))                    # "a lying bottle with a cap on the left, small, ..."
+    products = all_products()                          # 450: kind x body x top band x bottom band
+    train, heldout = split(products, heldout=90, seed=0)  # held-out = unseen combinations of seen values
+    scene = Scene("grey", [Placed(products[0], "left", "large", pose="lying", light="left")])
+    image = render(scene, jitter=rng)                  # (32, 32, 3) uint8
+    caption(scene, described=True)  # "lying lit left red blue top green bottom bottle on grey left large"
+    read(image)                                        # [Reading(kind="bottle", body="red", ...)]
 
-An identity is one product: its kind's class word, a shape variant, a continuous body colour and a
-label pattern (stripes, dots, checks or a band) with its own colour and frequency. Only the base's
-training captions may name its look (a described product: "a slim fine azure striped amber bottle", one of
-768 looks per kind); the prompts a subject is tested with never do, so an identity can only come from a reference
-photo. A scene names what the
-prompt can say: a background colour, and per product a placement, a size and three attributes that act
-on the product itself (ATTRIBUTES): its pose, the side its light comes from and a white cap. Each is
-binary; the default value goes unsaid, the marked one is said. They are what a reference photo can
-contradict, so the identity-prompt trade-off can appear.
+A product's identity is four discrete parts at distinct places: its kind (the silhouette: a bottle's neck, a
+mug's handle), its body colour (the middle half) and the colours of a top and a bottom band (a quarter of its
+height each). The prompt controls the scene (background, placement, size) and two attributes of the product
+itself: its pose (upright, or lying with its top to the right) and the side its light comes from (the far half
+is shaded). A reference photo shows both attributes at their other value (Placed.flipped), so that a method that
+copies the reference rather than binding its identity loses the prompt's attributes.
+
+Every colour is one of a small palette and drawn flat, so the reader (``read``) needs no learned probe: each pixel
+goes to its nearest palette colour, the background is the border's majority, and the products are the large
+connected components of the rest; kind, bands, pose, light, size and placement follow from fixed rules.
 """
 
 from __future__ import annotations
 
-import colorsys
-from dataclasses import asdict, dataclass, field, replace
+import collections
+import itertools
+from dataclasses import dataclass, field, replace
 
 import numpy as np
-from PIL import Image
 
+RESOLUTION = 32
 KINDS = ("bottle", "box", "mug")
-PATTERNS = ("stripes", "dots", "checks", "band")
-BACKGROUNDS = {  # name -> RGB; far apart, and each pixel's nearest name is the metric's reading
-    "red": (200, 40, 40),
-    "yellow": (225, 200, 40),
-    "green": (50, 160, 60),
-    "teal": (30, 150, 150),
-    "blue": (40, 70, 200),
-    "purple": (130, 50, 170),
-    "grey": (128, 128, 128),
-    "black": (20, 20, 20),
+COLOURS = {  # product colours: name -> RGB, saturated and far apart, lit and SHADED both far from every background
+    "red": (225, 35, 35),
+    "green": (40, 185, 55),
+    "blue": (45, 75, 230),
+    "yellow": (240, 210, 25),
+    "magenta": (210, 45, 210),
+    "cyan": (35, 210, 215),
 }
-PLACEMENTS = {"left": 0.25, "centre": 0.5, "right": 0.75}  # horizontal centre, as a fraction of the width
-SIZES = {"small": 0.42, "large": 0.72}  # product height, as a fraction of the image height
-ATTRIBUTES = {  # name -> (default value, marked value, the caption's words for the marked value)
-    "pose": ("standing", "lying", "lying"),  # lying: turned 90 degrees, its top to the left
-    "light": ("right", "left", "lit from the left"),  # the side the shading's light comes from
-    "cap": ("bare", "cap", "with a cap"),  # a white cap over the top of the product
-}
-LYING_LENGTH = 0.7  # a lying product's length, as a fraction of its standing height (it fits the placements)
-CAP = (250, 250, 250)  # RGB; never a body, ink or background colour (those are saturated or dark)
-CAP_DEPTH = 0.18  # fraction of the product's height, from its top
-SHADE = (0.7, 1.1)  # the shading from the far side to the lit side
-SUPERSAMPLE = 4  # drawn at 4x then box-filtered, so edges and patterns are anti-aliased
-# Appearance words: what a base's training captions say of a described product, every word before its class
-# word so that a causal text encoder folds them into the class word's state, as in real models: its build, its
-# pattern's density, its ink's hue, its pattern and its body's hue ("a slim fine azure striped amber bottle").
-# Only the base's training captions use them (a share of its products are described); the prompts of the
-# evaluation and of encoder training never do, so identity still comes from the reference alone. Together they
-# name 768 looks per kind; a product's exact colours, its shape variant and its pattern's phase go unsaid.
-PATTERN_WORDS = {"stripes": "striped", "dots": "dotted", "checks": "checked", "band": "banded"}
-# Hue words and each one's upper hue in degrees. Most bodies are orange to yellow (far from every background),
-# so the first edges are the sextiles of the world's body hues (seed 0, 300 identities: 41.0, 47.6, 53.2, 61.5).
-HUE_WORDS = {"orange": 41.0, "amber": 47.6, "gold": 53.2, "mustard": 61.5, "lemon": 180.0, "pink": 360.0}
-# Inks take any hue: eight sectors of 45 degrees, the first centred on red, named apart from the backgrounds.
-INK_WORDS = ("crimson", "tangerine", "lime", "jade", "aqua", "azure", "violet", "magenta")
-BUILD_WORDS = ("slim", "stout")  # aspect below / above the middle of its range (0.5-0.85)
-DENSITY_WORDS = ("broad", "fine")  # pattern frequency below / above the middle of its range (2-5)
+BACKGROUNDS = {"white": (245, 245, 245), "grey": (140, 140, 140), "black": (12, 12, 12), "pink": (250, 175, 190)}
+SHADE = 0.55  # the far half's brightness, relative to the lit half
+PLACEMENTS = {"left": 9, "centre": 16, "right": 23}  # the product's centre column (before jitter)
+SIZES = {"small": 16, "large": 22}  # an upright product's height in pixels
+WIDTHS = {"small": 10, "large": 14}  # an upright bottle's or box's body width; a mug adds its handle
+POSES = ("upright", "lying")  # lying: turned 90 degrees clockwise, its top to the right
+LIGHTS = ("left", "right")  # the side the light comes from; the other half is shaded
+JITTER = 1  # unstated shifts of up to this many pixels in x and y
+PARTS = ("kind", "body", "top", "bottom")  # a product's identity, in Product's field order
+SCENE = ("background", "placement", "size")
+ATTRIBUTES = ("pose", "light")
 
 
 @dataclass(frozen=True)
-class Identity:
-    index: int
+class Product:
     kind: str
-    aspect: float  # width / height of the product (a mug's includes its handle)
-    variant: float  # kind-specific shape knob in [0, 1]: neck length, lid depth, handle size
-    body: tuple[float, float, float]  # RGB in [0, 1]
-    pattern: str
-    ink: tuple[float, float, float]  # the pattern's colour
-    frequency: float  # repeats across the body
-    phase: float  # in [0, 1)
+    body: str
+    top: str
+    bottom: str
 
-    def to_json(self) -> dict:
-        return asdict(self)
+    @property
+    def name(self) -> str:
+        return f"{self.body}-{self.top}-{self.bottom}-{self.kind}"
 
-    @staticmethod
-    def from_json(item: dict) -> "Identity":
-        return Identity(**{**item, "body": tuple(item["body"]), "ink": tuple(item["ink"])})
+    def words(self) -> str:
+        """The look in words, before the class word: "red blue top green bottom"."""
+        return f"{self.body} {self.top} top {self.bottom} bottom"
 
 
 @dataclass(frozen=True)
 class Placed:
-    identity: Identity
+    product: Product
     placement: str
     size: str
-    marked: frozenset = frozenset()  # the ATTRIBUTES that take their marked value
-    described: bool = False  # the caption names its look, world.appearance (the base's training captions only)
-
-    def value(self, attribute: str) -> str:
-        default, marked, _ = ATTRIBUTES[attribute]
-        return marked if attribute in self.marked else default
-
-    def describe(self) -> str:
-        """The kind with its marked attributes' words: "lying bottle with a cap, lit from the left,"; described:
-        "lying slim fine azure striped amber bottle ..."."""
-        words = ("lying " if "pose" in self.marked else "") + (
-            appearance(self.identity) + " " if self.described else ""
-        )
-        words += self.identity.kind
-        words += " with a cap" if "cap" in self.marked else ""
-        return words + (", lit from the left," if "light" in self.marked else "")
+    pose: str = "upright"
+    light: str = "left"
 
     def flipped(self) -> "Placed":
-        """The same product with every attribute at its other value: how a reference contradicts a prompt."""
-        return Placed(self.identity, self.placement, self.size, frozenset(ATTRIBUTES) - self.marked, self.described)
+        """The same product with pose and light at their other values: how a reference contradicts a prompt."""
+        other = {v: w for pair in (POSES, LIGHTS) for v, w in (pair, pair[::-1])}
+        return replace(self, pose=other[self.pose], light=other[self.light])
 
 
 @dataclass(frozen=True)
@@ -120,187 +86,277 @@ class Scene:
     products: list[Placed] = field(default_factory=list)
 
 
-def told(scene: Scene) -> Scene:
-    """The scene with every product's look named in its caption, as in a share of the base's training captions."""
-    return Scene(scene.background, [replace(p, described=True) for p in scene.products])
+def all_products() -> list[Product]:
+    """Every product: bands differ from the body (a band the body's colour would not be seen)."""
+    colours = list(COLOURS)
+    return [
+        Product(kind, body, top, bottom)
+        for kind, body, top, bottom in itertools.product(KINDS, colours, colours, colours)
+        if top != body and bottom != body
+    ]
 
 
-def appearance(identity: Identity) -> str:
-    """The words for its look, before its class word: "slim fine azure striped amber"."""
+def split(products: list[Product], heldout: int, seed: int = 0) -> tuple[list[Product], list[Product]]:
+    """(train, held-out): held-out products are unseen combinations; every value of every part stays seen in
+    training with every other part's values (each pair of parts' values), so only the combination is new."""
+    pairs = list(itertools.combinations(PARTS, 2))
 
-    def hue(rgb) -> float:
-        return colorsys.rgb_to_hsv(*rgb)[0] * 360
+    def keys(p: Product) -> list:
+        return [(a, getattr(p, a), b, getattr(p, b)) for a, b in pairs]
 
-    body = next(w for w, top in HUE_WORDS.items() if hue(identity.body) < top)
-    ink = INK_WORDS[int((hue(identity.ink) + 22.5) % 360 // 45)]
-    build = BUILD_WORDS[identity.aspect >= 0.675]
-    density = DENSITY_WORDS[identity.frequency >= 3.5]
-    return f"{build} {density} {ink} {PATTERN_WORDS[identity.pattern]} {body}"
-
-
-def _colour(rng: np.random.Generator) -> tuple[float, float, float]:
-    # saturated or light/dark, never a background's exact hue: any hue, saturation 0.35-1, value 0.45-1
-    h, s, v = rng.uniform(0, 1), rng.uniform(0.35, 1.0), rng.uniform(0.45, 1.0)
-    return tuple(round(c, 4) for c in colorsys.hsv_to_rgb(h, s, v))
-
-
-def _stands_out(body: tuple[float, float, float]) -> bool:
-    """A body colour far from every background at every shade, so the product never melts into the scene."""
-    palette = np.array(list(BACKGROUNDS.values()), np.float32)
-    shades = np.array([SHADE[0], 0.9, SHADE[1]])[:, None] * np.array(body) * 255
-    return bool(np.linalg.norm(np.clip(shades, 0, 255)[:, None] - palette[None], axis=-1).min() > 80)
+    left = collections.Counter(k for p in products for k in keys(p))  # pair -> products still in training
+    held: list[Product] = []
+    for i in np.random.default_rng(seed).permutation(len(products)):
+        if len(held) == heldout:
+            break
+        if all(left[k] > 1 for k in keys(products[i])):  # another training product keeps each of its pairs
+            held.append(products[i])
+            left.subtract(keys(products[i]))
+    if len(held) < heldout:
+        raise ValueError(f"only {len(held)} products can be held out with every pair of values still seen")
+    return [p for p in products if p not in held], held
 
 
-def sample_identities(seed: int, count: int) -> list[Identity]:
-    """`count` identities, kinds in turn (bottle, box, mug, bottle, ...), deterministic in `seed`."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(count):
-        body = _colour(rng)
-        while not _stands_out(body):
-            body = _colour(rng)
-        ink = _colour(rng)
-        while np.abs(np.subtract(body, ink)).sum() < 0.6:  # the pattern must be visible on the body
-            ink = _colour(rng)
-        out.append(
-            Identity(
-                index=i,
-                kind=KINDS[i % len(KINDS)],
-                aspect=round(float(rng.uniform(0.5, 0.85)), 4),  # standing: narrower than tall, lying: wider
-                variant=round(float(rng.uniform(0, 1)), 4),
-                body=body,
-                pattern=PATTERNS[int(rng.integers(len(PATTERNS)))],
-                ink=ink,
-                frequency=round(float(rng.uniform(2.0, 5.0)), 4),
-                phase=round(float(rng.uniform(0, 1)), 4),
-            )
-        )
-    return out
+def caption(scene: Scene, described: bool = False) -> str:
+    """One clause per product: "{pose} lit {light} [{look}] {kind} on {background} {placement} {size}"; two
+    products are joined by "and"; ``described`` names each product's look before its class word."""
+    clauses = [
+        f"{p.pose} lit {p.light} {p.product.words() + ' ' if described else ''}{p.product.kind} "
+        f"on {scene.background} {p.placement} {p.size}"
+        for p in scene.products
+    ]
+    return " and ".join(clauses)
 
 
-def split(identities: list[Identity], heldout: int) -> tuple[list[Identity], list[Identity]]:
-    """The last `heldout` identities are held out (kinds stay balanced when `heldout` is a multiple of 3)."""
-    return identities[:-heldout], identities[-heldout:]
+def words() -> list[str]:
+    """Every word a caption can use."""
+    return [
+        "top", "bottom", "lit", "on", "and",
+        *KINDS, *COLOURS, *BACKGROUNDS, *PLACEMENTS, *SIZES, *POSES, *LIGHTS,
+    ]  # fmt: skip
 
 
-def caption(scene: Scene) -> str:
-    """One product: "a mug on the right, small, on a red background"; two: sizes are left out (both small)."""
-    if len(scene.products) == 1:
-        p = scene.products[0]
-        return f"a {p.describe()} on the {p.placement}, {p.size}, on a {scene.background} background"
-    parts = [f"a {p.describe()} on the {p.placement}" for p in scene.products]
-    return " and ".join(parts) + f", on a {scene.background} background"
+# -- drawing -----------------------------------------------------------------------------------------------
 
 
-def _silhouette(ident: Identity, h: int, w: int) -> np.ndarray:
-    """(h, w) bool of the product drawn in its own box; the body is the lower part for a bottle."""
-    y, x = np.mgrid[0:h, 0:w]
-    u, v = (x + 0.5) / w, (y + 0.5) / h  # in [0, 1]
-    if ident.kind == "bottle":
-        neck = 0.2 + 0.2 * ident.variant  # neck height fraction
-        body = (v > neck + 0.08) & (np.abs(u - 0.5) < 0.5)
-        shoulder = (v > neck) & (v <= neck + 0.08) & (np.abs(u - 0.5) < 0.5 * (v - neck) / 0.08 + 0.15)
-        neck_part = (v <= neck) & (np.abs(u - 0.5) < 0.15)
-        return body | shoulder | neck_part
-    if ident.kind == "box":
-        lid = 0.08 + 0.12 * ident.variant
-        return (v > lid) | ((np.abs(u - 0.5) < 0.45) & (v > 0.02))
-    # mug: a body on the left 75% and a ring handle on the right
-    body = u < 0.75
-    r_out = 0.12 + 0.1 * ident.variant
-    d = np.hypot((u - 0.75) * w / h, v - 0.5)
-    handle = (u >= 0.75) & (d < r_out) & (d > r_out * 0.55)
-    return body | handle
+def _upright(product: Product, size: str) -> np.ndarray:
+    """(h, w) int8 part map of the upright product: 0 outside, 1 top band, 2 body, 3 bottom band."""
+    h, w = SIZES[size], WIDTHS[size]
+    band = h // 4
+    handle = 3 if product.kind == "mug" else 0
+    parts = np.zeros((h, w + handle), np.int8)
+    parts[:band, :w], parts[band : h - band, :w], parts[h - band :, :w] = 1, 2, 3
+    if product.kind == "bottle":  # a neck: the top band is half the body's width
+        neck = w // 4
+        parts[:band, :neck] = 0
+        parts[:band, w - neck : w] = 0
+    if product.kind == "mug":  # a handle on the right of the body's rows, the body's colour
+        rows = slice(band + 1, h - band - 1)
+        parts[rows, w : w + handle] = 2
+        parts[band + 3 : h - band - 3, w : w + handle - 1] = 0  # its hole
+    return parts
 
 
-def _pattern(ident: Identity, h: int, w: int) -> np.ndarray:
-    """(h, w) bool: where the label's ink goes, in the product's own box."""
-    y, x = np.mgrid[0:h, 0:w]
-    u, v = (x + 0.5) / w, (y + 0.5) / h
-    f, p = ident.frequency, ident.phase
-    if ident.pattern == "stripes":
-        return np.sin(2 * np.pi * (v * f + p)) > 0.2
-    if ident.pattern == "checks":
-        return (np.floor(u * f + p) + np.floor(v * f + p)) % 2 == 0
-    if ident.pattern == "dots":
-        cu, cv = (u * f + p) % 1 - 0.5, (v * f + p) % 1 - 0.5
-        return np.hypot(cu, cv) < 0.28
-    centre = 0.35 + 0.3 * p  # band: one wide horizontal band whose width follows the frequency
-    return np.abs(v - centre) < 0.5 / f
+def _product_pixels(placed: Placed) -> tuple[np.ndarray, np.ndarray]:
+    """(h, w, 3) float RGB and (h, w) bool mask of a placed product, posed and lit, before placement."""
+    parts = _upright(placed.product, placed.size)
+    if placed.pose == "lying":
+        parts = np.rot90(parts, k=-1)  # clockwise: the top to the right
+    p = placed.product
+    table = np.array([(0, 0, 0), COLOURS[p.top], COLOURS[p.body], COLOURS[p.bottom]], np.float32)
+    rgb = table[parts]
+    cols = np.nonzero((parts > 0).any(0))[0]
+    middle = (cols[0] + cols[-1] + 1) / 2
+    x = np.arange(parts.shape[1]) + 0.5
+    far = x > middle if placed.light == "left" else x < middle  # (w,)
+    rgb[:, far] *= SHADE
+    return rgb, parts > 0
 
 
-def _product(placed: Placed, H: int) -> tuple[np.ndarray, np.ndarray]:
-    """The product in its own box as it stands in the scene: (h, w) bool silhouette and (h, w, 3) colour."""
-    ident = placed.identity
-    lying = placed.value("pose") == "lying"
-    h = int(round(SIZES[placed.size] * H * (LYING_LENGTH if lying else 1.0)))  # along the product's own axis
-    w = int(round(h * ident.aspect))
-    shape = _silhouette(ident, h, w)
-    colour = np.where(_pattern(ident, h, w)[..., None], np.array(ident.ink), np.array(ident.body))
-    cap = np.zeros((h, w), bool)
-    if placed.value("cap") == "cap":
-        cap[: int(round(CAP_DEPTH * h))] = True
-    if lying:  # its top to the left
-        shape, colour, cap = np.rot90(shape), np.rot90(colour), np.rot90(cap)
-    # shading across the scene's x axis, brighter toward the light, so the product reads as a solid
-    ramp = np.linspace(*SHADE, shape.shape[1])
-    ramp = ramp[::-1] if placed.value("light") == "left" else ramp
-    colour = np.clip(colour * ramp[None, :, None], 0, 1)
-    colour[cap] = np.array(CAP) / 255  # unshaded: the metrics find the cap by its colour
-    return shape, colour
+def _origin(placed: Placed, shape: tuple, rng: np.random.Generator | None) -> tuple[int, int]:
+    """Top-left corner of the product's box: centred at its placement and the image's middle row, jittered,
+    kept inside the image."""
+    h, w = shape
+    dx, dy = (int(v) for v in rng.integers(-JITTER, JITTER + 1, 2)) if rng is not None else (0, 0)
+    left = int(round(PLACEMENTS[placed.placement] - w / 2)) + dx
+    top = int(round(RESOLUTION / 2 - h / 2)) + dy
+    return min(max(top, 1), RESOLUTION - 1 - h), min(max(left, 1), RESOLUTION - 1 - w)
 
 
-def _draw(canvas: np.ndarray, mask: np.ndarray, placed: Placed) -> None:
-    """Draws one product into canvas (H, W, 3) float and mask (H, W) float, both at supersampled size."""
-    H, W = mask.shape
-    shape, colour = _product(placed, H)
-    h, w = shape.shape
-    cx = PLACEMENTS[placed.placement] * W
-    top = int(round(0.92 * H)) - h  # products stand on a common floor line
-    left = int(round(cx - w / 2))
-    y0, x0 = max(top, 0), max(left, 0)
-    y1, x1 = min(top + h, H), min(left + w, W)
-    sub = shape[y0 - top : y1 - top, x0 - left : x1 - left]
-    canvas[y0:y1, x0:x1][sub] = colour[y0 - top : y1 - top, x0 - left : x1 - left][sub]
-    mask[y0:y1, x0:x1][sub] = 1.0
-
-
-def render(scene: Scene, size: int = 64) -> tuple[Image.Image, Image.Image]:
-    """The scene as an RGB image and the products' mask (L, 255 = product), both size x size."""
-    S = size * SUPERSAMPLE
-    canvas = np.empty((S, S, 3), np.float32)
-    canvas[:] = np.array(BACKGROUNDS[scene.background], np.float32) / 255
-    mask = np.zeros((S, S), np.float32)
+def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
+    """(RESOLUTION, RESOLUTION, 3) uint8; ``rng`` draws the unstated jitter (None: none)."""
+    image = np.empty((RESOLUTION, RESOLUTION, 3), np.float32)
+    image[:] = BACKGROUNDS[scene.background]
     for placed in scene.products:
-        _draw(canvas, mask, placed)
-    image = Image.fromarray((canvas * 255).round().astype(np.uint8)).resize((size, size), Image.BOX)
-    return image, Image.fromarray((mask * 255).round().astype(np.uint8)).resize((size, size), Image.BOX)
+        rgb, mask = _product_pixels(placed)
+        top, left = _origin(placed, mask.shape, rng)
+        window = image[top : top + mask.shape[0], left : left + mask.shape[1]]
+        window[mask] = rgb[mask]
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
-def product_masks(scene: Scene, size: int = 64) -> list[Image.Image]:
-    """Each product's own mask (L, 255 = product), in the scene's order: where its class word should attend."""
-    return [render(Scene(scene.background, [p]), size)[1] for p in scene.products]
+def product_masks(scene: Scene, image: np.ndarray) -> list[np.ndarray]:
+    """(RESOLUTION, RESOLUTION) bool per product of ``scene``, from its render ``image``: the pixels that are not the
+    background's, split at the middle column when there are two (random_scene keeps a pair apart there)."""
+    fore = (np.asarray(image) != np.array(BACKGROUNDS[scene.background], np.uint8)).any(-1)
+    if len(scene.products) == 1:
+        return [fore]
+    left = fore & (np.arange(RESOLUTION) < RESOLUTION // 2)
+    return [left, fore & ~left]
 
 
-def random_marked(rng: np.random.Generator, share: float = 0.5) -> frozenset:
-    """Each attribute marked independently with probability ``share``."""
-    return frozenset(a for a in ATTRIBUTES if rng.random() < share)
-
-
-def random_scene(
-    rng: np.random.Generator, identity: Identity, second: Identity | None = None, attributes: bool = True
-) -> Scene:
-    """A random background, placement, size and attributes for `identity` (and `second`, placed apart from it);
-    ``attributes=False`` keeps every attribute at its default."""
-    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
-    if second is None:
-        placement = list(PLACEMENTS)[int(rng.integers(len(PLACEMENTS)))]
-        size = list(SIZES)[int(rng.integers(2))]
-        marked = random_marked(rng) if attributes else frozenset()
-        return Scene(background, [Placed(identity, placement, size, marked)])
-    order = ("left", "right") if rng.integers(2) == 0 else ("right", "left")
-    marks = [random_marked(rng) if attributes else frozenset() for _ in range(2)]
-    return Scene(
-        background,
-        [Placed(identity, order[0], "small", marks[0]), Placed(second, order[1], "small", marks[1])],
+def random_placed(rng: np.random.Generator, product: Product, placement: str | None = None) -> Placed:
+    return Placed(
+        product,
+        placement or str(rng.choice(list(PLACEMENTS))),
+        str(rng.choice(list(SIZES))),
+        str(rng.choice(POSES)),
+        str(rng.choice(LIGHTS)),
     )
+
+
+def reference(rng: np.random.Generator, placed: Placed) -> Scene:
+    """Another photo of ``placed``'s product that contradicts it: a random scene, with pose and light at their other
+    values (Placed.flipped), so that a method that copies the reference loses the prompt's attributes."""
+    other = random_placed(rng, placed.product)
+    flipped = placed.flipped()
+    return Scene(str(rng.choice(list(BACKGROUNDS))), [replace(other, pose=flipped.pose, light=flipped.light)])
+
+
+def random_scene(rng: np.random.Generator, product: Product, second: Product | None = None) -> Scene:
+    """One product anywhere, or two (``second``): small and upright (so they stay apart), the first on the left
+    and the second on the right."""
+    background = str(rng.choice(list(BACKGROUNDS)))
+    if second is None:
+        return Scene(background, [random_placed(rng, product)])
+    pair = [random_placed(rng, p, side) for p, side in ((product, "left"), (second, "right"))]
+    return Scene(background, [replace(p, size="small", pose="upright") for p in pair])
+
+
+# -- reading -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the reader sees of one product; None where a part cannot be read."""
+
+    kind: str | None
+    body: str | None
+    top: str | None
+    bottom: str | None
+    placement: str
+    size: str
+    pose: str
+    light: str
+
+    def product(self) -> Product | None:
+        parts = (self.kind, self.body, self.top, self.bottom)
+        return None if None in parts else Product(*parts)
+
+
+_BG_NAMES, _COLOUR_NAMES = list(BACKGROUNDS), list(COLOURS)
+# Every colour a pixel can be: the backgrounds, each product colour lit and shaded. Index < len(_BG_NAMES): a
+# background; else product colour (i - n_bg) % n_colours.
+_PALETTE = np.array([*BACKGROUNDS.values(), *COLOURS.values(), *(np.array(list(COLOURS.values())) * SHADE)], np.float32)
+MIN_PIXELS = 24  # a component smaller than this is noise, not a product
+
+
+def _nearest(image: np.ndarray) -> np.ndarray:
+    """(H, W) int: each pixel's nearest palette entry."""
+    d = ((image[:, :, None, :].astype(np.float32) - _PALETTE[None, None]) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """4-connected components of a bool mask, each as a bool mask, largest first."""
+    seen = np.zeros_like(mask)
+    out = []
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        comp, stack = np.zeros_like(mask), [(y, x)]
+        seen[y, x] = True
+        while stack:
+            cy, cx = stack.pop()
+            comp[cy, cx] = True
+            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        out.append(comp)
+    return sorted(out, key=lambda c: -int(c.sum()))
+
+
+def read_background(image: np.ndarray) -> str:
+    """The border's majority among the backgrounds (each border pixel to its nearest background)."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.float32)
+    bgs = _PALETTE[: len(_BG_NAMES)]
+    nearest = ((border[:, None] - bgs[None]) ** 2).sum(-1).argmin(-1)
+    return _BG_NAMES[int(np.bincount(nearest, minlength=len(bgs)).argmax())]
+
+
+def _majority(names: np.ndarray) -> str | None:
+    names = names[names >= 0]
+    return _COLOUR_NAMES[int(np.bincount(names, minlength=len(_COLOUR_NAMES)).argmax())] if names.size else None
+
+
+def _kind(parts: np.ndarray) -> str:
+    """From the upright silhouette's width per row: a bottle's top quarter is narrower than its bottom one; a
+    mug's middle rows are wider than its bands (the handle); a box is even."""
+    h = parts.shape[0]
+    cols = np.arange(parts.shape[1])
+    width = np.array([np.ptp(cols[row]) + 1 if row.any() else 0 for row in parts], np.float32)  # extent, holes in
+    q = max(1, h // 4)
+    top, bottom, middle = width[:q].mean(), width[h - q :].mean(), np.median(width[q : h - q])
+    if top < 0.75 * bottom:
+        return "bottle"
+    if middle > bottom + 1.5:
+        return "mug"
+    return "box"
+
+
+def _read_product(image: np.ndarray, nearest: np.ndarray, comp: np.ndarray) -> Reading:
+    ys, xs = np.nonzero(comp)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    h, w = y1 - y0, x1 - x0
+    pose = "lying" if w > h else "upright"
+    length = max(h, w)
+    size = "large" if length >= (SIZES["small"] + SIZES["large"]) / 2 else "small"
+    centre = (x0 + x1) / 2
+    cut = [(a + b) / 2 for a, b in itertools.pairwise(PLACEMENTS.values())]
+    placement = list(PLACEMENTS)[int(np.searchsorted(cut, centre))]
+    brightness = image.astype(np.float32).sum(-1) * comp
+    mid = (x0 + x1) / 2
+    columns = np.arange(image.shape[1]) + 0.5
+    left_mean = brightness[:, columns < mid].sum() / max(1, comp[:, columns < mid].sum())
+    right_mean = brightness[:, columns >= mid].sum() / max(1, comp[:, columns >= mid].sum())
+    light = "left" if left_mean >= right_mean else "right"
+    # identity in the upright frame
+    colour = np.where(comp, (nearest - len(_BG_NAMES)) % len(_COLOUR_NAMES), -1)
+    colour = np.where(nearest < len(_BG_NAMES), -1, colour)[y0:y1, x0:x1]
+    mask = comp[y0:y1, x0:x1]
+    if pose == "lying":
+        colour, mask = np.rot90(colour, k=1), np.rot90(mask, k=1)  # counter-clockwise: back upright
+    n = colour.shape[0]
+    rows = lambda a, b: colour[int(a * n) : max(int(a * n) + 1, int(b * n))]  # noqa: E731
+    return Reading(
+        _kind(mask),
+        _majority(rows(0.375, 0.625)),
+        _majority(rows(0.0, 0.2)),
+        _majority(rows(0.8, 1.0)),
+        placement,
+        size,
+        pose,
+        light,
+    )
+
+
+def read(image: np.ndarray, count: int = 1) -> tuple[str, list[Reading]]:
+    """(background, the ``count`` largest products read left to right); fewer where fewer are drawn."""
+    image = np.asarray(image)
+    background = read_background(image)
+    nearest = _nearest(image)
+    bg = _BG_NAMES.index(background)
+    comps = [c for c in _components(nearest != bg) if c.sum() >= MIN_PIXELS][:count]
+    comps.sort(key=lambda c: np.nonzero(c)[1].mean())
+    return background, [_read_product(image, nearest, c) for c in comps]
