@@ -4,10 +4,10 @@ Each case runs the command's main() in-process (what `python -m na_engine COMMAN
 and stderr, and checks that the files the user had are byte for byte as they were.
 """
 
-import hashlib
 import os
 
 import pytest
+from command_checks import run, snapshot
 from PIL import Image
 from tiny_diffusers import make_base, make_clip_vision, make_photos
 
@@ -18,27 +18,6 @@ from na_engine.layers import diffusers_layers
 from na_engine.standalone import generate as gen
 from na_engine.standalone import prepare as prep
 from na_engine.standalone import train as trainer
-
-
-def snapshot(folder) -> dict:
-    """Every file under folder -> the hash of its bytes."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(root, f)
-            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return out
-
-
-def run(main, argv, capsys) -> tuple:
-    """(exit code, stderr) of a command's main; argparse's own refusals exit 2 with their message too."""
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return rc, err
 
 
 @pytest.fixture(scope="module")
