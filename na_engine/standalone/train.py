@@ -197,7 +197,7 @@ class EMA:
         return dict(self.shadow)
 
     def load_state_dict(self, sd: Dict[str, Tensor]) -> None:
-        self.shadow = {k: v.float().clone() for k, v in sd.items()}
+        self.shadow = {k: v.to(self.shadow[k].device, torch.float32).clone() for k, v in sd.items()}
 
 
 def init_nested_from_text(adapter: NestedAdapter, denoiser) -> None:
@@ -321,6 +321,7 @@ def check_inputs(cfg: TrainConfig):
     validation.train_data(cfg, record)
     check_data(cfg, record)
     validation.base_folder(cfg.base, cfg.base_config)
+    validation.clip_vision(cfg.clip_vision)
     layers, width = base_layers(cfg.base, cfg.base_config), clip_vision_width(cfg.clip_vision)
     flux = is_joint(layers)
     if flux and cfg.mode != "nested":
@@ -530,7 +531,7 @@ def unet_inputs(run: Session, posterior, r: RowDraws, captions: List[str]) -> St
 def optimizer_step(run: Session, step: int) -> int:
     """Clip, step the optimizer, the LR schedule and the EMA; returns the new step count."""
     norm = float(run.accelerator.clip_grad_norm_(run.adapter.parameters(), 1.0))
-    if not math.isfinite(norm):
+    if not math.isfinite(norm) and run.accelerator.scaler is None:  # fp16's scaler skips such a step itself
         _stop_non_finite(run.cfg, "gradient norm", norm, step + 1)
     run.optimizer.step()
     run.schedule.step()
@@ -610,7 +611,6 @@ def _checkpoint(run: Session, step: int) -> None:
     Its state is one safetensors file (train_state.py) and trainer.json: nothing in it is a pickle."""
     accelerator, cfg = run.accelerator, run.cfg
     folder = os.path.join(cfg.run_dir, f"checkpoint-{step:07d}")
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.makedirs(folder + ".partial", exist_ok=True)
         parts = _stateful(run.adapter, run.optimizer, run.schedule, run.ema, accelerator)
@@ -715,7 +715,13 @@ def _resume(accelerator, cfg: TrainConfig, parts: dict) -> int:
     if missing:
         raise NestedAttentionError(f"{folder} holds no {', '.join(missing)} state; resume from another checkpoint.")
     for name, part in parts.items():
-        part.load_state_dict(state[name])
+        try:
+            part.load_state_dict(state[name])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise NestedAttentionError(
+                f"{folder}: its {name} state does not fit this run ({type(e).__name__}: {str(e)[:300]}); resume "
+                "from a checkpoint of this run."
+            ) from None
     return int(meta["step"])
 
 

@@ -151,6 +151,20 @@ def _default(f: dataclasses.Field):
 def generate_options(args) -> None:
     numbers(vars(args), GENERATE)
     base_folder(args.base, args.base_config)
+    clip_vision(args.clip_vision)
+
+
+def clip_vision(path: str) -> None:
+    """A CLIP vision folder holds its weights as .safetensors; a file is one (models.clip_vision_width reads the
+    rest)."""
+    if os.path.isdir(path):
+        if not any(n.endswith(WEIGHTS) for n in os.listdir(path)):
+            raise NestedAttentionError(
+                f"--clip-vision {path} holds no .safetensors weights (a .bin would be a pickle, which is never "
+                "loaded). Use the model's .safetensors release."
+            )
+    elif os.path.isfile(path) and not path.endswith(".safetensors"):
+        raise NestedAttentionError(f"--clip-vision {path} must be a .safetensors file or a transformers folder.")
 
 
 def subjectless(args, jobs) -> None:
@@ -167,7 +181,7 @@ def subjectless(args, jobs) -> None:
 
 # -- base folders --------------------------------------------------------------------------------
 
-WEIGHTS = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+WEIGHTS = (".safetensors", ".safetensors.index.json")  # never .bin, .ckpt or .pt: those are pickles
 
 
 def _parts(folder: str, flux: bool, xl: bool) -> List[tuple]:
@@ -183,7 +197,7 @@ def _parts(folder: str, flux: bool, xl: bool) -> List[tuple]:
     denoiser = "transformer" if flux else "unet"
     parts = [("model_index.json", there("model_index.json"))]
     for sub in [denoiser, "vae", "text_encoder"] + (["text_encoder_2"] if flux or xl else []):
-        parts += [(f"{sub}/config.json", there(f"{sub}/config.json")), (f"{sub}/ weights", weights(sub))]
+        parts += [(f"{sub}/config.json", there(f"{sub}/config.json")), (f"{sub}/ weights (.safetensors)", weights(sub))]
     for sub in ["tokenizer"] + (["tokenizer_2"] if flux or xl else []):
         parts.append((f"{sub}/", there(sub) and bool(os.listdir(os.path.join(folder, sub)))))
     parts.append(("scheduler/scheduler_config.json", there("scheduler/scheduler_config.json")))
@@ -197,6 +211,11 @@ def base_folder(path: str, config: Optional[str] = None) -> None:
     from . import cli
 
     if not os.path.isdir(path):
+        if os.path.isfile(path) and not path.endswith(".safetensors"):
+            raise NestedAttentionError(
+                f"--base {path}: a single-file base must be .safetensors; a .ckpt or .pt file is a pickle, which can "
+                "run code when loaded. Use the model's .safetensors release, or its diffusers folder."
+            )
         cli.base_record(path, config)
         return
     index = _json_or_empty(os.path.join(path, "model_index.json"))

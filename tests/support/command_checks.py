@@ -24,3 +24,21 @@ def run(main, argv, capsys) -> tuple:
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return rc, err
+
+
+def command_world(root) -> dict:
+    """What the commands need, tiny and random: a base and CLIP vision folder, an adapter for them, two photos."""
+    from tiny_diffusers import make_base, make_clip_vision, make_photos
+
+    from na_engine.adapter import random_adapter
+    from na_engine.formats import save_adapter
+    from na_engine.layers import diffusers_layers
+    from na_engine.standalone.models import clip_vision_width, fresh_config, unet_config
+
+    base, vision = make_base(str(root / "base")), make_clip_vision(str(root / "vision"))
+    unet = unet_config(base)
+    adapter = str(root / "adapter.safetensors")
+    resampler = fresh_config(unet["cross_attention_dim"], clip_vision_width(vision), tokens=4, depth=1)
+    save_adapter(random_adapter(resampler, diffusers_layers(unet), seed=1), adapter)
+    photos = make_photos(str(root / "photos"), count=2)
+    return {"base": base, "vision": vision, "photos": photos, "adapter": adapter, "root": root}

@@ -7,14 +7,11 @@ and stderr, and checks that the files the user had are byte for byte as they wer
 import os
 
 import pytest
-from command_checks import run, snapshot
+from command_checks import command_world, run, snapshot
 from PIL import Image
-from tiny_diffusers import make_base, make_clip_vision, make_photos
+from tiny_diffusers import make_photos
 
-from na_engine.adapter import random_adapter
 from na_engine.errors import NestedAttentionError, command_line
-from na_engine.formats import save_adapter
-from na_engine.layers import diffusers_layers
 from na_engine.standalone import generate as gen
 from na_engine.standalone import prepare as prep
 from na_engine.standalone import train as trainer
@@ -22,22 +19,7 @@ from na_engine.standalone import train as trainer
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from na_engine.standalone.models import clip_vision_width, fresh_config, unet_config
-
-    root = tmp_path_factory.mktemp("safety")
-    base, vision = make_base(str(root / "base")), make_clip_vision(str(root / "vision"))
-    unet = unet_config(base)
-    adapter = str(root / "adapter.safetensors")
-    resampler = fresh_config(unet["cross_attention_dim"], clip_vision_width(vision), tokens=4, depth=1)
-    save_adapter(random_adapter(resampler, diffusers_layers(unet), seed=1), adapter)
-    photos = make_photos(str(root / "photos"), count=2)
-    return {
-        "base": base,
-        "vision": vision,
-        "photos": photos,
-        "adapter": adapter,
-        "root": root,
-    }
+    return command_world(tmp_path_factory.mktemp("safety"))
 
 
 # -- the error path ---------------------------------------------------------------------------

@@ -17,13 +17,10 @@ from typing import Optional
 
 import pytest
 import torch
-from command_checks import run, snapshot
+from command_checks import command_world, run, snapshot
 from PIL import Image
-from tiny_diffusers import make_base, make_clip_vision, make_photos
+from tiny_diffusers import make_photos
 
-from na_engine.adapter import random_adapter
-from na_engine.formats import save_adapter
-from na_engine.layers import diffusers_layers
 from na_engine.standalone import cli, models, train_state, validate
 from na_engine.standalone import generate as gen
 from na_engine.standalone import prepare as prep
@@ -42,18 +39,10 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from na_engine.standalone.models import clip_vision_width, fresh_config, unet_config
-
-    root = tmp_path_factory.mktemp("untrusted")
-    base, vision = make_base(str(root / "base")), make_clip_vision(str(root / "vision"))
-    unet = unet_config(base)
-    adapter = str(root / "adapter.safetensors")
-    resampler = fresh_config(unet["cross_attention_dim"], clip_vision_width(vision), tokens=4, depth=1)
-    save_adapter(random_adapter(resampler, diffusers_layers(unet), seed=1), adapter)
-    photos = make_photos(str(root / "photos"), count=2)
-    data = str(root / "data")
-    prep.prepare(photos, data, "dog", resolution=32)
-    return {"base": base, "vision": vision, "photos": photos, "adapter": adapter, "data": data, "root": root}
+    world = command_world(tmp_path_factory.mktemp("untrusted"))
+    world["data"] = str(world["root"] / "data")
+    prep.prepare(world["photos"], world["data"], "dog", resolution=32)
+    return world
 
 
 @pytest.fixture
@@ -139,6 +128,18 @@ def test_resume_never_runs_a_planted_payload(world, trained, tmp_path, capsys, p
     rc, err = run(trainer.main, argv, capsys)
     assert rc == 2 and f"holds {planted}: pickle data" in err and "earlier trainer" in err, err
     assert not marker.exists() and snapshot(tmp_path) == before
+
+
+def test_a_state_that_does_not_fit_is_named(world, trained, tmp_path, capsys):
+    out = tmp_path / "trained.safetensors"
+    shutil.copy(trained["out"], out)
+    shutil.copytree(trained["run_dir"], tmp_path / "trained_run")
+    path = str(tmp_path / "trained_run" / "checkpoint-0000002" / "state.safetensors")
+    state = train_state.load(path)
+    state["adapter"].pop(sorted(state["adapter"])[0])
+    train_state.save(path, state)
+    rc, err = run(trainer.main, _train(world, out, *RESUMED, "--steps", "3", "--resume", "latest"), capsys)
+    assert rc == 2 and "its adapter state does not fit this run (RuntimeError: " in err, err
 
 
 # -- the parser and the validation pass -------------------------------------------------------------
@@ -243,15 +244,31 @@ def test_base_folders_are_checked_part_by_part(world, tmp_path, capsys, no_model
     record.unlink()
     shutil.rmtree(base / "text_encoder")
     rc, err = run(gen.main, _gen(world, tmp_path / "o", *_subject(world), base=str(base)), capsys)
-    assert rc == 2 and "SD1.5 diffusers folder but lacks text_encoder/config.json, text_encoder/ weights." in err
+    assert rc == 2 and "SD1.5 diffusers folder but lacks text_encoder/config.json, text_encoder/ weights" in err
     flux = tmp_path / "flux"  # a Flux folder missing most of its parts, its transformer's config among them
     shutil.copytree(world["base"], flux, ignore=shutil.ignore_patterns("unet"))
     (flux / "transformer").mkdir()
     (flux / "model_index.json").unlink()
     rc, err = run(gen.main, _gen(world, tmp_path / "o", *_subject(world), base=str(flux)), capsys)
     assert rc == 2 and "looks like a Flux diffusers folder but lacks model_index.json, transformer/config.json" in err
-    assert "transformer/ weights, " in err and "text_encoder_2/config.json" in err and "tokenizer_2/." in err
+    assert "transformer/ weights (.safetensors), " in err and "text_encoder_2/config.json" in err
+    assert "tokenizer_2/." in err
     assert "unet" not in err and not (tmp_path / "o").exists()
+    pickled = tmp_path / "pickled"  # weights only as .bin: a pickle, never loaded
+    shutil.copytree(world["base"], pickled)
+    os.replace(
+        pickled / "unet" / "diffusion_pytorch_model.safetensors", pickled / "unet" / "diffusion_pytorch_model.bin"
+    )
+    rc, err = run(gen.main, _gen(world, tmp_path / "o", *_subject(world), base=str(pickled)), capsys)
+    assert rc == 2 and "lacks unet/ weights (.safetensors)" in err
+    (tmp_path / "model.ckpt").write_bytes(b"a checkpoint")
+    rc, err = run(gen.main, _gen(world, tmp_path / "o", *_subject(world), base=str(tmp_path / "model.ckpt")), capsys)
+    assert rc == 2 and "a single-file base must be .safetensors; a .ckpt or .pt file is a pickle" in err
+    vision = tmp_path / "vision"
+    shutil.copytree(world["vision"], vision)
+    os.replace(vision / "model.safetensors", vision / "pytorch_model.bin")
+    rc, err = run(gen.main, [*_gen(world, tmp_path / "o", *_subject(world)), "--clip-vision", str(vision)], capsys)
+    assert rc == 2 and "holds no .safetensors weights" in err and not (tmp_path / "o").exists()
 
 
 def test_a_json_catalogue_is_typed_field_by_field(world, tmp_path, capsys, no_model_loads):
