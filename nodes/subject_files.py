@@ -5,6 +5,8 @@ import folder_paths
 from ..na_engine import NestedAttentionError, SubjectSet, load_subject, save_subject
 from .paths import SUBJECT_FOLDER, load_named_adapter, subject_dir
 
+NAME_MAX = 255  # bytes in one file name (ext4, NTFS, APFS)
+
 
 class NestedSubjectSave:
     @classmethod
@@ -30,9 +32,15 @@ class NestedSubjectSave:
 
     def save(self, subjects, name):
         base = os.path.basename(name.strip()) or "subject"
+        stems = [base if len(subjects) == 1 else f"{base}_{subject.trigger}" for subject in subjects]
+        longest = max(len(f"{stem}_999.safetensors".encode()) for stem in stems)  # with a number, if taken
+        if longest > NAME_MAX or "\0" in base:
+            raise NestedAttentionError(
+                f"The subject name ({len(base)} characters) would make a file name of {longest} bytes with its "
+                f"ending; a file name may have at most {NAME_MAX}. Give a shorter name, without NUL characters."
+            )
         saved = []
-        for subject in subjects:
-            stem = base if len(subjects) == 1 else f"{base}_{subject.trigger}"
+        for subject, stem in zip(subjects, stems):
             path = _free_path(os.path.join(subject_dir(), stem))
             save_subject(subject, path, subject.source.get("adapter", ""))
             saved.append(os.path.basename(path))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import types
+import typing
 from typing import Dict, List
 
 import torch
@@ -58,14 +60,29 @@ def check_writable(option: str, folder: str) -> None:
 
 def base_record(base: str, base_config: str | None = None) -> dict:
     """What a base folder (or a single file's config folder) records for na_engine in na_engine.json: the
-    latents its UNet was trained on, its resolution. Empty for a base without one (SD1.5, SDXL)."""
+    latents its UNet was trained on, its resolution. Empty for a base without one (SD1.5, SDXL). A record that is
+    not JSON, or holds a value the commands cannot honour, is refused, naming the file and the field."""
     import json
 
     for folder in (base, base_config):
         path = os.path.join(folder, "na_engine.json") if folder and os.path.isdir(folder) else ""
-        if os.path.isfile(path):
+        if not os.path.isfile(path):
+            continue
+        try:
             with open(path) as f:
-                return json.load(f)
+                record = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise NestedAttentionError(f"{path} is not valid JSON ({e}); fix it or remove it.") from None
+        faults = [] if isinstance(record, dict) else [f"expected an object, not {type(record).__name__}"]
+        record = record if isinstance(record, dict) else {}
+        if record.get("latents", "sample") not in ("mean", "sample"):
+            faults.append(f'"latents" is {record["latents"]!r}; expected "mean" or "sample"')
+        size = record.get("resolution", 8)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 8 or size % 8:
+            faults.append(f'"resolution" is {size!r}; expected a whole multiple of 8')
+        if faults:
+            raise NestedAttentionError(f"{path}: {'; '.join(faults)}.")
+        return record
     return {}
 
 
@@ -89,7 +106,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def add_config_arguments(p: argparse.ArgumentParser, config: type, helps: Dict[str, str], **extra: dict) -> None:
     """One --option per field of the dataclass ``config`` named in ``helps``, its default the dataclass's own.
 
-    ``extra[field]`` adds argparse keywords (``choices``; ``flag`` renames the option)."""
+    ``extra[field]`` adds argparse keywords (``choices``; ``flag`` renames the option). An option's type is its
+    field's annotation (Optional[X]: X)."""
+    hints = typing.get_type_hints(config)
     for f in dataclasses.fields(config):
         if f.name not in helps:
             continue
@@ -104,8 +123,15 @@ def add_config_arguments(p: argparse.ArgumentParser, config: type, helps: Dict[s
         elif isinstance(default, list):
             kind = dict(action="append", default=default)
         else:
-            kind = dict(type=str if default is None else type(default), default=default)
+            kind = dict(type=value_type(hints[f.name]), default=default)
         p.add_argument(flag, dest=f.name, help=helps[f.name], **{**kind, **more})
+
+
+def value_type(annotation) -> type:
+    """The type of a field's value: int for int and for Optional[int]."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return annotation
 
 
 def check_launch() -> None:

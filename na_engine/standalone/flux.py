@@ -58,7 +58,7 @@ def load_pipeline(path: str, dtype: torch.dtype):
     """The frozen FluxPipeline of a local folder (nothing is downloaded)."""
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, use_safetensors=True)
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False).eval()
     return pipe

@@ -41,12 +41,12 @@ from torch import Tensor
 from ..adapter import NestedAdapter
 from ..binding import ModelCall, Placement
 from ..capture import AttentionCapture, token_legend
-from ..errors import NestedAttentionError, command_line
+from ..errors import NestedAttentionError, command_line, disk_full
 from ..hosts.diffusers_processor import install
 from ..layers import is_joint
 from ..subjects import Subject
 from ..tokens import has_word
-from . import cli
+from . import cli, validate
 from .models import Base, Vision, encode_subject, trigger_where
 
 
@@ -212,6 +212,7 @@ def _csv_jobs(path: str) -> List[Job]:
 
 
 def _json_jobs(path: str, spec) -> List[Job]:
+    validate.catalogue(path, spec)
     base = os.path.dirname(os.path.abspath(path))
     try:
         subjects = [
@@ -307,6 +308,8 @@ def run_jobs(
             for picture, path in files:
                 picture.save(path + ".partial", format="PNG")
         except (NestedAttentionError, RuntimeError, OSError, ValueError) as e:
+            if disk_full(e):
+                raise  # a full disk fails every row alike: stop at once (errors.command_line says so)
             failed.append((i, f"{type(e).__name__}: {e}"))
             print(f"row {i + 1} ({os.path.basename(stems[i])}) failed, the others go on: {e}", file=sys.stderr)
             continue
@@ -477,6 +480,7 @@ def check_arguments(args) -> None:
                 f"--batch takes every row's prompt, subject, trigger and seed from its file; {', '.join(given)} "
                 "would be ignored. Drop them, or put them in the catalogue."
             )
+    validate.generate_options(args)
     if args.size is not None and args.size % 8:
         raise NestedAttentionError(f"--size must be a multiple of 8 (the VAE's factor), not {args.size}.")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -490,6 +494,7 @@ def generate(args) -> List[str]:
     from .models import base_layers, check_match, clip_vision_width, load_base, load_vision
 
     jobs = read_jobs(args.batch) if args.batch else _jobs_from_args(args)
+    validate.subjectless(args, jobs)
     if not args.adapter and any(job.images for job in jobs):
         raise NestedAttentionError("Rows with a subject need --adapter (only base images, without a subject, do not).")
     for job in jobs:  # the tokenizer checks again, exactly, once it is loaded

@@ -168,13 +168,17 @@ def load_base(path: str, config: Optional[str] = None, dtype: torch.dtype = torc
         tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if is_xl else [])
         unet, vae, scheduler = pipe.unet, pipe.vae.to(torch.float32), DDPMScheduler.from_config(pipe.scheduler.config)
     else:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
-        encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype)]
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True)
+        encoders = [
+            CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype, use_safetensors=True)
+        ]
         tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")]
         if is_xl:
             encoders.append(
-                CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", torch_dtype=dtype)
+                CLIPTextModelWithProjection.from_pretrained(
+                    folder, subfolder="text_encoder_2", torch_dtype=dtype, use_safetensors=True
+                )
             )
             tokenizers.append(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"))
         scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
@@ -188,7 +192,7 @@ def load_vision(path: str, dtype: torch.dtype = torch.float32) -> Vision:
 
     width = clip_vision_width(path)
     if os.path.isdir(path):
-        model = CLIPVisionModelWithProjection.from_pretrained(path, torch_dtype=dtype)
+        model = CLIPVisionModelWithProjection.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
         size = model.config.image_size
         has_processor = os.path.isfile(os.path.join(path, "preprocessor_config.json"))
         processor = CLIPImageProcessor.from_pretrained(path) if has_processor else _processor(size)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import List, Optional, Sequence, Tuple, Union
 
 from ..errors import NestedAttentionError, command_line
@@ -89,15 +90,22 @@ def prepare(
     if not files:
         raise NestedAttentionError(f"{src} holds no images ({', '.join(cli.IMAGE_EXTS)}).")
     triggers = _check_captions(src, files, words, template, keep_captions)
-    os.makedirs(out, exist_ok=True)
+    groups_of = {file: _groups(src, os.path.splitext(file)[0], triggers[file]) for file in files}
+    several = [file for file, found in triggers.items() if len(found) > 1]
+    if several and masks is None:
+        raise NestedAttentionError(
+            f"{several[0]} shows several subjects ({', '.join(triggers[several[0]])}); without --masks each would "
+            "take the whole photo as its reference. Prepare with --masks (masks/<name>.<word>.png per subject), or "
+            "move the photos of several subjects out of the folder."
+        )
+    final, out = os.path.normpath(os.path.abspath(out)), _staging(out, overwrite)
     items: List[str] = []
     item_subjects_: List[List[dict]] = []
     skipped: List[dict] = []
     for file in files:
         stem = os.path.splitext(file)[0]
         name = stem.replace("/", "__")
-        found = triggers[file]
-        groups = _groups(src, stem, found)
+        found, groups = triggers[file], groups_of[file]
         suffixes = [""] if len(found) == 1 else [f".{w}" for w in found]
         image, subject_masks, reason = _read(os.path.join(src, file), [_mask_path(masks, stem + x) for x in suffixes])
         if reason:
@@ -116,6 +124,8 @@ def prepare(
         items.append(name)
         item_subjects_.append(subjects)
     if not items:
+        if out != final:
+            shutil.rmtree(out)
         raise NestedAttentionError(
             f"None of the {len(files)} images in {src} could be read: "
             + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped)
@@ -129,9 +139,27 @@ def prepare(
         "subjects": item_subjects_,
         "skipped": skipped,
     }
-    with open(os.path.join(out, DATASET_FILE), "w") as f:
+    with open(os.path.join(out, DATASET_FILE + ".partial"), "w") as f:
         json.dump(record, f, indent=1)
+    os.replace(os.path.join(out, DATASET_FILE + ".partial"), os.path.join(out, DATASET_FILE))
+    if out != final:
+        if os.path.isdir(final):
+            os.rmdir(final)  # empty, as _check_out found it
+        os.replace(out, final)
     return record
+
+
+def _staging(out: str, overwrite: bool) -> str:
+    """Where the set is written: a new or empty --out is made whole under a hidden name beside it and renamed at
+    the end, so that a run that fails (a full disk, Ctrl-C) leaves nothing under --out and the same command runs
+    again; one left by such a run is removed first. --overwrite into a folder holding files writes into it."""
+    out = os.path.normpath(os.path.abspath(out))
+    if overwrite and os.path.isdir(out) and os.listdir(out):
+        return out
+    stage = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.prepare.partial")
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(stage)
+    return stage
 
 
 def _check_out(src: str, out: str, overwrite: bool, masks: Optional[str] = None) -> None:
@@ -165,13 +193,34 @@ def item_subjects(record: dict) -> List[List[dict]]:
 
 def _photos(src: str) -> List[str]:
     """Image paths relative to src: its own photos, then each subfolder's (one subject a folder)."""
-    found = []
+    found, links, deeper = [], [], []
     for entry in sorted(os.listdir(src)):
         path = os.path.join(src, entry)
-        if os.path.isfile(path) and entry.lower().endswith(cli.IMAGE_EXTS):
+        if os.path.islink(path):
+            links.append(entry)
+        elif os.path.isfile(path) and entry.lower().endswith(cli.IMAGE_EXTS):
             found.append(entry)
         elif os.path.isdir(path) and entry != "masks":
-            found += [f"{entry}/{f}" for f in sorted(os.listdir(path)) if f.lower().endswith(cli.IMAGE_EXTS)]
+            for name in sorted(os.listdir(path)):
+                inner = os.path.join(path, name)
+                if os.path.islink(inner):
+                    links.append(f"{entry}/{name}")
+                elif os.path.isdir(inner) and _holds_images(inner):
+                    deeper.append(f"{entry}/{name}/")
+                elif os.path.isfile(inner) and name.lower().endswith(cli.IMAGE_EXTS):
+                    found.append(f"{entry}/{name}")
+    if links:
+        raise NestedAttentionError(
+            f"{src} holds symbolic links ({', '.join(links[:5])}{' ...' if len(links) > 5 else ''}); prepare does not "
+            "follow them, as a link out of the photo folder or back into it would read photos from elsewhere or "
+            "twice. Copy the photos in instead."
+        )
+    if deeper:
+        raise NestedAttentionError(
+            f"{src} has photos two folders deep ({', '.join(deeper[:5])}{' ...' if len(deeper) > 5 else ''}); prepare "
+            "reads the folder's own photos and one subfolder per subject. Move each subject's photos into one "
+            "subfolder of it."
+        )
     stems: dict = {}
     for file in found:  # by the training image's name: a/b.jpg and a__b.jpg would both become a__b
         stems.setdefault(os.path.splitext(file)[0].replace("/", "__"), []).append(file)
@@ -186,22 +235,34 @@ def _photos(src: str) -> List[str]:
     return found
 
 
+def _holds_images(folder: str) -> bool:
+    return any(f.lower().endswith(cli.IMAGE_EXTS) for _, _, names in os.walk(folder) for f in names)
+
+
 def _groups(src: str, stem: str, words: List[str]) -> dict:
-    """class word -> the subject it shows: the photo's subfolder, else its own name; a photo of several
-    subjects names theirs in <name>.json."""
-    if len(words) == 1:
-        return {words[0]: stem.split("/")[0] if "/" in stem else stem}
+    """class word -> the subject it shows: named in <name>.json (a photo of several subjects must have one), else
+    the photo's subfolder, else its own name. A <name>.json naming a word its caption lacks is refused."""
     sidecar = os.path.join(src, stem + ".json")
+    if len(words) == 1 and not os.path.isfile(sidecar):
+        return {words[0]: stem.split("/")[0] if "/" in stem else stem}
     try:
         with open(sidecar) as f:
             named = json.load(f)["subjects"]
-        return {w: str(named[w]) for w in words}
+        groups = {w: str(named[w]) for w in words}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise NestedAttentionError(
-            f"The caption of {stem} holds several class words ({', '.join(words)}), so {sidecar} must name the "
-            f'subject each shows, e.g. {{"subjects": {{"{words[0]}": "my{words[0]}", ...}}}} '
+            f"The caption of {stem} holds the class word{'s' * (len(words) > 1)} {', '.join(words)}, so {sidecar} "
+            f'must name the subject each shows, e.g. {{"subjects": {{"{words[0]}": "my{words[0]}", ...}}}} '
             f"({type(e).__name__}: {e})."
         ) from None
+    extra = sorted(str(w) for w in named if w not in words)
+    if extra:
+        raise NestedAttentionError(
+            f"{sidecar} names {', '.join(map(repr, extra))}, which the caption of {stem} lacks (it holds "
+            f"{', '.join(words)}): that subject would never be bound. Put the word in the caption, or take it out of "
+            "the file."
+        )
+    return groups
 
 
 def _check_captions(src: str, files: List[str], words: List[str], template: str, keep: bool) -> dict:
@@ -278,7 +339,7 @@ def _read(path: str, mask_paths: List[Optional[str]]) -> Tuple[object, list, str
     return image, masks, ""
 
 
-@command_line(interrupted="run it again into a new --out, or into the same one with --overwrite.")
+@command_line(interrupted="run the same command again.")
 def main(argv=None) -> int:
     p = cli.parser("prepare", __doc__)
     p.add_argument("--src", required=True, help="folder of subject photos (optionally <name>.txt captions beside them)")

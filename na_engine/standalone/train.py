@@ -33,7 +33,8 @@ from ..binding import ModelCall, Placement
 from ..errors import NestedAttentionError, command_line
 from ..hosts.diffusers_processor import install
 from ..subjects import Subject
-from . import cli
+from . import cli, train_state
+from . import validate as validation
 from .prepare import DATASET_FILE, item_subjects
 from .references import pad_square, subject_box
 from .train_data import RowDraws, TrainSet, collate, step_batches
@@ -196,7 +197,7 @@ class EMA:
         return dict(self.shadow)
 
     def load_state_dict(self, sd: Dict[str, Tensor]) -> None:
-        self.shadow = {k: v.float().clone() for k, v in sd.items()}
+        self.shadow = {k: v.to(self.shadow[k].device, torch.float32).clone() for k, v in sd.items()}
 
 
 def init_nested_from_text(adapter: NestedAdapter, denoiser) -> None:
@@ -215,54 +216,6 @@ def init_nested_from_text(adapter: NestedAdapter, denoiser) -> None:
 
 
 # -- the run ------------------------------------------------------------------------------
-
-
-LIMITS = {  # option -> (lowest, highest) allowed; None: unbounded
-    "steps": (1, None),
-    "batch_size": (1, None),
-    "grad_accum": (1, None),
-    "checkpoint_every": (1, None),
-    "tokens": (1, None),
-    "resampler_depth": (1, None),
-    "warmup": (0, None),
-    "validate_every": (0, None),
-    "validation_steps": (1, None),
-    "workers": (0, None),
-    "caption_dropout": (0, 1),
-    "subject_dropout": (0, 1),
-    "other_photo": (0, 1),
-    "ema": (0, 0.999999),
-    "timestep_bias_portion": (1e-6, 1),
-    "subject_loss_weight": (1, None),
-}
-
-
-def check_numbers(cfg: TrainConfig) -> None:
-    """Every numeric option in its range, all the faults in one message."""
-    faults = []
-    for name, (low, high) in LIMITS.items():
-        value = getattr(cfg, name)
-        if not (value >= low and (high is None or value <= high)):  # also refuses NaN
-            faults.append(
-                f"--{name.replace('_', '-')} {value} (expected {low} to {high if high is not None else 'any'})"
-            )
-    for name in ("lr", "timestep_bias_multiplier"):
-        if not getattr(cfg, name) > 0:
-            faults.append(f"--{name.replace('_', '-')} {getattr(cfg, name)} (expected above 0)")
-    if faults:
-        raise NestedAttentionError("Out of range: " + "; ".join(faults) + ".")
-    for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            raise NestedAttentionError(
-                f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, not {getattr(cfg, name)!r}."
-            )
-
-
-CHOICES = {
-    "lr_schedule": ("cosine", "constant"),
-    "latents": ("auto", "mean", "sample"),
-    "timestep_bias": ("none", "later", "earlier"),
-}
 
 
 def check_data(cfg: TrainConfig, record: dict) -> None:
@@ -324,8 +277,7 @@ def check_inputs(cfg: TrainConfig):
     from ..layers import is_joint
     from .models import base_layers, check_match, clip_vision_width, unet_config
 
-    check_numbers(cfg)
-
+    validation.train_options(cfg)
     record_path = os.path.join(cfg.data, DATASET_FILE)
     if not os.path.isdir(cfg.data):
         raise NestedAttentionError(f"Data folder not found: {cfg.data}")
@@ -334,23 +286,21 @@ def check_inputs(cfg: TrainConfig):
             f"{cfg.data} is not a prepared training set (no {DATASET_FILE}); run `python -m na_engine prepare` on "
             "your photos first."
         )
-    with open(record_path) as f:
-        record = json.load(f)
+    try:
+        with open(record_path) as f:
+            record = json.load(f)
+        record["items"], record["class_word"], record.get("resolution")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise NestedAttentionError(
+            f"{record_path} is damaged ({type(e).__name__}: {e}); run `python -m na_engine prepare` again."
+        ) from None
     present = [i for i in record.get("items", []) if os.path.isfile(os.path.join(cfg.data, i + ".png"))]
     if not present:
         raise NestedAttentionError(
             f"The data folder {cfg.data} is empty: none of its {len(record.get('items', []))} listed images are there."
         )
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise NestedAttentionError(f"--mixed-precision must be no, fp16 or bf16, not {cfg.mixed_precision!r}.")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise NestedAttentionError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no.")
-    if cfg.trigger_weight <= 0:
-        raise NestedAttentionError(
-            f"--trigger-weight must be above 0 (1 = the paper's formula), not {cfg.trigger_weight}."
-        )
-    if cfg.mode not in ("nested", "decoupled"):
-        raise NestedAttentionError(f"--mode must be nested or decoupled, not {cfg.mode!r}.")
     if not cfg.out.endswith(".safetensors"):
         raise NestedAttentionError(f"--out must name a .safetensors adapter file, not {cfg.out!r}.")
     if os.path.isdir(cfg.out):
@@ -366,7 +316,12 @@ def check_inputs(cfg: TrainConfig):
             f"{cfg.run_dir} holds checkpoints of an earlier run (up to {earlier[-1]}). Continue it with --resume "
             "latest, or start afresh with another --out (or after removing that folder)."
         )
+    if cfg.resume:
+        check_resume(cfg)
+    validation.train_data(cfg, record)
     check_data(cfg, record)
+    validation.base_folder(cfg.base, cfg.base_config)
+    validation.clip_vision(cfg.clip_vision)
     layers, width = base_layers(cfg.base, cfg.base_config), clip_vision_width(cfg.clip_vision)
     flux = is_joint(layers)
     if flux and cfg.mode != "nested":
@@ -418,14 +373,16 @@ def train(cfg: TrainConfig) -> str:
             losses.append(micro_step(run, micro, batch))
             if (micro + 1) % cfg.grad_accum:
                 continue
-            step = optimizer_step(run, step)
             mean = run.accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
             losses = []
+            if not math.isfinite(mean):
+                _stop_non_finite(cfg, "loss", mean, step + 1)
+            step = optimizer_step(run, step)
             log.write(step, mean, run.schedule.get_last_lr()[0], time.time() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{mean:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _checkpoint(run.accelerator, cfg, step)
+                _checkpoint(run, step)
             if cfg.validate_every and step % cfg.validate_every == 0 and run.accelerator.is_main_process:
                 validate(cfg, run.base, run.vision, run.adapter, run.ema, run.data, step, run.device)
     except RuntimeError as e:
@@ -476,9 +433,8 @@ def setup(cfg: TrainConfig) -> Session:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
     model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
     ema = EMA(adapter, cfg.ema) if cfg.ema > 0 else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    start = _resume(accelerator, cfg) if cfg.resume else 0
+    parts = _stateful(adapter, optimizer, schedule, ema, accelerator)
+    start = _resume(accelerator, cfg, parts) if cfg.resume else 0
     resolution = cfg.resolution or int(record["resolution"])
     masks = cfg.subject_loss_weight != 1
     data = TrainSet(cfg.data, resolution, vision.processor, cfg.seed, cfg.other_photo, cfg.white_references, masks)
@@ -574,13 +530,32 @@ def unet_inputs(run: Session, posterior, r: RowDraws, captions: List[str]) -> St
 
 def optimizer_step(run: Session, step: int) -> int:
     """Clip, step the optimizer, the LR schedule and the EMA; returns the new step count."""
-    run.accelerator.clip_grad_norm_(run.adapter.parameters(), 1.0)
+    norm = float(run.accelerator.clip_grad_norm_(run.adapter.parameters(), 1.0))
+    if not math.isfinite(norm) and run.accelerator.scaler is None:  # fp16's scaler skips such a step itself
+        _stop_non_finite(run.cfg, "gradient norm", norm, step + 1)
     run.optimizer.step()
     run.schedule.step()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.update(run.adapter, step + 1)
     return step + 1
+
+
+def _stop_non_finite(cfg: TrainConfig, what: str, value: float, step: int) -> None:
+    """Stop a run whose loss or gradient is no longer a number, before it changes the weights: the adapter is not
+    written, and the checkpoints so far are kept."""
+    found = checkpoints(cfg.run_dir)
+    kept = f"the last good checkpoint is {os.path.join(cfg.run_dir, found[-1])}" if found else "no checkpoint yet"
+    causes = [f"--lr {cfg.lr:g} too high (try {cfg.lr / 10:g})"]
+    usual = {"subject_loss_weight": 1, "trigger_weight": 1, "timestep_bias_multiplier": 3}  # their defaults
+    causes += [f"{validation.flag(n)} {getattr(cfg, n):g} too large" for n, v in usual.items() if getattr(cfg, n) > v]
+    if cfg.mixed_precision == "fp16":
+        causes.append("fp16 overflow (use --mixed-precision bf16)")
+    raise NestedAttentionError(
+        f"The {what} became {value} at step {step}; training stopped before that step changed the weights, and no "
+        f"adapter was written ({kept}). Likely cause: {', or '.join(causes)}. Fix it and start again under another "
+        f"--out (or after removing {cfg.run_dir})."
+    )
 
 
 def export(run: Session) -> str:
@@ -625,12 +600,24 @@ class _Log:
                 csv.writer(f).writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{seconds:.1f}"])
 
 
-def _checkpoint(accelerator, cfg: TrainConfig, step: int) -> None:
-    """checkpoint-<step>/, made complete under a .partial name and renamed: a killed run leaves no half checkpoint."""
+def _stateful(adapter, optimizer, schedule, ema: Optional[EMA], accelerator) -> dict:
+    """What a checkpoint saves and a resume restores, by name: each has state_dict and load_state_dict."""
+    parts = dict(adapter=adapter, optimizer=optimizer, schedule=schedule, ema=ema, scaler=accelerator.scaler)
+    return {name: part for name, part in parts.items() if part is not None}
+
+
+def _checkpoint(run: Session, step: int) -> None:
+    """checkpoint-<step>/, made complete under a .partial name and renamed: a killed run leaves no half checkpoint.
+    Its state is one safetensors file (train_state.py) and trainer.json: nothing in it is a pickle."""
+    accelerator, cfg = run.accelerator, run.cfg
     folder = os.path.join(cfg.run_dir, f"checkpoint-{step:07d}")
-    accelerator.save_state(folder + ".partial")  # the main process the weights, each process its random state
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        os.makedirs(folder + ".partial", exist_ok=True)
+        parts = _stateful(run.adapter, run.optimizer, run.schedule, run.ema, accelerator)
+        train_state.save(
+            os.path.join(folder + ".partial", train_state.STATE_FILE),
+            {name: part.state_dict() for name, part in parts.items()},
+        )
         meta = {
             "step": step,
             "batch_size": cfg.batch_size,
@@ -648,15 +635,26 @@ def _checkpoint(accelerator, cfg: TrainConfig, step: int) -> None:
     accelerator.wait_for_everyone()
 
 
-RESUME_SAME = (  # recorded in trainer.json; a resume must match them
-    "ema",
+RESUME_SAME = (  # what changes what is trained: recorded in trainer.json, and a resume must match them
+    "lr",
+    "warmup",
     "lr_schedule",
+    "ema",
+    "resolution",
+    "tokens",
+    "resampler_depth",
+    "caption_dropout",
+    "subject_dropout",
     "latents",
     "timestep_bias",
+    "timestep_bias_multiplier",
+    "timestep_bias_portion",
     "other_photo",
     "white_references",
     "subject_loss_weight",
     "trigger_weight",
+    "seed",
+    "fixed_batch",
 )
 
 
@@ -666,17 +664,44 @@ def checkpoints(run_dir: str) -> List[str]:
     return sorted(d for d in names if re.fullmatch(r"checkpoint-\d+", d))
 
 
-def _resume(accelerator, cfg: TrainConfig) -> int:
+def check_resume(cfg: TrainConfig) -> tuple:
+    """(checkpoint folder, its trainer.json) for --resume, checked before any model loads: a folder holding a
+    pickle is refused, and every option recorded there must be this run's."""
     folder = cfg.resume
     if folder == "latest":
         found = checkpoints(cfg.run_dir)
         if not found:
             raise NestedAttentionError(f"--resume latest: no checkpoint in {cfg.run_dir}.")
         folder = os.path.join(cfg.run_dir, found[-1])
+    if not os.path.isdir(folder):
+        raise NestedAttentionError(f"--resume {folder}: no such checkpoint folder.")
+    train_state.refuse_pickles(folder)
     if not os.path.isfile(os.path.join(folder, "trainer.json")):
         raise NestedAttentionError(f"{folder} is not a training checkpoint (no trainer.json).")
-    with open(os.path.join(folder, "trainer.json")) as f:
-        meta = json.load(f)
+    try:
+        with open(os.path.join(folder, "trainer.json")) as f:
+            meta = json.load(f)
+        int(meta["step"]), meta["batch_size"], meta["grad_accum"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise NestedAttentionError(
+            f"{folder}/trainer.json is damaged ({type(e).__name__}: {e}); resume from another checkpoint."
+        ) from None
+    if meta.get("mode", "nested") != cfg.mode:
+        raise NestedAttentionError(f"{folder} was trained with --mode {meta.get('mode', 'nested')}; resume with it.")
+    differ = [n for n in RESUME_SAME if meta.get(n) != getattr(cfg, n)]
+    if differ:
+        raise NestedAttentionError(
+            f"{folder} was trained with "
+            + ", ".join(f"--{n.replace('_', '-')} {meta.get(n, '(not recorded)')}" for n in differ)
+            + "; resume with the same (this run has "
+            + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in differ)
+            + ")."
+        )
+    return folder, meta
+
+
+def _resume(accelerator, cfg: TrainConfig, parts: dict) -> int:
+    folder, meta = check_resume(cfg)
     made = (meta["batch_size"], meta["grad_accum"], meta.get("processes", 1))
     if made != (cfg.batch_size, cfg.grad_accum, accelerator.num_processes):
         raise NestedAttentionError(
@@ -685,22 +710,18 @@ def _resume(accelerator, cfg: TrainConfig) -> int:
             f"{cfg.grad_accum}. Resume with the same three: the batch is per process, and the data order follows "
             "the global batch."
         )
-    if meta.get("mode", "nested") != cfg.mode:
-        raise NestedAttentionError(f"{folder} was trained with --mode {meta.get('mode', 'nested')}; resume with it.")
-    differ = [n for n in RESUME_SAME if n in meta and meta[n] != getattr(cfg, n)]
-    if differ:
-        raise NestedAttentionError(
-            f"{folder} was trained with "
-            + ", ".join(f"--{n.replace('_', '-')} {meta[n]}" for n in differ)
-            + "; resume with the same (this run has "
-            + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in differ)
-            + ")."
-        )
-    if cfg.ema > 0 and "ema" not in meta:
-        raise NestedAttentionError(
-            f"{folder} predates the EMA default and holds no EMA state; resume it with --ema 0 --lr-schedule constant."
-        )
-    accelerator.load_state(folder)
+    state = train_state.load(os.path.join(folder, train_state.STATE_FILE))
+    missing = [name for name in parts if name not in state]
+    if missing:
+        raise NestedAttentionError(f"{folder} holds no {', '.join(missing)} state; resume from another checkpoint.")
+    for name, part in parts.items():
+        try:
+            part.load_state_dict(state[name])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise NestedAttentionError(
+                f"{folder}: its {name} state does not fit this run ({type(e).__name__}: {str(e)[:300]}); resume "
+                "from a checkpoint of this run."
+            ) from None
     return int(meta["step"])
 
 
@@ -790,11 +811,9 @@ def parse(argv=None) -> TrainConfig:
         p,
         TrainConfig,
         HELP,
-        mixed_precision={"choices": ("no", "fp16", "bf16")},
-        **{name: {"choices": choices} for name, choices in CHOICES.items()},
+        **{name: {"choices": choices} for name, choices in validation.TRAIN_CHOICES.items()},
         seed={"type": cli.seed},
-        mode={"choices": ("nested", "decoupled")},
-        validation_prompts={"flag": "--validation-prompt"},
+        **{name: {"flag": flag} for name, flag in validation.FLAGS.items()},
     )
     options = vars(p.parse_args(argv))
     options.pop("debug")  # command_line's, not the run's

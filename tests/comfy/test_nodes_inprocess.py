@@ -460,6 +460,8 @@ def test_loader_and_subject_files(pack, engine, tiny_sd15, tiny_clip, tiny_clip_
     subjects = encode(pack, loaded, tiny_clip_vision, "dog")
     node(pack, "NestedSubjectSave").save(subjects, "rex")
     node(pack, "NestedSubjectSave").save(subjects, "rex")  # never overwrites
+    with pytest.raises(engine.NestedAttentionError, match=r"a file name may have at most 255\. Give a shorter name"):
+        node(pack, "NestedSubjectSave").save(subjects, "r" * 250)
     files = sorted(p.name for p in (tmp_path / "nested_subjects").iterdir())
     assert files == ["rex.safetensors", "rex_1.safetensors"]
     back = node(pack, "NestedSubjectLoad").load("rex.safetensors")[0]

@@ -4,61 +4,22 @@ Each case runs the command's main() in-process (what `python -m na_engine COMMAN
 and stderr, and checks that the files the user had are byte for byte as they were.
 """
 
-import hashlib
 import os
 
 import pytest
+from command_checks import command_world, run, snapshot
 from PIL import Image
-from tiny_diffusers import make_base, make_clip_vision, make_photos
+from tiny_diffusers import make_photos
 
-from na_engine.adapter import random_adapter
 from na_engine.errors import NestedAttentionError, command_line
-from na_engine.formats import save_adapter
-from na_engine.layers import diffusers_layers
 from na_engine.standalone import generate as gen
 from na_engine.standalone import prepare as prep
 from na_engine.standalone import train as trainer
 
 
-def snapshot(folder) -> dict:
-    """Every file under folder -> the hash of its bytes."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(root, f)
-            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return out
-
-
-def run(main, argv, capsys) -> tuple:
-    """(exit code, stderr) of a command's main; argparse's own refusals exit 2 with their message too."""
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return rc, err
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from na_engine.standalone.models import clip_vision_width, fresh_config, unet_config
-
-    root = tmp_path_factory.mktemp("safety")
-    base, vision = make_base(str(root / "base")), make_clip_vision(str(root / "vision"))
-    unet = unet_config(base)
-    adapter = str(root / "adapter.safetensors")
-    resampler = fresh_config(unet["cross_attention_dim"], clip_vision_width(vision), tokens=4, depth=1)
-    save_adapter(random_adapter(resampler, diffusers_layers(unet), seed=1), adapter)
-    photos = make_photos(str(root / "photos"), count=2)
-    return {
-        "base": base,
-        "vision": vision,
-        "photos": photos,
-        "adapter": adapter,
-        "root": root,
-    }
+    return command_world(tmp_path_factory.mktemp("safety"))
 
 
 # -- the error path ---------------------------------------------------------------------------

@@ -166,16 +166,16 @@ def test_resume_is_exact(world):
 def test_export_matches_trained_weights_in_both_paths(world):
     """The exported file, read by load_adapter (what the ComfyUI loader node calls), gives the nested K/V
     that the diffusers processors compute from the weights the trainer checkpointed."""
-    from safetensors.torch import load_file
-
+    from na_engine.standalone import train_state
     from na_engine.subjects import Subject
 
     cfg = config(world, "export.safetensors", steps=2, ema=0.0)  # the live weights are exported, as checkpointed
     train(cfg)
     comfy_side = load_adapter(cfg.out)
     trained = load_adapter(cfg.out)  # same architecture; overwrite with the checkpointed training weights
-    sd = load_file(os.path.join(cfg.run_dir, "checkpoint-0000002", "model.safetensors"))
-    trained.load_state_dict({k[len("adapter.") :]: v for k, v in sd.items()})
+    trained.load_state_dict(
+        train_state.load(os.path.join(cfg.run_dir, "checkpoint-0000002", "state.safetensors"))["adapter"]
+    )
     tokens = torch.randn(4, comfy_side.config.output_dim)
     subject = Subject(tokens, trained, "dog")  # the subject a training step binds, its tokens needing no grad here
     for layer in comfy_side.layers:
@@ -221,7 +221,7 @@ def test_trigger_weight_changes_training_and_is_checked(world, tmp_path):
     train(plain), train(heavy)
     assert read_loss(plain) != read_loss(heavy)
     assert not torch.equal(load_adapter(plain.out).to_v[0].weight, load_adapter(heavy.out).to_v[0].weight)
-    with pytest.raises(NestedAttentionError, match=r"--trigger-weight must be above 0"):
+    with pytest.raises(NestedAttentionError, match=r"--trigger-weight 0.0 \(expected above 0 to 10\)"):
         train(config(world, "w0.safetensors", steps=1, trigger_weight=0.0))
 
 
@@ -242,7 +242,7 @@ def test_subject_loss_weight_reaches_the_step_and_needs_masks(world, tmp_path):
         assert json.load(f)["subject_loss_weight"] == 5.0
     with pytest.raises(NestedAttentionError, match=r"have no mask file .*prepare again with --masks"):
         train(config(world, "nomask.safetensors", steps=1, subject_loss_weight=5.0))
-    with pytest.raises(NestedAttentionError, match=r"--subject-loss-weight 0.5 \(expected 1 to any\)"):
+    with pytest.raises(NestedAttentionError, match=r"--subject-loss-weight 0.5 \(expected 1 to 1000\)"):
         train(config(masked, "half.safetensors", steps=1, subject_loss_weight=0.5))
 
 
