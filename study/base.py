@@ -510,7 +510,7 @@ def trigger_shares(
     their means over layers."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from na_engine.standalone.models import load_base
+    from na_engine.families.unet import load_base
 
     base = load_base(folder)
     maps = CrossAttentionMaps().install(base.unet)

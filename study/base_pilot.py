@@ -152,7 +152,7 @@ def _shares(record: dict) -> dict:
 
 
 def base_pilot(run_dir: str, train, heldout, cfg: evaluate.EvalConfig, name: str, log=print) -> str:
-    from na_engine.standalone.models import load_base
+    from na_engine.families.unet import load_base
 
     change = CHANGES[name]
     with open(os.path.join(run_dir, "stages.json")) as f:

@@ -155,9 +155,10 @@ class Evaluator:
         ``photo(scene, resolution)``: the reference a user would give (default reference_photo, background kept);
         ``base``: another base folder than the run's; ``adapters``: the TRAINED adapters loaded (none: the base
         alone, drawn with diffusers' own attention, so that a base of other widths than the adapters' reads too)."""
+        from na_engine.families.unet import load_base
         from na_engine.formats import load_adapter
         from na_engine.standalone.generate import NestedGenerator
-        from na_engine.standalone.models import load_base, load_vision
+        from na_engine.standalone.models import load_vision
 
         self.dir, self.cfg, self.log, self.heldout = os.path.join(run_dir, folder), cfg, log, heldout
         self.reused_seconds = 0.0  # what the cells taken from the cache took to compute (a resumed stage's time)

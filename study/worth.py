@@ -62,8 +62,9 @@ class Reader:
     """The base, the vision tower and each trained adapter, and the product-region error of one condition."""
 
     def __init__(self, run_dir: str):
+        from na_engine.families.unet import load_base
         from na_engine.formats import load_adapter
-        from na_engine.standalone.models import load_base, load_vision
+        from na_engine.standalone.models import load_vision
 
         self.base = load_base(os.path.join(run_dir, "base"))
         self.vision = load_vision(os.path.join(run_dir, "encoders", "vision"))
@@ -98,7 +99,7 @@ class Reader:
     @torch.no_grad()
     def target(self, scene: world.Scene, times: torch.Tensor, noise: torch.Tensor) -> dict:
         """One render noised at each of ``times`` (B,) with ``noise`` (B, 4, h, w): the model's inputs and masks."""
-        from na_engine.standalone.models import encode_prompts, trigger_where
+        from na_engine.families.unet import encode_prompts, trigger_where
 
         image, mask = world.render(scene, self.resolution)
         pixels = torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]

@@ -98,8 +98,9 @@ def test_files_have_the_formats_users_load(quick_run):
     """The base is a diffusers folder the commands load; adapters are ours (nested) and IP-Adapter Plus (decoupled)."""
     from safetensors import safe_open
 
+    from na_engine.families.unet import load_base
     from na_engine.formats import load_adapter
-    from na_engine.standalone.models import load_base, load_vision
+    from na_engine.standalone.models import load_vision
 
     out, docs, _ = quick_run
     base = load_base(str(out / "base"))

@@ -43,7 +43,8 @@ def run(main, argv, capsys) -> tuple:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from na_engine.standalone.models import clip_vision_width, fresh_config, unet_config
+    from na_engine.families.unet import unet_config
+    from na_engine.standalone.models import clip_vision_width, fresh_config
 
     root = tmp_path_factory.mktemp("safety")
     base, vision = make_base(str(root / "base")), make_clip_vision(str(root / "vision"))
