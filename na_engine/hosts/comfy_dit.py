@@ -73,15 +73,18 @@ class JointAttentionPatch:
         served = []  # the block's first attention call is its joint attention; later ones pass through
 
         def nested_joint_attention(func, q, k, v, heads, *rest, **kwargs):
-            def host(q_, k_, v_, h):  # the host's own call, in the layout the block makes it in
-                if not self.merged and q_.ndim == 3:  # merged (B, L', H*d) -> (B, H, L', d)
-                    q_, k_, v_ = (x.view(x.shape[0], x.shape[1], h, -1).transpose(1, 2) for x in (q_, k_, v_))
+            def original(q_, k_, v_, h):  # the host's own call (and any override set before ours)
                 if inner is None:
                     return func(q_, k_, v_, h, *rest, **kwargs)
                 return inner(func, q_, k_, v_, h, *rest, **kwargs)
 
+            def host(q_, k_, v_, h):  # merged (B, L', H*d) -> the host's call in the layout the block makes it in
+                if not self.merged:
+                    q_, k_, v_ = (x.view(x.shape[0], x.shape[1], h, -1).transpose(1, 2) for x in (q_, k_, v_))
+                return original(q_, k_, v_, h)
+
             if served or not self._supported(q, rest, kwargs):  # passed on untouched
-                return host(q, k, v, heads)
+                return original(q, k, v, heads)
             served.append(True)
             q, k, v = (x.flatten(2) if self.merged else _merge(x) for x in (q, k, v))  # (B, L, H*d) each
             return self._attend(call, pe, q, k, v, heads, host, inner is not None)
