@@ -12,10 +12,12 @@ from typing import Optional
 
 from ..errors import NestedAttentionError
 from .base import Family, StepInputs
+from .chroma import CHROMA
 from .flux import FLUX
+from .sd3 import SD3
 from .unet import SD15, SDXL
 
-FAMILIES = (FLUX, SDXL, SD15)  # the order of the lookups: the more specific first
+FAMILIES = (CHROMA, FLUX, SD3, SDXL, SD15)  # the order of the lookups: the more specific first
 
 __all__ = ["FAMILIES", "Family", "StepInputs", "comfy_family", "folder_family"]
 
