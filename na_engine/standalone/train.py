@@ -124,6 +124,8 @@ class NestedDenoiser(nn.Module):
     """The adapter around the frozen denoiser (a UNet, a DiT): one forward is one prediction, so DDP wraps the whole
     use.  ``family`` says how its denoiser is called (families/)."""
 
+    family: Family = SD15  # a UNet's call where none is given
+
     def __init__(
         self,
         adapter: NestedAdapter,
