@@ -9,9 +9,6 @@ from .binding import Binder, ModelCall, Placement
 from .capture import AttentionCapture, token_legend
 from .errors import NestedAttentionError
 from .formats import inspect, load_adapter, save_adapter
-from .hosts.comfy_dit import JointAttentionPatch, comfy_dit_layers
-from .hosts.comfy_layers import comfy_unet_layers, match_layers
-from .hosts.comfy_patch import NestedAttentionPatch, NestedRun, check_one_text, plan_registration
 from .layers import TABLES, Layer
 from .resampler import Resampler, ResamplerConfig
 from .subjects import Subject, SubjectSet, load_subject, save_subject
@@ -20,14 +17,11 @@ from .tokens import find_trigger, word_ids
 __all__ = [
     "AttentionCapture",
     "Binder",
-    "JointAttentionPatch",
     "Layer",
     "ModelCall",
     "NestedAdapter",
     "NestedAttentionError",
-    "NestedAttentionPatch",
     "NestedBinding",
-    "NestedRun",
     "Placement",
     "Resampler",
     "ResamplerConfig",
@@ -35,17 +29,12 @@ __all__ = [
     "SubjectMaps",
     "SubjectSet",
     "TABLES",
-    "check_one_text",
-    "comfy_dit_layers",
-    "comfy_unet_layers",
     "find_trigger",
     "inspect",
     "load_adapter",
     "load_subject",
-    "match_layers",
     "nested_attention",
     "nested_correction",
-    "plan_registration",
     "random_adapter",
     "save_adapter",
     "save_subject",

@@ -28,14 +28,18 @@ from torch import Tensor
 from .attention import AttentionFn, NestedBinding, nested_attention, nested_correction, sdpa_attention
 
 
-def joint_keys(keys: Tensor, heads: int, norm_weight: Tensor, rotation: Optional[Tensor] = None, eps: float = 1e-6):
+def joint_keys(
+    keys: Tensor, heads: int, norm_weight: Optional[Tensor], rotation: Optional[Tensor] = None, eps: float = 1e-6
+):
     """Raw nested keys (M, H*d) -> keys in the joint key space: per-head RMSNorm, then RoPE.
 
-    ``norm_weight`` (d,) is the text stream's key-norm scale; ``rotation`` (d/2, 2, 2) the rotary matrices
-    of the trigger's position, as Flux's EmbedND lays them out (x' = R x for each pair of channels)."""
+    ``norm_weight`` (d,) is the text stream's key-norm scale (None: a model whose keys go through no norm, as
+    SD3 Medium's); ``rotation`` (d/2, 2, 2) the rotary matrices of the trigger's position, as Flux's EmbedND lays
+    them out (x' = R x for each pair of channels)."""
     m, c = keys.shape
     x = keys.view(m, heads, c // heads).float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    if norm_weight is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
     if rotation is not None:
         pairs = x.reshape(m, heads, -1, 1, 2)  # (M, H, d/2, 1, 2)
         rot = rotation.float()  # (d/2, 2, 2)
@@ -84,7 +88,7 @@ def joint_layer(
     k: Tensor,
     v: Tensor,
     heads: int,
-    norm_weight: Tensor,
+    norm_weight: Optional[Tensor],
     rotation_at: Optional[Callable[[int], Tensor]] = None,
     eps: float = 1e-6,
     base_attention: AttentionFn = sdpa_attention,
@@ -101,7 +105,8 @@ def joint_layer(
     bound = []
     for i, b in binder.bindings(call, key, image):
         rotation = rotation_at(int(b.where.any(0).nonzero()[0, 0])) if rotation_at and bool(b.where.any()) else None
-        bound.append((i, replace(b, keys=joint_keys(b.keys, heads, norm_weight.to(q.device), rotation, eps))))
+        weight = None if norm_weight is None else norm_weight.to(q.device)
+        bound.append((i, replace(b, keys=joint_keys(b.keys, heads, weight, rotation, eps))))
     out = joint_nested_attention(q, k, v, heads, [b for _, b in bound], base_attention, stacked)
     if bound:
         binder.record(key, call, image, k, heads, [(i, widen(b, k.shape[1])) for i, b in bound])

@@ -138,9 +138,11 @@ TABLES: Dict[str, List[Layer]] = {
     "sd15": unet_layers(320, [(0, 1), (1, 1), (2, 1)], n_levels=4, mid_depth=1),
     "sdxl": unet_layers(320, [(1, 2), (2, 10)], n_levels=3, mid_depth=10),
     "flux": dit_layers(19, 38, 3072),  # Flux.1 dev and schnell: 24 heads of 128
+    "chroma": dit_layers(19, 38, 3072),  # Chroma1: Flux.1 schnell's blocks (an adapter's table says "flux")
+    "sd35": dit_layers(38, 0, 2432),  # SD3.5 Large: 38 joint blocks of 38 heads of 64
 }
 
-BASE_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux"}
+BASE_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux", "chroma": "Chroma", "sd35": "SD3.5"}
 
 
 def base_for_layer_count(count: int) -> str:

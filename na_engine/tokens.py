@@ -10,7 +10,7 @@ Flux's T5 gives one chunk with no BOS, ended by </s> (id 1) and padded with 0.
 from __future__ import annotations
 
 import re
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 from .errors import NestedAttentionError
 
@@ -34,19 +34,26 @@ def word_ids(tokenized_chunk: Sequence, end: int = EOS) -> List[int]:
 
 def find_trigger(chunks: Sequence[Sequence], trigger_ids: Sequence[int], trigger: str, prompt: str) -> List[int]:
     """Every context position of every occurrence of the trigger's ids (all its BPE tokens)."""
-    if not trigger_ids:
+    return find_in_parts([(chunks, trigger_ids)], trigger, prompt)
+
+
+def find_in_parts(parts: Sequence[Tuple[Sequence[Sequence], Sequence[int]]], trigger: str, prompt: str) -> List[int]:
+    """``find_trigger`` over a context that concatenates several tokenizers' chunks (SD3's CLIP, then its T5):
+    each part is (its chunks, the trigger's ids in its tokenizer), the positions counted across all parts."""
+    if any(not ids for _, ids in parts):
         raise NestedAttentionError(
             f"The trigger word {trigger!r} has no tokens; give a word such as 'person', 'dog' or 'bottle'."
         )
-    n = len(trigger_ids)
     positions: List[int] = []
     offset = 0
-    for chunk in chunks:
-        ids = [_id(t) for t in chunk]
-        for p in range(len(ids) - n + 1):
-            if ids[p : p + n] == list(trigger_ids):
-                positions.extend(range(offset + p, offset + p + n))
-        offset += len(ids)
+    for chunks, trigger_ids in parts:
+        n = len(trigger_ids)
+        for chunk in chunks:
+            ids = [_id(t) for t in chunk]
+            for p in range(len(ids) - n + 1):
+                if ids[p : p + n] == list(trigger_ids):
+                    positions.extend(range(offset + p, offset + p + n))
+            offset += len(ids)
     if not positions:
         words = " ".join(re.findall(r"[\w']+", prompt.lower()))
         raise NestedAttentionError(

@@ -1,20 +1,9 @@
 import comfy.ldm.modules.attention as comfy_attention
 
-from ..na_engine import (
-    AttentionCapture,
-    NestedAttentionError,
-    NestedAttentionPatch,
-    NestedRun,
-    check_one_text,
-    comfy_unet_layers,
-    find_trigger,
-    match_layers,
-    plan_registration,
-    token_legend,
-    word_ids,
-)
-from ..na_engine.hosts.comfy_dit import JointAttentionPatch, comfy_dit_layers, is_dit, text_key_norm
-from ..na_engine.tokens import EOS, T5_END
+from ..na_engine import AttentionCapture, NestedAttentionError, token_legend
+from ..na_engine.families import comfy_family
+from ..na_engine.hosts.comfy_layers import match_layers
+from ..na_engine.hosts.comfy_patch import NestedRun
 
 
 class NestedAttentionApply:
@@ -123,18 +112,13 @@ class NestedAttentionApply:
                 f"start_at ({start_at}) is after end_at ({end_at}); the subject would never be applied."
             )
         diffusion = model.model.diffusion_model
-        dit = is_dit(diffusion)
-        if dit:
-            _check_dit_host(diffusion)
+        family = comfy_family(diffusion)
+        family.check_comfy(diffusion, hasattr(comfy_attention, "wrap_attn"))  # where the attention override is honoured
         tokens = clip.tokenize(text)
-        chunks, end = _context_tokens(dit)
-        positions = [
-            find_trigger(chunks(tokens), word_ids(chunks(clip.tokenize(s.trigger))[0], end), s.trigger, text)
-            for s in subjects
-        ]
+        positions = [family.comfy_positions(clip, tokens, s.trigger, text) for s in subjects]
         cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
 
-        model_layers = comfy_dit_layers(diffusion) if dit else comfy_unet_layers(diffusion)
+        model_layers = family.comfy_layers(diffusion)
         for s in subjects:
             match_layers(s.adapter.layers, model_layers, repr(getattr(s.adapter, "name", "The adapter")))
         sampling = (
@@ -161,55 +145,8 @@ class NestedAttentionApply:
         )
 
         patched = model.clone()
-        (_register_dit if dit else _register_unet)(patched, run, [k for k, _ in model_layers])
-        patched.set_model_unet_function_wrapper(run.wrapper(patched.model_options.get("model_function_wrapper")))
+        family.register(patched, run, [k for k, _ in model_layers])
         return (patched, [[cond, {"pooled_output": pooled}]], capture)
-
-
-def _register_unet(patched, run, layers) -> None:
-    existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    check_one_text(existing, run)
-    for layer, key, previous in plan_registration(existing, layers):
-        patched.set_model_attn2_replace(NestedAttentionPatch(run, layer, previous), *key)
-
-
-def _register_dit(patched, run, layers) -> None:
-    """One dit block replace per double and single block, stacked on any registered before."""
-    existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    check_one_text(existing, run)
-    diffusion = patched.model.diffusion_model
-    for key in layers:
-        patch = JointAttentionPatch(run, key, text_key_norm(diffusion, key), existing.get(key[:2]))
-        patched.set_model_patch_replace(patch, "dit", key[0], key[1])
-
-
-def _check_dit_host(diffusion) -> None:
-    if not hasattr(comfy_attention, "wrap_attn"):  # where optimized_attention_override is honoured
-        raise NestedAttentionError(
-            "This ComfyUI is too old for Nested Attention on Flux: it has no attention override "
-            "(transformer_options['optimized_attention_override'], added in September 2025), which the subjects "
-            "need inside Flux's joint attention. Update ComfyUI, or use an SD1.5 or SDXL model."
-        )
-    if any(getattr(block, "flipped_img_txt", False) for block in diffusion.double_blocks):
-        raise NestedAttentionError(
-            "This DiT puts the image before the text in its joint attention (flipped_img_txt); Nested Attention "
-            "supports the Flux layout, text first."
-        )
-
-
-def _context_tokens(dit: bool):
-    """Which tokens the model's context is made of, and that tokenizer's end id.  SD1 has "l", SDXL "g" and "l"
-    at the same positions: the first encoder's chunks.  Flux's context is its T5's, "t5xxl"."""
-    return (_t5_chunks, T5_END) if dit else ((lambda tokens: next(iter(tokens.values()))), EOS)
-
-
-def _t5_chunks(tokens: dict) -> list:
-    if "t5xxl" not in tokens:
-        raise NestedAttentionError(
-            f"This is a Flux model, but the CLIP input has no T5 text encoder (it gives {sorted(tokens)}). "
-            "Load Flux's text encoders with DualCLIPLoader (clip_l and t5xxl, type flux)."
-        )
-    return tokens["t5xxl"]
 
 
 def _legend(subject):

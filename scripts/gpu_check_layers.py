@@ -298,9 +298,7 @@ def sdpa_kernels(fn: Callable, device: str) -> dict:
         for e in events
         if e.name in SDPA_OPS
     ]
-    gpu = sorted(
-        (e for e in events if e.device_type.name == "CUDA"), key=lambda e: -getattr(e, "device_time_total", 0)
-    )
+    gpu = sorted((e for e in events if e.device_type.name == "CUDA"), key=lambda e: -getattr(e, "device_time_total", 0))
     accepted, refused = [], {}
     for name in BACKENDS:
         with warnings.catch_warnings(record=True) as caught:
@@ -326,5 +324,3 @@ def sdpa_kernels(fn: Callable, device: str) -> dict:
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-

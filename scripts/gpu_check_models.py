@@ -103,9 +103,7 @@ def step_sdxl(ctx, part) -> None:
     where = torch.zeros(2, 77, dtype=torch.bool, device=ctx.device)
     where[1, TRIGGER] = True  # [negative, positive]: the positive row binds
     call = ModelCall([Placement(_subject(layers, width, ctx.device, dtype), where)], (side, side), halves=2)
-    part.add(
-        _compare_step(ctx, "sdxl", unet, lambda: unet(**inputs).sample, call, layers, dtype, pixels, batch=2)
-    )
+    part.add(_compare_step(ctx, "sdxl", unet, lambda: unet(**inputs).sample, call, layers, dtype, pixels, batch=2))
 
 
 def step_flux(ctx, part) -> None:

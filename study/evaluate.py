@@ -78,7 +78,7 @@ def reader_ceiling(products: list, scenes_each: int, seed: int, through=None) ->
 def _pipeline(folder: str):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from na_engine.standalone.models import load_base
+    from na_engine.families.unet import load_base
 
     base = load_base(folder)
     pipe = StableDiffusionPipeline(
@@ -152,9 +152,10 @@ def personalised(run_dir: str, method: str, pairs: list, steps: int, guidance: f
     through na_engine's generator. Returns (summary, images)."""
     from PIL import Image
 
+    from na_engine.families.unet import load_base
     from na_engine.formats import load_adapter
     from na_engine.standalone.generate import NestedGenerator
-    from na_engine.standalone.models import load_base, load_vision
+    from na_engine.standalone.models import load_vision
 
     from .encoders import METHODS
 

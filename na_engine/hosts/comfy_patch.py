@@ -233,3 +233,14 @@ def plan_registration(
         else:
             plan.append((layer, short if depth[short] == 1 else layer, None))
     return plan
+
+
+def register_unet(patched, run: NestedRun, layers: Sequence[tuple]) -> None:
+    """One attn2 replace per layer of the ModelPatcher ``patched``, stacked on any registered before
+    (``plan_registration``), and the model wrapper that hands each call's rows down."""
+    options = patched.model_options
+    existing = options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    check_one_text(existing, run)
+    for layer, key, previous in plan_registration(existing, layers):
+        patched.set_model_attn2_replace(NestedAttentionPatch(run, layer, previous), *key)
+    patched.set_model_unet_function_wrapper(run.wrapper(options.get("model_function_wrapper")))

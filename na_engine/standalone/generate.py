@@ -15,8 +15,8 @@ Catalogue: --batch jobs.csv, one image a row:
 Each image is written to --out with, unless --no-maps, its attention-map panel:
 [where the trigger attends | which subject token each pixel draws from | the reference coloured by token].
 A rerun skips the rows already rendered with the same job and settings.
---base may be a diffusers FluxPipeline folder, with a Flux adapter (standalone/flux.py): --cfg is then Flux's
-guidance, and a negative prompt is refused.
+--base may be a diffusers FluxPipeline folder, with a Flux adapter (na_engine/families/flux.py): --cfg is then
+Flux's guidance, and a negative prompt is refused.
 `accelerate launch --multi_gpu --num_processes N -m na_engine generate ...` splits the rows across N
 processes (GPUs, or CPU processes where none is visible), each row the same image as one process gives;
 manifest.csv lists every row with the process that rendered it.
@@ -36,18 +36,18 @@ from typing import List, Sequence, Union
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from ..adapter import NestedAdapter
 from ..binding import ModelCall, Placement
 from ..capture import AttentionCapture, token_legend
 from ..errors import NestedAttentionError, command_line, disk_full
+from ..families import folder_family
+from ..formats import load_adapter
 from ..hosts.diffusers_processor import install
-from ..layers import is_joint
 from ..subjects import Subject
 from ..tokens import has_word
 from . import cli, validate
-from .models import Base, Vision, encode_subject, trigger_where
+from .models import Vision, check_match, clip_vision_width, encode_subject, load_vision
 
 
 @dataclass
@@ -61,39 +61,22 @@ class Job:
 
 
 class NestedGenerator:
-    """A diffusers pipeline whose UNet runs the engine's nested attention (its processors may be a trainer's)."""
+    """A diffusers pipeline of the base's family whose denoiser runs the engine's nested attention (its processors
+    may be a trainer's)."""
 
-    def __init__(self, base: Base, vision: Vision, adapter: NestedAdapter, device):
-        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
+    def __init__(self, base, vision: Vision, adapter: NestedAdapter, device):
         self.base, self.vision, self.adapter, self.device = base, vision, adapter, device
+        self.family = base.family
         self.processors = install(base.unet, adapter.layers) if adapter is not None else None  # None: base images
-        scheduler = DDIMScheduler.from_config(base.scheduler.config)
-        te, tok = base.text_encoders, base.tokenizers
-        if base.is_xl:
-            self.pipe = StableDiffusionXLPipeline(base.vae, te[0], te[1], tok[0], tok[1], base.unet, scheduler)
-        else:
-            self.pipe = StableDiffusionPipeline(
-                base.vae, te[0], tok[0], base.unet, scheduler, None, None, requires_safety_checker=False
-            )
+        self.pipe = self.family.pipeline(base, device)
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
 
     @torch.no_grad()
     def encode(self, images: Sequence, trigger: str, combine: str = "concat", mode: str = "nested") -> Subject:
         """PIL photos of one subject -> the subject (models.encode_subject)."""
+        self.family.refuse_mode(mode)
         return encode_subject(self.adapter, self.vision, self.device, images, trigger, combine, mode)
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor):
-        """Latents -> PIL image, in the VAE's own dtype (the trainer keeps it in fp32 under mixed precision)."""
-        from PIL import Image
-
-        vae = self.base.vae
-        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample[0]  # (3, size, size) in [-1, 1]
-        return Image.fromarray(
-            ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        )
 
     @torch.no_grad()
     def __call__(
@@ -112,31 +95,22 @@ class NestedGenerator:
         """-> (image, maps panel or None), PIL images.  Several subjects need their own trigger words in the prompt."""
         from PIL import Image
 
+        family, pipe = self.family, self.pipe
+        family.check_call(negative, size, pipe)
         subjects = [subject] if isinstance(subject, Subject) else list(subject)
-        placements = []
-        for s in subjects:
-            where = trigger_where(self.base, [prompt], s.trigger)  # (1, T)
-            if cfg > 1:  # the pipelines batch [negative, positive]; only the positive row binds
-                where = torch.cat([torch.zeros_like(where), where])
-            placements.append(Placement(s, where, strength, trigger_weight))
+        placements = [
+            Placement(s, family.trigger_mask(self.base, pipe, prompt, s.trigger, cfg), strength, trigger_weight)
+            for s in subjects
+        ]
         legends = [
             None if s.token_attention is None else token_legend(s.token_attention, s.reference) for s in subjects
         ]
         capture = self.capture = AttentionCapture(legends) if maps else None  # kept: its sums, for measurements
-        call = ModelCall(placements, (size // self.pipe.vae_scale_factor,) * 2, capture, 2 if cfg > 1 else 1)
+        call = ModelCall(placements, family.latent_grid(pipe, size), capture, family.rows(cfg))
         with self.processors.bound(call) if self.processors is not None else contextlib.nullcontext():
             generator = torch.Generator("cpu").manual_seed(seed)
-            latents = self.pipe(
-                prompt,
-                negative_prompt=negative,
-                num_inference_steps=steps,
-                guidance_scale=cfg,
-                height=size,
-                width=size,
-                generator=generator,
-                output_type="latent",
-            ).images  # (1, 4, h, w)
-        image = self.decode(latents)
+            latents = family.sample(pipe, prompt, negative, steps, cfg, size, generator)
+        image = family.decode(self.base, latents, size)
         panel = None
         if maps:
             pixels = torch.from_numpy(np.array(image)).float()[None] / 255  # (1, H, W, 3)
@@ -489,10 +463,6 @@ def check_arguments(args) -> None:
 
 
 def generate(args) -> List[str]:
-    from ..formats import load_adapter
-    from . import flux
-    from .models import base_layers, check_match, clip_vision_width, load_base, load_vision
-
     jobs = read_jobs(args.batch) if args.batch else _jobs_from_args(args)
     validate.subjectless(args, jobs)
     if not args.adapter and any(job.images for job in jobs):
@@ -504,7 +474,8 @@ def generate(args) -> List[str]:
                 "should appear."
             )
     adapter = load_adapter(args.adapter) if args.adapter else None
-    layers = base_layers(args.base, args.base_config)
+    family = folder_family(args.base, args.base_config)
+    layers = family.folder_layers(args.base, args.base_config)
     check_match(layers, clip_vision_width(args.clip_vision), adapter, args.base, args.clip_vision)
     from accelerate import PartialState
 
@@ -514,12 +485,8 @@ def generate(args) -> List[str]:
     vision = load_vision(args.clip_vision, dtype)
     vision.model.to(device)
     adapter = adapter.to(device) if adapter is not None else None
-    if is_joint(layers):  # Flux
-        generator, large = flux.FluxGenerator(flux.load_pipeline(args.base, dtype), vision, adapter, device), True
-    else:
-        base = load_base(args.base, args.base_config, dtype)
-        generator, large = NestedGenerator(base, vision, adapter, device), base.is_xl
-    size = args.size or cli.base_record(args.base, args.base_config).get("resolution") or (1024 if large else 512)
+    generator = NestedGenerator(family.load(args.base, args.base_config, dtype), vision, adapter, device)
+    size = args.size or cli.base_record(args.base, args.base_config).get("resolution") or family.default_size
     return run_jobs(
         generator,
         jobs,

@@ -1,41 +1,25 @@
-"""Standalone model loading and encoding for the trainer and the generate command.
+"""Standalone CLIP vision loading and subject encoding for the trainer and the generate command.
 
-diffusers and transformers are imported inside the functions, so ``import na_engine``
-never pulls them in.  A base is a diffusers folder (SD1.5 or SDXL layout) or a
-single-file checkpoint with ``config`` naming a local diffusers folder for its configs.
+transformers is imported inside the functions, so ``import na_engine`` never pulls it in.  The base models are
+their family's (na_engine/families/).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ..adapter import NestedAdapter, encoder_name
+from ..adapter import NestedAdapter, encoder_name, random_adapter
 from ..errors import NestedAttentionError
-from ..layers import Layer, base_name, diffusers_layers
+from ..layers import Layer, base_name, describe
 from ..resampler import ResamplerConfig
 from ..subjects import Subject
-from ..tokens import find_trigger
-
-
-@dataclass
-class Base:
-    unet: object
-    vae: object
-    text_encoders: list
-    tokenizers: list
-    scheduler: object
-    is_xl: bool
-    layers: List[Layer] = field(default_factory=list)
-
-    @property
-    def context_dim(self) -> int:
-        return int(self.unet.config.cross_attention_dim)
+from .references import pad_square
 
 
 @dataclass
@@ -49,45 +33,6 @@ class Vision:
 
 
 # -- cheap checks on configs, before any weights are read ------------------------------------
-
-
-def unet_config(path: str, config: Optional[str] = None) -> dict:
-    """The UNet config of a base, read from json only."""
-    folder = path if os.path.isdir(path) else config
-    if os.path.isfile(path) and not config:
-        raise NestedAttentionError(
-            f"{os.path.basename(path)} is a single-file checkpoint; reading it offline needs its diffusers configs. "
-            "Pass a diffusers folder as --base, or add --base-config with a local diffusers folder of the same model "
-            "(e.g. a downloaded stable-diffusion-v1-5 or stable-diffusion-xl-base-1.0 repository)."
-        )
-    if not os.path.exists(path):
-        raise NestedAttentionError(f"Base model not found: {path}")
-    file = os.path.join(folder, "unet", "config.json")
-    if not os.path.isfile(file):
-        raise NestedAttentionError(f"{folder} is not a diffusers model folder (no unet/config.json).")
-    if os.path.isfile(path):
-        _check_index(folder)
-    with open(file) as f:
-        return json.load(f)
-
-
-def _check_index(folder: str) -> None:
-    """A single file's config folder must name its components: diffusers builds the pipeline from that list."""
-    index_file = os.path.join(folder, "model_index.json")
-    index = {}
-    if os.path.isfile(index_file):
-        with open(index_file) as f:
-            index = json.load(f)
-    needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
-    if os.path.isdir(os.path.join(folder, "text_encoder_2")):  # SDXL
-        needed += ["text_encoder_2", "tokenizer_2"]
-    missing = [c for c in needed if c not in index]
-    if missing:
-        raise NestedAttentionError(
-            f"--base-config {folder}: its model_index.json does not name {', '.join(missing)}; a single-file base "
-            "takes its components from that list. Pass the model's whole diffusers folder as downloaded (configs "
-            "and model_index.json; its weight files are not needed)."
-        )
 
 
 def clip_vision_width(path: str) -> int:
@@ -105,16 +50,6 @@ def clip_vision_width(path: str) -> int:
     return int(_vision_file_weights(path)["vision_model.embeddings.patch_embedding.weight"].shape[0])
 
 
-def base_layers(path: str, config: Optional[str] = None) -> List[Layer]:
-    """The adapter layers a base has, read from its configs: a UNet's cross-attentions, or a Flux
-    transformer's joint attentions (standalone/flux.py)."""
-    from .flux import flux_layers, is_flux
-
-    if os.path.isdir(path) and is_flux(path):
-        return flux_layers(path)
-    return diffusers_layers(unet_config(path, config))
-
-
 def check_match(
     layers: Sequence[Layer], vision_width: int, adapter: Optional[NestedAdapter], base: str, clip_vision: str
 ) -> None:
@@ -123,8 +58,6 @@ def check_match(
         return
     theirs = [(layer.comfy, layer.width) for layer in adapter.layers]
     if theirs != [(layer.comfy, layer.width) for layer in layers]:
-        from ..layers import describe
-
         raise NestedAttentionError(
             f"The adapter is made for {describe(adapter.layers)}, but the base {base} is {describe(layers)}."
         )
@@ -148,43 +81,6 @@ def fresh_config(context_dim: int, vision_width: int, tokens: int = 16, depth: i
 
 
 # -- loading ---------------------------------------------------------------------------------
-
-
-def load_base(path: str, config: Optional[str] = None, dtype: torch.dtype = torch.float32) -> Base:
-    """Frozen models in ``dtype``, except the VAE: fp32 always (the SDXL VAE overflows in fp16)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    unet_cfg = unet_config(path, config)
-    folder = path if os.path.isdir(path) else config
-    is_xl = os.path.isdir(os.path.join(folder, "text_encoder_2"))
-    if os.path.isfile(path):
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-        extra = {} if is_xl else {"safety_checker": None, "requires_safety_checker": False}
-        pipe = cls.from_single_file(path, config=config, local_files_only=True, torch_dtype=dtype, **extra)
-        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if is_xl else [])
-        tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if is_xl else [])
-        unet, vae, scheduler = pipe.unet, pipe.vae.to(torch.float32), DDPMScheduler.from_config(pipe.scheduler.config)
-    else:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True)
-        encoders = [
-            CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype, use_safetensors=True)
-        ]
-        tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")]
-        if is_xl:
-            encoders.append(
-                CLIPTextModelWithProjection.from_pretrained(
-                    folder, subfolder="text_encoder_2", torch_dtype=dtype, use_safetensors=True
-                )
-            )
-            tokenizers.append(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"))
-        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    for module in [unet, vae] + encoders:
-        module.requires_grad_(False).eval()
-    return Base(unet, vae, encoders, tokenizers, scheduler, is_xl, diffusers_layers(unet_cfg))
 
 
 def load_vision(path: str, dtype: torch.dtype = torch.float32) -> Vision:
@@ -246,61 +142,11 @@ def _vision_file_weights(path: str) -> dict:
 # -- encoding --------------------------------------------------------------------------------
 
 
-def tokenize(base: Base, prompts: Sequence[str]) -> List[Tensor]:
-    """Per tokenizer, the padded ids (B, 77)."""
-    return [
-        tok(
-            list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        for tok in base.tokenizers
-    ]
-
-
-@torch.no_grad()
-def encode_prompts(base: Base, prompts: Sequence[str], resolution: int, device) -> Tuple[Tensor, Optional[dict]]:
-    """Context (B, 77, C) as the diffusers pipelines make it, and SDXL's added conditions."""
-    ids = tokenize(base, prompts)
-    if not base.is_xl:
-        return base.text_encoders[0](ids[0].to(device))[0], None
-    states, pooled = [], None
-    for encoder, tok_ids in zip(base.text_encoders, ids):
-        out = encoder(tok_ids.to(device), output_hidden_states=True)
-        states.append(out.hidden_states[-2])
-        pooled = out[0]  # the second encoder's projected pooled output
-    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device).repeat(
-        len(prompts), 1
-    )
-    return torch.cat(states, -1), {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}
-
-
-def trigger_where(
-    base: Base, prompts: Sequence[str], trigger: Union[str, Sequence[str]], required: bool = True
-) -> Tensor:
-    """(B, 77) bool: the trigger word's token positions in each prompt (``trigger``: one word, or one per prompt).
-
-    With ``required`` a prompt without the trigger is an error that names it; otherwise its row stays empty.
-    """
-    ids = tokenize(base, prompts)[0]
-    tok = base.tokenizers[0]
-    triggers = [trigger] * len(prompts) if isinstance(trigger, str) else list(trigger)
-    where = torch.zeros(ids.shape, dtype=torch.bool)
-    for row, (prompt, word) in enumerate(zip(prompts, triggers)):
-        trigger_ids = tok(word, add_special_tokens=False).input_ids
-        try:
-            where[row, find_trigger([ids[row].tolist()], trigger_ids, word, prompt)] = True
-        except NestedAttentionError:
-            if required:
-                raise
-    return where
-
-
 def image_features(vision: Vision, images: Sequence, device) -> Tensor:
     """PIL images -> penultimate CLIP vision hidden states (n, P, E), as the ComfyUI encoder node uses.
 
     Each photo is first padded to a square of its border colour, as the trainer pads its references, so the
     processor's centre crop never cuts the subject (the node's crop "pad" does the same on grey)."""
-    from .references import pad_square
-
     pixels = vision.processor(images=[pad_square(i) for i in images], return_tensors="pt").pixel_values
     return pixel_features(vision, pixels, device)
 
@@ -329,6 +175,4 @@ def pixel_features(vision: Vision, pixels: Tensor, device) -> Tensor:
 
 def adapter_for(layers: Sequence[Layer], resampler: ResamplerConfig, seed: int = 0) -> NestedAdapter:
     """A fresh adapter for a base's layers: random resampler, nested K/V started near zero-mean small weights."""
-    from ..adapter import random_adapter
-
     return random_adapter(resampler, layers, seed=seed, base=base_name(layers)).train()

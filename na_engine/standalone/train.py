@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import functools
 import json
 import math
 import os
@@ -22,7 +21,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +30,14 @@ from torch import Tensor, nn
 from ..adapter import NestedAdapter
 from ..binding import ModelCall, Placement
 from ..errors import NestedAttentionError, command_line
+from ..families import Family, folder_family
+from ..families.unet import SD15
 from ..hosts.diffusers_processor import install
 from ..subjects import Subject
 from . import cli, train_state
 from . import validate as validation
+from .generate import NestedGenerator
+from .models import adapter_for, check_match, clip_vision_width, fresh_config, load_vision, pixel_features
 from .prepare import DATASET_FILE, item_subjects
 from .references import pad_square, subject_box
 from .train_data import RowDraws, TrainSet, collate, step_batches
@@ -119,11 +122,23 @@ def training_latents(posterior, eps: Tensor, sample: bool, vae) -> Tensor:
 
 
 class NestedDenoiser(nn.Module):
-    """The adapter around the frozen UNet: one forward is one noise prediction, so DDP wraps the whole use."""
+    """The adapter around the frozen denoiser (a UNet, a DiT): one forward is one prediction, so DDP wraps the whole
+    use.  ``family`` says how its denoiser is called (families/)."""
 
-    def __init__(self, adapter: NestedAdapter, unet, trigger: str, mode: str = "nested", trigger_weight: float = 1.0):
+    family: Family = SD15  # a UNet's call where none is given
+
+    def __init__(
+        self,
+        adapter: NestedAdapter,
+        unet,
+        trigger: str,
+        mode: str = "nested",
+        trigger_weight: float = 1.0,
+        family: Family = SD15,
+    ):
         super().__init__()
         self.adapter, self.trigger, self.mode, self.trigger_weight = adapter, trigger, mode, trigger_weight
+        self.family = family
         self.__dict__["unet"] = unet  # frozen, not a submodule: DDP ignores it
         self.__dict__["processors"] = install(unet, adapter.layers)
 
@@ -161,18 +176,10 @@ class NestedDenoiser(nn.Module):
             mask[rows[s]] = where[s]
             subject = Subject(tokens[s], self.adapter, self.trigger, mode=self.mode)
             placements.append(Placement(subject, mask, trigger_weight=self.trigger_weight))
-        with self.processors.bound(ModelCall(placements, self.grid(noisy))):
-            pred = self.denoise(noisy, timesteps, context, added)
+        with self.processors.bound(ModelCall(placements, self.family.grid(noisy))):
+            pred = self.family.denoise(self.unet, noisy, timesteps, context, added)
         # A batch that dropout left without any subject still backpropagates (to zero), as every DDP rank must.
         return pred if placements else pred + 0 * tokens.sum()
-
-    def denoise(self, noisy: Tensor, timesteps: Tensor, context: Tensor, added: Optional[dict]) -> Tensor:
-        return self.unet(noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
-
-    @staticmethod
-    def grid(noisy: Tensor) -> tuple:
-        """The latent grid the subjects' masks and maps are read at."""
-        return tuple(noisy.shape[-2:])
 
 
 class EMA:
@@ -272,10 +279,8 @@ def check_data(cfg: TrainConfig, record: dict) -> None:
 def check_inputs(cfg: TrainConfig):
     """Everything that can be checked from files and configs, before any weights load.
 
-    Returns (record, the base's layers, its context width, vision width, init adapter)."""
+    Returns (record, the base's family, its layers, its context width, vision width, init adapter)."""
     from ..formats import load_adapter
-    from ..layers import is_joint
-    from .models import base_layers, check_match, clip_vision_width, unet_config
 
     validation.train_options(cfg)
     record_path = os.path.join(cfg.data, DATASET_FILE)
@@ -322,16 +327,18 @@ def check_inputs(cfg: TrainConfig):
     check_data(cfg, record)
     validation.base_folder(cfg.base, cfg.base_config)
     validation.clip_vision(cfg.clip_vision)
-    layers, width = base_layers(cfg.base, cfg.base_config), clip_vision_width(cfg.clip_vision)
-    flux = is_joint(layers)
-    if flux and cfg.mode != "nested":
-        raise NestedAttentionError(f"--mode {cfg.mode} is not available on Flux: train a nested adapter there.")
-    if flux and int(record["resolution"] if cfg.resolution is None else cfg.resolution) % 16:
-        raise NestedAttentionError("Flux trains on sides that are multiples of 16; pass --resolution accordingly.")
-    context = layers[0].width if flux else int(unet_config(cfg.base, cfg.base_config)["cross_attention_dim"])
+    family = folder_family(cfg.base, cfg.base_config)
+    layers, width = family.folder_layers(cfg.base, cfg.base_config), clip_vision_width(cfg.clip_vision)
+    family.refuse_mode(cfg.mode)
+    side = family.side_multiple
+    if int(record["resolution"] if cfg.resolution is None else cfg.resolution) % side:
+        raise NestedAttentionError(
+            f"{family.title} trains on sides that are multiples of {side}; pass --resolution accordingly."
+        )
+    context = family.context_width(cfg.base, cfg.base_config, layers)
     init = load_adapter(cfg.init_from) if cfg.init_from else None
     check_match(layers, width, init, cfg.base, cfg.clip_vision)
-    return record, layers, context, width, init
+    return record, family, layers, context, width, init
 
 
 @dataclass
@@ -353,7 +360,7 @@ class Session:
     frozen_dtype: torch.dtype
     sample_latents: bool  # train on the VAE posterior's sample, else on its mean (latent_convention)
     start: int  # the optimizer step it starts (or resumes) after
-    flux: bool = False  # base is a train_flux.FluxBase: flow matching on packed latents
+    family: Family  # the base's: its denoiser call and its step inputs
 
     @property
     def device(self):
@@ -402,12 +409,7 @@ def setup(cfg: TrainConfig) -> Session:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    from ..layers import is_joint
-    from . import train_flux
-    from .models import adapter_for, fresh_config, load_base, load_vision
-
-    record, layers, context, width, init = check_inputs(cfg)
-    flux = is_joint(layers)
+    record, family, layers, context, width, init = check_inputs(cfg)
     cli.check_launch()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
@@ -417,7 +419,7 @@ def setup(cfg: TrainConfig) -> Session:
     )
     frozen_dtype = cli.DTYPES[{"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)]
     vision = load_vision(cfg.clip_vision, frozen_dtype)
-    base = train_flux.load(cfg.base, frozen_dtype) if flux else load_base(cfg.base, cfg.base_config, frozen_dtype)
+    base = family.load(cfg.base, cfg.base_config, frozen_dtype)
     for module in [base.unet, base.vae, vision.model] + base.text_encoders:
         module.to(accelerator.device)
     if init is not None:
@@ -425,8 +427,7 @@ def setup(cfg: TrainConfig) -> Session:
     else:
         adapter = adapter_for(layers, fresh_config(context, width, cfg.tokens, cfg.resampler_depth), cfg.seed)
         init_nested_from_text(adapter, base.unet)
-    denoiser = train_flux.FluxDenoiser if flux else NestedDenoiser
-    model = denoiser(adapter, base.unet, record["class_word"], cfg.mode, cfg.trigger_weight)
+    model = NestedDenoiser(adapter, base.unet, record["class_word"], cfg.mode, cfg.trigger_weight, family)
     if cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing(model.processors.checkpoint)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=1e-2)
@@ -446,15 +447,12 @@ def setup(cfg: TrainConfig) -> Session:
         _remove_partials(cfg)
     return Session(
         cfg, accelerator, base, vision, adapter, model, optimizer, schedule, ema, data, loader, resolution,
-        frozen_dtype, latent_convention(cfg) == "sample", start, flux,
+        frozen_dtype, latent_convention(cfg) == "sample", start, family,
     )  # fmt: skip
 
 
 def micro_step(run: Session, micro: int, batch: dict) -> Tensor:
     """One micro-batch: noise its targets, predict, backpropagate; returns the (detached) loss."""
-    from . import train_flux
-    from .models import pixel_features
-
     cfg, device = run.cfg, run.device
     rank = run.accelerator.process_index
     rows = range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)  # this process's global rows
@@ -465,7 +463,9 @@ def micro_step(run: Session, micro: int, batch: dict) -> Tensor:
         captions = ["" if d else c for d, c in zip(r.drop_caption.tolist(), batch["caption"])]
         features = pixel_features(run.vision, batch["references"], device).float()  # (S, P, E)
         subject_rows = batch["subject_rows"]  # (S,)
-        step = (train_flux.step_inputs if run.flux else unet_inputs)(run, posterior, r, captions)
+        latents = training_latents(posterior, r.latent_eps.to(device), run.sample_latents, run.base.vae)
+        noise, timesteps = r.noise.to(device), r.timesteps.to(device)
+        step = run.family.step_inputs(run.base, latents, noise, timesteps, captions, run.resolution, run.frozen_dtype)
         where = step.where(run.base, [captions[i] for i in subject_rows], batch["triggers"])  # (S, T)
     where &= ~r.drop_subject[subject_rows][:, None]
     sync = (micro + 1) % cfg.grad_accum == 0
@@ -499,33 +499,6 @@ def subject_weights(mask: Tensor, latent: torch.Size, weight: float) -> Tensor:
 def weighted_mse(pred: Tensor, target: Tensor, weights: Tensor) -> Tensor:
     """The squared error's mean under ``weights`` (as pred's shape): the plain mean where they are all equal."""
     return ((pred - target).pow(2) * weights).sum() / weights.sum()
-
-
-@dataclass
-class StepInputs:
-    """One micro-batch's model inputs and regression target, as its base takes them."""
-
-    noisy: Tensor
-    timesteps: Tensor
-    context: Tensor
-    added: Optional[dict]
-    target: Tensor
-    where: Callable  # (base, subject captions, triggers) -> (S, T) bool: each subject's trigger positions
-    layout: Callable  # (B, C, h, w) latent-shaped -> the target's shape (its loss weights)
-
-
-def unet_inputs(run: Session, posterior, r: RowDraws, captions: List[str]) -> StepInputs:
-    """A UNet's: the scheduler's noising at the drawn timesteps; epsilon or v target; the trigger in CLIP tokens."""
-    from .models import encode_prompts, trigger_where
-
-    base, device, schedule = run.base, run.device, run.base.scheduler
-    latents = training_latents(posterior, r.latent_eps.to(device), run.sample_latents, base.vae)
-    context, added = encode_prompts(base, captions, run.resolution, device)
-    noise, timesteps = r.noise.to(device), r.timesteps.to(device)
-    noisy = schedule.add_noise(latents, noise, timesteps).to(run.frozen_dtype)
-    target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(latents, noise, timesteps)
-    where = functools.partial(trigger_where, required=False)
-    return StepInputs(noisy, timesteps, context, added, target, where, lambda latents: latents)
 
 
 def optimizer_step(run: Session, step: int) -> int:
@@ -730,15 +703,8 @@ def validate(
     cfg: TrainConfig, base, vision, adapter: NestedAdapter, ema: Optional[EMA], data: TrainSet, step: int, device
 ) -> None:
     """Images and attention-map panels for the validation prompts, with the first training subject."""
-    from .flux import FluxGenerator
-    from .generate import NestedGenerator
-    from .train_flux import GUIDANCE, FluxBase
-
     weights = ema.copy_to(copy.deepcopy(adapter)) if ema is not None else adapter
-    flux = isinstance(base, FluxBase)
-    generator = (
-        FluxGenerator(base.pipe, vision, weights, device) if flux else NestedGenerator(base, vision, weights, device)
-    )
+    generator = NestedGenerator(base, vision, weights, device)
     first = data.subjects[0][0]
     reference = subject_box(data.image(0), data.mask(0, first), white=True)
     subject = generator.encode([pad_square(reference)], first["trigger"]).with_(mode=cfg.mode)
@@ -746,13 +712,12 @@ def validate(
     folder = os.path.join(cfg.run_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     for i, prompt in enumerate(prompts):
-        guidance = GUIDANCE if flux else 7.0
         picture, panel = generator(
             prompt,
             subject,
             cfg.seed,
             cfg.validation_steps,
-            guidance,
+            base.family.guidance,
             data.resolution,
             trigger_weight=cfg.trigger_weight,
         )

@@ -20,7 +20,7 @@ def flux(comfy):
 def flux_adapter(engine, model, seed=0):
     layers = [
         engine.Layer(i, f"layer{i}", key, w)
-        for i, (key, w) in enumerate(engine.comfy_dit_layers(model.model.diffusion_model))
+        for i, (key, w) in enumerate(engine.hosts.comfy_dit.comfy_dit_layers(model.model.diffusion_model))
     ]
     config = engine.ResamplerConfig(
         dim=64, depth=1, dim_head=32, heads=2, num_queries=4, embedding_dim=64, output_dim=64

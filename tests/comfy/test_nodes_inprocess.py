@@ -9,7 +9,7 @@ import torch
 def adapter_for(engine, model, clip_width=64, token_dim=64, queries=4, seed=0):
     layers = [
         engine.Layer(i, f"layer{i}", key, w)
-        for i, (key, w) in enumerate(engine.comfy_unet_layers(model.model.diffusion_model))
+        for i, (key, w) in enumerate(engine.hosts.comfy_layers.comfy_unet_layers(model.model.diffusion_model))
     ]
     config = engine.ResamplerConfig(
         dim=64, depth=1, dim_head=32, heads=2, num_queries=queries, embedding_dim=clip_width, output_dim=token_dim
@@ -77,14 +77,14 @@ def test_every_sd15_like_layer_fires(pack, engine, tiny_sd15, tiny_clip, tiny_cl
     subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
     model, pos, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
     sample(model, pos, encode_text(tiny_clip, ""), steps=2)
-    keys = {key for key, _ in engine.comfy_unet_layers(tiny_sd15.model.diffusion_model)}
+    keys = {key for key, _ in engine.hosts.comfy_layers.comfy_unet_layers(tiny_sd15.model.diffusion_model)}
     assert set(run_of(model).fired) == keys
     assert all(count == 2 for count in run_of(model).fired.values())
 
 
 def test_all_16_sd15_layers_fire(pack, engine, comfy, tiny_clip, tiny_clip_vision):
     model = comfy.sd15_layout_model()
-    layers = engine.comfy_unet_layers(model.model.diffusion_model)
+    layers = engine.hosts.comfy_layers.comfy_unet_layers(model.model.diffusion_model)
     assert [k for k, _ in layers] == sorted(layer.comfy for layer in engine.TABLES["sd15"])
     assert {k for k, _ in layers} == {layer.comfy for layer in engine.TABLES["sd15"]}
     subjects = encode(pack, adapter_for(engine, model), tiny_clip_vision, "dog")
@@ -95,7 +95,7 @@ def test_all_16_sd15_layers_fire(pack, engine, comfy, tiny_clip, tiny_clip_visio
 
 def test_all_70_sdxl_layers_fire(pack, engine, tiny_sdxl, tiny_sdxl_clip, tiny_clip_vision):
     adapter = adapter_for(engine, tiny_sdxl, token_dim=128)
-    layers = engine.comfy_unet_layers(tiny_sdxl.model.diffusion_model)
+    layers = engine.hosts.comfy_layers.comfy_unet_layers(tiny_sdxl.model.diffusion_model)
     assert len(layers) == 70
     assert {k for k, _ in layers} == {layer.comfy for layer in engine.TABLES["sdxl"]}
     subjects = encode(pack, adapter, tiny_clip_vision, "person")
@@ -235,7 +235,8 @@ def test_controlnet_after(pack, engine, comfy, tiny_sd15, tiny_clip, tiny_clip_v
     ]
     neg = encode_text(tiny_clip, "")
     out = sample(model, controlled, neg)
-    assert set(run_of(model).fired) == {key for key, _ in engine.comfy_unet_layers(tiny_sd15.model.diffusion_model)}
+    layers = engine.hosts.comfy_layers.comfy_unet_layers(tiny_sd15.model.diffusion_model)
+    assert set(run_of(model).fired) == {key for key, _ in layers}
     assert torch.isfinite(out).all() and not torch.equal(out, sample(model, pos, neg))
 
 
@@ -262,7 +263,7 @@ def test_lora_patched_model(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision
     with_lora = sample(model, pos, neg)
     plain, pos2, _ = apply(pack, tiny_sd15, tiny_clip, subjects, "a photo of a dog")
     assert not torch.equal(with_lora, sample(plain, pos2, neg))
-    assert len(run_of(model).fired) == len(engine.comfy_unet_layers(tiny_sd15.model.diffusion_model))
+    assert len(run_of(model).fired) == len(engine.hosts.comfy_layers.comfy_unet_layers(tiny_sd15.model.diffusion_model))
 
 
 class IPAdapterLikeReplace:
@@ -298,7 +299,7 @@ def ip_term(out, q, k, v, extra_options, **kw):
 def test_stacks_with_ipadapter_style_replace_in_both_orders(pack, engine, tiny_sd15, tiny_clip, tiny_clip_vision):
     subjects = encode(pack, adapter_for(engine, tiny_sd15), tiny_clip_vision, "dog")
     neg = encode_text(tiny_clip, "")
-    keys = [k for k, _ in engine.comfy_unet_layers(tiny_sd15.model.diffusion_model)]
+    keys = [k for k, _ in engine.hosts.comfy_layers.comfy_unet_layers(tiny_sd15.model.diffusion_model)]
 
     first = tiny_sd15.clone()
     for block, number, _ in keys:  # registered the way IPAdapter_plus does for SD1.5: 2-tuple keys

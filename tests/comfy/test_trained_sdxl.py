@@ -10,9 +10,9 @@ from tiny_diffusers import make_base_xl, make_clip_vision, make_photos
 
 def test_sdxl_adapter_trains_and_the_comfy_loader_reproduces_the_processor(pack, model_dirs):
     from na_engine.binding import ModelCall, Placement
+    from na_engine.families.unet import load_base
     from na_engine.formats import load_adapter
     from na_engine.hosts.diffusers_processor import NestedAttnProcessor, NestedProcessors
-    from na_engine.standalone.models import load_base
     from na_engine.standalone.prepare import prepare
     from na_engine.standalone.train import TrainConfig, train
     from na_engine.subjects import Subject

@@ -271,21 +271,7 @@ def has_flux():
 
 def tiny_flux_model(seed=0, **overrides):
     """ModelPatcher of a comfy.model_base.Flux (current ComfyUI) with random weights; latents 16 channels."""
-    import torch
-
-    import_comfy()
-    import comfy.supported_models
-
-    cfg = comfy.supported_models.Flux({**TINY_FLUX, **overrides})
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({}, device="cpu")
-    randomize_(model.diffusion_model, seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # q/k RMSNorm scales of their own, so a test can tell the text key norm from the image one
-        for name, p in sorted(model.diffusion_model.named_parameters()):
-            if name.endswith("norm.scale"):
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
-    return _patcher(model)
+    return _tiny_dit("Flux", {**TINY_FLUX, **overrides}, seed)
 
 
 def tiny_flux_clip(seed=0):
@@ -301,10 +287,7 @@ def tiny_flux_clip(seed=0):
     import comfy.text_encoders.t5
 
     l_path = _text_config("tiny_clip_l.json", TINY_TEXT)
-    with open(os.path.join(import_comfy(), "comfy", "text_encoders", "t5_config_xxl.json")) as f:
-        t5 = json.load(f)
-    t5.update(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2)
-    t5_path = _write_json("tiny_t5.json", t5)
+    t5_path = _tiny_t5_config()
 
     class TinyFluxClip(flux.FluxClipModel):
         def __init__(self, device="cpu", dtype=None, model_options=None):  # CLIP passes model_options; unused
@@ -327,6 +310,156 @@ def tiny_flux_clip(seed=0):
     for i, module in enumerate((clip.cond_stage_model.clip_l.transformer, clip.cond_stage_model.t5xxl.transformer)):
         randomize_(module, seed + i)
     return clip
+
+
+TINY_CHROMA = dict(  # Chroma's architecture at tiny widths: Flux's blocks, a 2-layer approximator for the modulations
+    image_model="chroma",
+    in_channels=64,  # 16 latent channels in 2x2 patches
+    out_channels=64,
+    context_in_dim=64,  # tiny_t5_clip's width
+    hidden_size=64,
+    mlp_ratio=2.0,
+    num_heads=4,
+    depth=2,
+    depth_single_blocks=2,
+    axes_dim=[4, 6, 6],
+    theta=10000,
+    patch_size=2,
+    qkv_bias=True,
+    in_dim=64,
+    out_dim=64,
+    hidden_dim=128,
+    n_layers=2,
+)
+
+
+def has_chroma():
+    """Whether this ComfyUI has Chroma and the attention override (current ComfyUI; not the 2024 copy)."""
+    import_comfy()
+    import comfy.ldm.modules.attention as attention
+
+    return importlib.util.find_spec("comfy.ldm.chroma") is not None and hasattr(attention, "wrap_attn")
+
+
+def tiny_chroma_model(seed=0):
+    """ModelPatcher of a comfy.model_base.Chroma with random weights (q/k norm scales of their own, as Flux's)."""
+    return _tiny_dit("Chroma", TINY_CHROMA, seed)
+
+
+TINY_SD3 = dict(  # SD3.5's MMDiT at tiny widths: 2 joint blocks of 2 heads of 64, the first an MMDiT-X block
+    in_channels=16,
+    depth=2,  # hidden 64 * depth, heads = depth
+    patch_size=2,
+    adm_in_channels=128,  # tiny_sd3_clip's pooled CLIP-L + CLIP-G
+    context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+    pos_embed_max_size=4,
+    num_patches=16,
+    qk_norm="rms",
+    x_block_self_attn_layers=[0],
+    pos_embed_scaling_factor=None,
+)
+
+
+def tiny_sd3_model(seed=0, **overrides):
+    """ModelPatcher of a comfy.model_base.SD3 with random weights (its position table too); latents 16 channels."""
+    import torch
+
+    patcher = _tiny_dit("SD3", {**TINY_SD3, **overrides}, seed)
+    with torch.no_grad():
+        table = patcher.model.diffusion_model.pos_embed
+        table.copy_(torch.randn(table.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    return patcher
+
+
+def _tiny_dit(name, config, seed):
+    import torch
+
+    import_comfy()
+    import comfy.supported_models
+
+    cfg = getattr(comfy.supported_models, name)(dict(config))
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, device="cpu")
+    randomize_(model.diffusion_model, seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # norm scales of their own, so a test can tell the text key norm from the image one
+        for param_name, p in sorted(model.diffusion_model.named_parameters()):
+            if param_name.endswith(("norm.scale", "norm_added_k.weight", "norm_k.weight", "ln_k.weight")):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    return _patcher(model)
+
+
+def tiny_t5_clip(seed=0):
+    """Chroma's text side (PixArtTokenizer: the real T5 tokenizer, unpadded; context = T5's states) with a tiny
+    T5 encoder (width 64, 2 layers), fp32."""
+    import torch
+
+    import_comfy()
+    import comfy.sd
+    import comfy.sd1_clip as sd1
+    import comfy.supported_models_base
+    import comfy.text_encoders.pixart_t5 as pixart
+    import comfy.text_encoders.t5
+
+    t5_path = _tiny_t5_config()
+
+    class TinyT5(pixart.T5XXLModel):  # PixArt's empty tokens (all padding), a tiny config
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kwargs):
+            sd1.SDClipModel.__init__(
+                self,
+                device=device,
+                dtype=torch.float32,
+                textmodel_json_config=t5_path,
+                special_tokens={"end": 1, "pad": 0},
+                model_class=comfy.text_encoders.t5.T5,
+                model_options=model_options or {},
+            )
+
+    def factory(device="cpu", dtype=None, model_options=None):
+        return pixart.PixArtT5XXL(device, torch.float32, {**(model_options or {}), "t5xxl_class": TinyT5})
+
+    with torch.no_grad():
+        clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(pixart.PixArtTokenizer, factory))
+    randomize_(clip.cond_stage_model.t5xxl.transformer, seed)
+    return clip
+
+
+def tiny_sd3_clip(seed=0):
+    """SD3's text side (SD3Tokenizer: CLIP-L, CLIP-G and the real T5 tokenizer) with a tiny CLIP-L and CLIP-G and
+    no T5: the context is [CLIP-L | CLIP-G] padded to 4096 wide, 77 tokens a chunk; pooled = both pooled, 128."""
+    import torch
+
+    import_comfy()
+    import comfy.sd
+    import comfy.sd1_clip as sd1
+    import comfy.supported_models_base
+    import comfy.text_encoders.sd3_clip as sd3
+
+    lp = _text_config("tiny_sd3_l.json", TINY_TEXT)
+    gp = _text_config("tiny_sd3_g.json", {**TINY_TEXT, "projection_dim": 64, "hidden_act": "gelu"})
+
+    class TinySD3Clip(sd3.SD3ClipModel):
+        def __init__(self, device="cpu", dtype=None, **kw):
+            torch.nn.Module.__init__(self)
+            options = dict(layer="hidden", layer_idx=-2, device=device, dtype=torch.float32)
+            options.update(layer_norm_hidden_state=False)
+            self.clip_l = sd1.SDClipModel(textmodel_json_config=lp, return_projected_pooled=False, **options)
+            self.clip_g = sd1.SDClipModel(
+                textmodel_json_config=gp, special_tokens={"start": 49406, "end": 49407, "pad": 0}, **options
+            )
+            self.t5xxl = None
+            self.dtypes = {torch.float32}
+
+    with torch.no_grad():
+        clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(sd3.SD3Tokenizer, TinySD3Clip))
+    return _randomize_clip(clip, seed)
+
+
+def _tiny_t5_config():
+    with open(os.path.join(import_comfy(), "comfy", "text_encoders", "t5_config_xxl.json")) as f:
+        t5 = json.load(f)
+    t5.update(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2)
+    return _write_json("tiny_t5.json", t5)
 
 
 # ----------------------------------------------------------------------------- text encoders

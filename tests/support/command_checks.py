@@ -31,9 +31,10 @@ def command_world(root) -> dict:
     from tiny_diffusers import make_base, make_clip_vision, make_photos
 
     from na_engine.adapter import random_adapter
+    from na_engine.families.unet import unet_config
     from na_engine.formats import save_adapter
     from na_engine.layers import diffusers_layers
-    from na_engine.standalone.models import clip_vision_width, fresh_config, unet_config
+    from na_engine.standalone.models import clip_vision_width, fresh_config
 
     base, vision = make_base(str(root / "base")), make_clip_vision(str(root / "vision"))
     unet = unet_config(base)

@@ -77,7 +77,8 @@ def losses(run_dir, column: str = "loss") -> list:
 
 def initial_adapter(world) -> dict:
     """The adapter before step 1, as the trainer makes it (seed 0)."""
-    from na_engine.standalone.models import adapter_for, clip_vision_width, fresh_config, load_base, unet_config
+    from na_engine.families.unet import load_base, unet_config
+    from na_engine.standalone.models import adapter_for, clip_vision_width, fresh_config
     from na_engine.standalone.train import init_nested_from_text
 
     base = load_base(world["base"])
@@ -217,10 +218,10 @@ def test_a_process_that_dies_stops_the_others(world, tmp_path):
 @pytest.fixture(scope="module")
 def catalogue(world, tmp_path_factory):
     from na_engine.adapter import random_adapter
+    from na_engine.families.unet import unet_config
     from na_engine.formats import save_adapter
     from na_engine.layers import diffusers_layers
     from na_engine.resampler import ResamplerConfig
-    from na_engine.standalone.models import unet_config
 
     root = tmp_path_factory.mktemp("catalogue")
     config = ResamplerConfig(dim=32, depth=1, dim_head=8, heads=2, num_queries=4, embedding_dim=32, output_dim=32)

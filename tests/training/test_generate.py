@@ -182,9 +182,10 @@ def test_trigger_missing_from_prompt_is_a_clear_error(world):
 def test_only_the_positive_row_binds_and_strength_matters(world):
     from PIL import Image
 
+    from na_engine.families.unet import load_base
     from na_engine.formats import load_adapter
     from na_engine.standalone.generate import NestedGenerator
-    from na_engine.standalone.models import load_base, load_vision
+    from na_engine.standalone.models import load_vision
 
     base, vision = load_base(world["base"]), load_vision(world["vision"])
     generator = NestedGenerator(base, vision, load_adapter(world["adapter"]), "cpu")
@@ -213,9 +214,10 @@ def test_several_subjects_decoupled_mode_and_trigger_weight(world):
     """Two subjects in one prompt bind their own words; decoupled mode and the trigger weight change the image."""
     from PIL import Image
 
+    from na_engine.families.unet import load_base
     from na_engine.formats import load_adapter
     from na_engine.standalone.generate import NestedGenerator
-    from na_engine.standalone.models import load_base, load_vision
+    from na_engine.standalone.models import load_vision
 
     base, vision = load_base(world["base"]), load_vision(world["vision"])
     generator = NestedGenerator(base, vision, load_adapter(world["adapter"]), "cpu")

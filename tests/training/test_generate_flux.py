@@ -9,9 +9,11 @@ import torch
 from tiny_diffusers import make_clip_vision, make_flux_base, make_photos
 
 from na_engine.adapter import random_adapter
+from na_engine.families import folder_family
+from na_engine.families.flux import FLUX, trigger_where
 from na_engine.formats import save_adapter
 from na_engine.resampler import ResamplerConfig
-from na_engine.standalone import flux
+from na_engine.standalone.generate import NestedGenerator
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESAMPLER = ResamplerConfig(
@@ -24,7 +26,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("flux")
     base = make_flux_base(str(root / "flux"))
     adapter = str(root / "flux_adapter.safetensors")
-    save_adapter(random_adapter(RESAMPLER, flux.flux_layers(base), seed=1), adapter)
+    save_adapter(random_adapter(RESAMPLER, FLUX.folder_layers(base), seed=1), adapter)
     return {
         "base": base,
         "vision": make_clip_vision(str(root / "vision")),
@@ -41,8 +43,8 @@ def generate(world, *args, adapter=None):
 
 
 def test_the_flux_folder_is_read_as_two_joint_layers(world):
-    layers = flux.flux_layers(world["base"])
-    assert flux.is_flux(world["base"]) and [layer.comfy for layer in layers] == [
+    layers = FLUX.folder_layers(world["base"])
+    assert folder_family(world["base"]) is FLUX and [layer.comfy for layer in layers] == [
         ("double_block", 0, 0),
         ("single_block", 0, 0),
     ]
@@ -73,16 +75,16 @@ def test_the_generator_binds_the_t5_positions_and_strength_zero_is_the_base(worl
     from na_engine.formats import load_adapter
     from na_engine.standalone.models import load_vision
 
-    gen = flux.FluxGenerator(flux.load_pipeline(world["base"], torch.float32), load_vision(world["vision"]),
-                             load_adapter(world["adapter"]), "cpu")  # fmt: skip
-    where = flux.trigger_where(gen.pipe.tokenizer_2, "a photo of a bottle", "bottle", gen.text_length)
+    gen = NestedGenerator(FLUX.load(world["base"], None, torch.float32), load_vision(world["vision"]),
+                          load_adapter(world["adapter"]), "cpu")  # fmt: skip
+    where = trigger_where(gen.pipe.tokenizer_2, "a photo of a bottle", "bottle", gen.base.text_length)
     ids = gen.pipe.tokenizer_2("a photo of a bottle").input_ids
     assert where.shape == (1, 16) and where[0].nonzero()[:, 0].tolist() == [ids.index(gen.pipe.tokenizer_2(
         "bottle", add_special_tokens=False).input_ids[0])]  # fmt: skip
     subject = gen.encode([Image.open(os.path.join(world["photos"], "photo_0.png")).convert("RGB")], "bottle")
     on, _ = gen("a photo of a bottle", subject, 1, steps=2, size=32, maps=False)
     off, _ = gen("a photo of a bottle", subject, 1, steps=2, size=32, strength=0.0, maps=False)
-    plain = flux.FluxGenerator(gen.pipe, gen.vision, None, "cpu")
+    plain = NestedGenerator(gen.base, gen.vision, None, "cpu")
     base, _ = plain("a photo of a bottle", [], 1, steps=2, size=32, maps=False)
     assert off.tobytes() == base.tobytes() and on.tobytes() != base.tobytes()
     assert set(gen.processors.fired) == {("double_block", 0, 0), ("single_block", 0, 0)}

@@ -8,8 +8,8 @@ import pytest
 import torch
 from tiny_diffusers import make_clip_vision, make_flux_base, make_photo_masks, make_photos
 
+from na_engine.families.flux import FLUX, image_ids, pack, unpack
 from na_engine.formats import load_adapter
-from na_engine.standalone import train_flux
 from na_engine.standalone.train import TrainConfig, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,14 +43,12 @@ def read_loss(cfg):
 
 
 def test_packing_is_fluxs_own_layout():
-    from na_engine.standalone.flux import unpack
-
     x = torch.randn(2, 4, 8, 6)
-    packed = train_flux.pack(x)
+    packed = pack(x)
     assert packed.shape == (2, 12, 16) and torch.equal(packed[0, 1], x[0, :, 0:2, 2:4].reshape(-1))
     square = torch.randn(1, 4, 8, 8)
-    assert torch.equal(unpack(train_flux.pack(square), 8), square)
-    ids = train_flux.image_ids(4, 3, "cpu")
+    assert torch.equal(unpack(pack(square), 8), square)
+    ids = image_ids(4, 3, "cpu")
     assert ids.shape == (12, 3) and ids[4].tolist() == [0.0, 1.0, 1.0]
 
 
@@ -73,7 +71,7 @@ def test_subject_loss_weight_is_packed_as_the_latents_are(world, tmp_path):
 
     mask = torch.zeros(1, 1, 32, 32)
     mask[..., :16, :] = 1  # the top half of the image: the top half of the packed tokens
-    packed = train_flux.pack(subject_weights(mask, torch.Size((1, 4, 4, 4)), 3.0))
+    packed = pack(subject_weights(mask, torch.Size((1, 4, 4, 4)), 3.0))
     assert packed.shape == (1, 4, 16) and packed[0, :2].eq(3).all() and packed[0, 2:].eq(1).all()
     photos = str(world["root"] / "photos")
     masked = {**world, "data": str(tmp_path / "masked")}
@@ -96,7 +94,7 @@ def test_nested_kv_start_at_the_text_projections_move_in_both_blocks_and_resume_
     train(config(world, "part.safetensors", steps=3, resume="latest", **same))
     a, b = load_adapter(whole.out).state_dict(), load_adapter(part.out).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a) and read_loss(whole) == read_loss(part)
-    fresh = train_flux.load(world["base"], torch.float32)
+    fresh = FLUX.load(world["base"], None, torch.float32)
     assert fresh.unet.config.guidance_embeds and fresh.text_length == 16
     start = [fresh.unet.transformer_blocks[0].attn.add_k_proj, fresh.unet.single_transformer_blocks[0].attn.to_k]
     for layer, projection in enumerate(start):  # lr 1e-3, 3 steps: each weight moved, by a few thousandths

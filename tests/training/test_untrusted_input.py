@@ -21,6 +21,8 @@ from command_checks import command_world, run, snapshot
 from PIL import Image
 from tiny_diffusers import make_photos
 
+from na_engine.families.flux import FluxFamily
+from na_engine.families.unet import UNetFamily
 from na_engine.standalone import cli, models, train_state, validate
 from na_engine.standalone import generate as gen
 from na_engine.standalone import prepare as prep
@@ -52,7 +54,8 @@ def no_model_loads(monkeypatch):
     def loaded(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(models, "load_base", loaded)
+    monkeypatch.setattr(UNetFamily, "load", loaded)
+    monkeypatch.setattr(FluxFamily, "load", loaded)
     monkeypatch.setattr(models, "load_vision", loaded)
 
 
