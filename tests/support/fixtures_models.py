@@ -372,10 +372,12 @@ def sdxl_file_layers():
     """na_engine Layers of the KOALA fixture's UNet, read off the model ComfyUI builds (on meta)."""
     comfy_harness.import_comfy()
     eng = _engine()
+    from na_engine.hosts.comfy_layers import comfy_unet_layers
+
     m = _meta_unet(**sdxl_unet_kwargs())
     return [
         eng.Layer(i, "%s_blocks.%d.transformer_blocks.%d.attn2" % key, key, width)
-        for i, (key, width) in enumerate(eng.comfy_unet_layers(m))
+        for i, (key, width) in enumerate(comfy_unet_layers(m))
     ]
 
 

@@ -28,24 +28,28 @@ def _cfg(**kw) -> TrainConfig:
 def test_the_study_base_and_the_trainer_agree_on_posterior_means(tmp_path):
     """The study's base trains its UNet on the VAE posterior's mean and records it; the trainer reads that record
     and trains on the mean too. A base without a record (SD1.5, SDXL) trains on a sample, as it was made."""
-    from study import base as study_base
+    from dataclasses import replace
 
-    cfg = study_base.QUICK
-    images = torch.rand(4, 3, cfg.resolution, cfg.resolution) * 2 - 1
-    vae, latents, _ = study_base.train_vae(study_base.BaseConfig(**{**cfg.__dict__, "vae_steps": 1}), images, print)
-    with torch.no_grad():
-        posterior = vae.encode(images).latent_dist
-    torch.testing.assert_close(latents, posterior.mean * vae.config.scaling_factor)  # what the base trains on
-    folder = tmp_path / "study_base"
-    tok = tmp_path / "tok"
-    study_base.write_tokenizer(str(tok), study_base.WORDS)
     from transformers import CLIPTokenizer
 
+    from study import base as study_base
+    from study import config, world
+
+    cfg = replace(config.QUICK, ae_steps=1)
+    images = torch.rand(4, 3, world.RESOLUTION, world.RESOLUTION) * 2 - 1
+    vae = study_base.train_autoencoder(cfg, images, print)
+    latents = study_base.latent_means(vae, images) * vae.config.scaling_factor  # what the study's base trains on
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+    torch.testing.assert_close(latents, posterior.mean * vae.config.scaling_factor)
+    folder = tmp_path / "study_base"
+    tok = tmp_path / "tok"
+    study_base.write_tokenizer(str(tok), world.words(), study_base.MAX_TOKENS)
     tokenizer = CLIPTokenizer.from_pretrained(str(tok))
-    text, unet = study_base.make_text_encoder(cfg, tokenizer), study_base.make_unet(cfg, cfg.resolution // 4)
-    study_base.save_pipeline(str(folder), vae, text, unet, study_base.make_scheduler(), cfg)
+    text, unet = study_base.make_text_encoder(cfg, tokenizer), study_base.make_unet(cfg)
+    study_base.save_pipeline(str(folder), vae, text, unet)
     chosen = trainer.latent_convention(_cfg(base=str(folder)))
-    assert chosen == study_base.LATENTS == "mean"
+    assert chosen == "mean"
     eps = torch.randn_like(posterior.mean)
     torch.testing.assert_close(trainer.training_latents(posterior, eps, chosen == "sample", vae), latents)
     sampled = trainer.training_latents(posterior, eps, True, vae)
