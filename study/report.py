@@ -3,6 +3,7 @@ docs/STUDY.md and the README (between their <!-- study:start --> and <!-- study:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -116,7 +117,10 @@ def demo(weights: str, out: str, count: int = 6) -> str:
     adapter = os.path.join(weights, "encoders", "adapters", "nested.safetensors")
     if not os.path.isfile(adapter):
         raise NestedAttentionError(f"{weights} holds no trained nested adapter yet: run python -m study run first")
-    _, heldout = world.split(world.all_products(), 90)
+    with open(os.path.join(weights, "world.json")) as f:  # the run's own split
+        names = json.load(f)["heldout"]
+    by_name = {p.name: p for p in world.all_products()}
+    heldout = [by_name[name] for name in names]
     chosen = [heldout[k * len(heldout) // count] for k in range(count)]
     refs = os.path.join(out, "references")
     os.makedirs(refs, exist_ok=True)
